@@ -1,0 +1,3 @@
+from selfie_lite.cli import main
+
+main()

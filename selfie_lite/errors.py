@@ -1,0 +1,21 @@
+"""The two kinds of failure the CLI turns into one-line messages (exit 2 and exit 1)."""
+
+
+class UserError(Exception):
+    """Bad input: a flag, a file, a config value. Exit code 2. Carries a hint on how to fix it."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+class RunError(Exception):
+    """The run itself failed (NaN loss, out of memory, disk full). Exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
