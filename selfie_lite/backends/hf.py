@@ -1,0 +1,283 @@
+"""transformers + PEFT (+ bitsandbytes 4-bit) backend: runs on a CPU or a CUDA GPU.
+
+Safety: weights load only from safetensors, trust_remote_code only when the user asks, nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from pathlib import Path
+
+from selfie_lite.config import LoraConfig, RunConfig
+from selfie_lite.errors import RunError, UserError
+
+# bitsandbytes logs a warning about the optional `kernels` hub package on import; it fetches code from the
+# hub at run time, which we never want, so the warning is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import torch  # noqa: E402
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(precision: str, device: str) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def check_model_source(model_dir: str | Path) -> None:
+    """Fail before loading anything: a missing folder, a hub id while offline, pickled weights only."""
+    path = Path(model_dir).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is not a model folder (no config.json)")
+        has_st = any(path.glob("*.safetensors"))
+        if not has_st:
+            if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+                raise UserError(
+                    f"{path} holds only pickled weights (.bin/.pt); selfie-lite loads safetensors only",
+                    hint="convert it once: AutoModelForCausalLM.from_pretrained(p).save_pretrained(p, safe_serialization=True)",
+                )
+            raise UserError(f"{path} has no *.safetensors weights")
+        return
+    looks_local = str(model_dir).startswith((".", "/", "~")) or str(model_dir).count("/") != 1
+    if looks_local:
+        raise UserError(f"model folder {model_dir} does not exist")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UserError(
+            f"{model_dir!r} is a hub model but the hub is offline (HF_HUB_OFFLINE=1)",
+            hint="download it once with network access (huggingface-cli download), or pass a local folder",
+        )
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.device = pick_device()
+        self.dtype = pick_dtype(cfg.train.precision, self.device)
+        self._chat_template = Path(cfg.chat_template).read_text() if cfg.chat_template else None
+
+    # -- loading --------------------------------------------------------------------------------
+
+    def load_tokenizer(self, model_dir):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=self.cfg.trust_remote_code)
+        if self._chat_template:
+            tok.chat_template = self._chat_template
+        if not tok.chat_template:
+            raise UserError(
+                f"the tokenizer in {model_dir} has no chat template",
+                hint="pass one with --chat-template FILE (a Jinja file, e.g. from the model card)",
+            )
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def load(self, model_dir, *, trainable: bool = False):
+        from transformers import AutoModelForCausalLM
+
+        check_model_source(model_dir)
+        tok = self.load_tokenizer(model_dir)
+        kwargs = dict(trust_remote_code=self.cfg.trust_remote_code, use_safetensors=True, dtype=self.dtype)
+        if self.cfg.load_in_4bit:
+            kwargs["quantization_config"] = self._bnb_config()
+            if self.device == "cuda":
+                kwargs["device_map"] = {"": 0}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+        except OSError as e:
+            raise UserError(f"could not load model {model_dir}: {str(e).splitlines()[0]}") from None
+        if self.cfg.load_in_4bit:
+            _disable_bnb_cpu_inference_repack(model)
+            if trainable:
+                from peft import prepare_model_for_kbit_training
+
+                model = prepare_model_for_kbit_training(
+                    model, use_gradient_checkpointing=self.cfg.train.gradient_checkpointing
+                )
+        elif self.device == "cuda":
+            model.to(self.device)
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tok.pad_token_id
+        model.train(trainable)
+        return model, tok
+
+    def _bnb_config(self):
+        from transformers import BitsAndBytesConfig
+
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("--load-in-4bit needs bitsandbytes", hint="pip install 'selfie-lite[quant]'") from None
+        compute = self.dtype if self.dtype != torch.float32 else torch.float32
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+        )
+
+    def add_lora(self, model, lora: LoraConfig, seed: int):
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        targets = [t for t in lora.target_modules if t in present]
+        if not targets:
+            raise UserError(
+                f"none of the LoRA targets {lora.target_modules} exist in this model",
+                hint=f"set lora.target_modules to some of: {', '.join(sorted(p for p in present if 'proj' in p)[:12])}",
+            )
+        torch.manual_seed(seed)  # LoRA A is random: fix it so a resumed stage starts from the same adapter
+        pcfg = PeftLoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+        )
+        return get_peft_model(model, pcfg)
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def generate(self, model, tokenizer, prompts, *, num_samples, temperature, top_p, max_new_tokens, batch_size,
+                 seed, on_batch=None):
+        model.eval()
+        eos = model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [tokenizer.eos_token_id])
+        prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+        out: list[dict] = []
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        pad = tokenizer.pad_token_id
+        for start in range(0, len(prompts), batch_size):
+            batch = prompt_ids[start : start + batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, p in enumerate(batch):  # left padding: every prompt ends where generation starts
+                ids[row, width - len(p) :] = torch.tensor(p)
+                mask[row, width - len(p) :] = 1
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            with torch.inference_mode():
+                seqs = model.generate(
+                    input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=True,
+                    temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                    num_return_sequences=num_samples, pad_token_id=pad,
+                )
+            new = seqs[:, width:].tolist()
+            n_tokens = 0
+            for row, p in enumerate(batch):
+                resp_ids = []
+                for k in range(num_samples):
+                    toks = new[row * num_samples + k]
+                    cut = next((j + 1 for j, t in enumerate(toks) if t in eos_ids), len(toks))
+                    resp_ids.append(toks[:cut])
+                    n_tokens += cut
+                out.append({
+                    "prompt": prompts[start + row],
+                    "prompt_ids": p,
+                    "responses": [tokenizer.decode(r, skip_special_tokens=True) for r in resp_ids],
+                    "response_ids": resp_ids,
+                })
+            if on_batch:
+                on_batch(len(batch), n_tokens)
+        return out
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    def sequence_logps(self, model, sequences, *, batch_size, on_batch=None):
+        model.eval()
+        pad = 0
+        result = [0.0] * len(sequences)
+        # Longest first: similar lengths share a batch (less padding) and an OOM shows up on the first batch.
+        order = sorted(range(len(sequences)), key=lambda i: -(len(sequences[i][0]) + len(sequences[i][1])))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            seqs = [sequences[i][0] + sequences[i][1] for i in idx]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            labels_mask = torch.zeros_like(ids, dtype=torch.bool)
+            for row, i in enumerate(idx):
+                p, r = sequences[i]
+                ids[row, : len(p) + len(r)] = torch.tensor(p + r)
+                attn[row, : len(p) + len(r)] = 1
+                labels_mask[row, len(p) : len(p) + len(r)] = True
+            ids, attn, labels_mask = ids.to(model.device), attn.to(model.device), labels_mask.to(model.device)
+            with torch.inference_mode():
+                logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # [B, T-1, V] predicts ids[:, 1:]
+                target = ids[:, 1:]
+                token_logp = torch.gather(logits, -1, target.unsqueeze(-1)).squeeze(-1).float()
+                token_logp = token_logp - torch.logsumexp(logits.float(), dim=-1)
+                sums = (token_logp * labels_mask[:, 1:]).sum(-1)
+            for row, i in enumerate(idx):
+                result[i] = float(sums[row])
+            if on_batch:
+                on_batch(len(idx))
+        return result
+
+    # -- saving and merging ---------------------------------------------------------------------
+
+    def save_adapter(self, model, out_dir):
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+
+    def merge(self, base_dir, adapter_dir, out_dir):
+        """Never merge into 4-bit weights (lossy re-quantization): load the base in full precision, merge, save."""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        dtype = self.dtype if self.device == "cuda" else torch.float32
+        base = AutoModelForCausalLM.from_pretrained(
+            str(base_dir), dtype=dtype, use_safetensors=True, trust_remote_code=self.cfg.trust_remote_code
+        )
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged.save_pretrained(str(out_dir), safe_serialization=True)
+        self.load_tokenizer(base_dir).save_pretrained(str(out_dir))
+        self.free(base, merged)
+
+    def free(self, *objs):
+        del objs
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+
+
+def chat_response_ids(tokenizer, prompt: str, response: str) -> list[int]:
+    """Response tokens exactly as the chat template lays them out after the generation prompt."""
+    p = chat_prompt_ids(tokenizer, prompt)
+    enc = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=True
+    )
+    full = list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+    if full[: len(p)] == p:
+        return full[len(p) :]
+    # Templates that render the last turn differently: fall back to the bare text plus end-of-sequence.
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def _disable_bnb_cpu_inference_repack(model) -> None:
+    """bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights into an inference-only layout on the first eval
+    forward, after which LoRA gradients are silently lost (platform-notes.md, trap 1). Switch it off."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
+def oom_error(exc: BaseException, stage: str) -> RunError:
+    return RunError(
+        f"out of GPU memory during {stage}",
+        hint="lower sample.batch_size / judge.batch_size / train.batch_size (raise train.grad_accum to keep the "
+        "effective batch), lower train.max_length, add --load-in-4bit, keep train.gradient_checkpointing=true; "
+        "then --resume",
+    )

@@ -1,0 +1,313 @@
+"""The `selfie-lite` command. Flags become a config, the config becomes a run; this is the only place where
+errors become exit codes (2: bad input, 1: the run failed, 130: interrupted). torch loads inside commands, so
+`selfie-lite --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from selfie_lite import __version__
+from selfie_lite.console import STATE, console, err_console, friendly_errors
+from selfie_lite.errors import RunError, UserError
+
+app = typer.Typer(
+    name="selfie-lite",
+    help="Align a chat model from a small labelled preference set with Spread Preference Annotation (SPA).\n\n"
+    "Examples:\n\n"
+    "  selfie-lite run --seed 3.3pct                  # the built-in tiny preset, on a CPU, in minutes\n\n"
+    "  selfie-lite run --preset zephyr-7b --seed 3.3pct   # the paper's setting on one GPU\n\n"
+    "  selfie-lite run --resume runs/20261126-120000  # continue an interrupted run",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+tiny_app = typer.Typer(help="The built-in tiny preset: a small model, task and oracle that run on a CPU.", no_args_is_help=True)
+app.add_typer(tiny_app, name="tiny")
+
+def _version(value: bool):
+    if value:
+        console.print(f"selfie-lite {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+):
+    STATE["debug"] = debug
+
+
+# -------------------------------------------------------------------------------------------------
+# run
+
+
+def build_config(preset, config_file, seed, model, data, rounds, random_seed, backend, load_in_4bit, beta,
+                 chat_template, trust_remote_code, sets):
+    from selfie_lite.config import load_config, parse_override
+
+    overrides = [parse_override(s) for s in sets or []]
+    flat = {
+        "model": model, "rounds": rounds, "random_seed": random_seed, "backend": backend, "beta": beta,
+        "chat_template": chat_template,
+    }
+    direct: dict = {k: v for k, v in flat.items() if v is not None}
+    if load_in_4bit:
+        direct["load_in_4bit"] = True
+    if trust_remote_code:
+        direct["trust_remote_code"] = True
+    data_over = {k: v for k, v in {"seed": seed, "source": data}.items() if v is not None}
+    if data_over:
+        direct["data"] = data_over
+    if chat_template and not Path(chat_template).is_file():
+        raise UserError(f"--chat-template {chat_template}: no such file")
+    # No model anywhere: the built-in tiny preset, whatever the machine.
+    if preset is None and config_file is None and model is None and not any("model" in o for o in overrides):
+        preset = "tiny"
+    return load_config(preset, config_file, overrides + [direct]), preset
+
+
+@app.command()
+@friendly_errors
+def run(
+    seed: Annotated[str | None, typer.Option("--seed", help="Labelled share of the preference set kept as human pairs: 3.3pct, 3.3% or a count (2000).")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="A preset from examples/: tiny, zephyr-7b, qwen-colab.")] = None,
+    config_file: Annotated[Path | None, typer.Option("--config", help="A TOML file of settings (see examples/).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="SFT model: local folder or hub id. Default: the tiny preset.")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Preference set: hub name, .jsonl/.parquet or save_to_disk folder.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run folder. Default: runs/<timestamp>.")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder where it stopped.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="With --resume: accept settings that differ from the saved ones.")] = False,
+    rounds: Annotated[int | None, typer.Option("--rounds", help="Self-labelling rounds T (paper 3).")] = None,
+    random_seed: Annotated[int | None, typer.Option("--random-seed", help="Random seed for shuffling, sampling and training.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="auto, hf or unsloth.")] = None,
+    load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="QLoRA: load weights in 4-bit (bitsandbytes).")] = False,
+    beta: Annotated[float | None, typer.Option("--beta", help="DPO temperature for judge and loss (paper 0.1).")] = None,
+    chat_template: Annotated[str | None, typer.Option("--chat-template", help="Jinja chat template file for models without one.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model folder. Off unless asked.")] = False,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Any setting as KEY=VALUE, e.g. --set train.learning_rate=1e-5 (repeatable).")] = None,
+):
+    """Run SPA: seed DPO, then sample -> self-judge -> refine + LoRA DPO -> merge, round after round.
+
+    Examples:
+
+      selfie-lite run --seed 3.3pct
+
+      selfie-lite run --preset zephyr-7b --seed 3.3pct --out runs/zephyr
+
+      selfie-lite run --resume runs/zephyr
+    """
+    from selfie_lite.config import diff_configs, from_dict, to_dict, validate
+    from selfie_lite.rundir import RunLock, atomic_write_json, read_json
+
+    given = any(v is not None for v in (seed, preset, config_file, model, data, rounds, random_seed, backend, beta, chat_template)) \
+        or load_in_4bit or trust_remote_code or bool(sets)
+    if resume is not None:
+        if out is not None:
+            raise UserError("--resume and --out both name a run folder; give one", hint="--resume DIR continues DIR")
+        run_dir = resume
+        if not (run_dir / "config.json").is_file():
+            raise UserError(f"{run_dir} is not a selfie-lite run folder (no config.json)")
+        saved = read_json(run_dir / "config.json")
+        cfg = from_dict(saved)
+        if given:
+            new_cfg, _ = build_config(preset, config_file, seed, model, data, rounds, random_seed, backend,
+                                      load_in_4bit, beta, chat_template, trust_remote_code, sets)
+            diffs = diff_configs(saved, to_dict(new_cfg))
+            if diffs and not force:
+                raise UserError(
+                    f"{run_dir} was made with other settings: {'; '.join(diffs[:6])}" + (" ..." if len(diffs) > 6 else ""),
+                    hint="drop those flags to resume as it was, or add --force to continue with the new settings",
+                )
+            cfg = new_cfg
+        validate(cfg)
+    else:
+        cfg, preset = build_config(preset, config_file, seed, model, data, rounds, random_seed, backend, load_in_4bit,
+                                   beta, chat_template, trust_remote_code, sets)
+        run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        if (run_dir / "config.json").is_file():
+            raise UserError(f"{run_dir} already holds a run", hint=f"continue it with --resume {run_dir}, or pick another --out")
+    from selfie_lite.backends import get_backend
+    from selfie_lite.loop import preflight, resolve_inputs, run_rounds
+    from selfie_lite.progress import Reporter
+
+    if not cfg.model:
+        err_console.print("[cyan]No --model given: using the built-in tiny preset (a small model, task and oracle "
+                          "that run on a CPU).[/cyan]")
+    be, why = get_backend(cfg)
+    inputs = resolve_inputs(cfg, err_console)
+    # Bad input stops here, before any weights load and before the run folder is written.
+    split = None if resume is not None else preflight(cfg, be, inputs)
+    with RunLock(run_dir):
+        atomic_write_json(run_dir / "config.json", to_dict(cfg))
+        _print_config(cfg, run_dir, resumed=resume is not None)
+        err_console.print(f"backend: [bold]{be.name}[/bold] ({why}), device: {getattr(be, 'device', '?')}")
+        try:
+            with Reporter(err_console) as progress:
+                summary = run_rounds(cfg, run_dir, be, inputs, console, progress, split)
+        except KeyboardInterrupt:
+            err_console.print(f"[yellow]interrupted.[/yellow] Finished stages are kept. Resume with:\n"
+                              f"  selfie-lite run --resume {run_dir}")
+            raise typer.Exit(130) from None
+        except (RunError, UserError) as e:
+            e.hint = (e.hint + "; " if e.hint else "") + f"finished stages are kept: selfie-lite run --resume {run_dir}"
+            raise
+    console.print(f"[bold green]done.[/bold green] final model: {summary['final_model']}  "
+                  f"summary: {run_dir / 'summary.json'}")
+
+
+def _print_config(cfg, run_dir: Path, resumed: bool):
+    from rich.table import Table
+
+    from selfie_lite.config import to_dict
+
+    t = Table(title=f"{'resuming' if resumed else 'run'} {run_dir}", title_justify="left", show_header=False, box=None)
+    t.add_column(style="dim")
+    t.add_column()
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                t.add_row(prefix + k, json.dumps(v))
+
+    walk(to_dict(cfg))
+    err_console.print(t)
+
+
+# -------------------------------------------------------------------------------------------------
+# judge
+
+
+@app.command()
+@friendly_errors
+def judge(
+    input_file: Annotated[Path, typer.Argument(help="JSONL: {\"prompt\": str, \"responses\": [str, str, ...]} per line.")],
+    policy: Annotated[str, typer.Option("--policy", help="Policy model folder (the model that judges).")],
+    reference: Annotated[str, typer.Option("--reference", help="Reference model folder (the SFT model in SPA).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the labelled pairs (JSONL).")] = Path("pairs.jsonl"),
+    beta: Annotated[float, typer.Option("--beta", help="DPO temperature (paper 0.1).")] = 0.1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 32,
+    chat_template: Annotated[str | None, typer.Option("--chat-template", help="Jinja chat template file.")] = None,
+):
+    """Label responses with a model's implicit DPO reward against a reference: r = beta * (log pi - log ref).
+
+    Example:
+
+      selfie-lite judge responses.jsonl --policy runs/x/round-1/model --reference my-sft-model -o pairs.jsonl
+    """
+    from selfie_lite.backends.hf import HFBackend, chat_prompt_ids, chat_response_ids
+    from selfie_lite.config import RunConfig
+    from selfie_lite.judge import flat_sequences, judge_pairs, score_with
+    from selfie_lite.progress import Reporter
+    from selfie_lite.rundir import atomic_write_jsonl
+
+    if not input_file.is_file():
+        raise UserError(f"{input_file} does not exist")
+    rows = []
+    for n, line in enumerate(input_file.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{input_file} line {n + 1} is not JSON") from None
+        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("responses"), list) \
+                or len(r["responses"]) < 2 or not all(isinstance(x, str) for x in r["responses"]):
+            raise UserError(f"{input_file} line {n + 1}: need {{\"prompt\": str, \"responses\": [at least 2 strings]}}")
+        rows.append(r)
+    if not rows:
+        raise UserError(f"{input_file} has no rows")
+    be = HFBackend(RunConfig(chat_template=chat_template or ""))
+    tok = be.load_tokenizer(policy) if Path(policy).exists() else None
+    if tok is None:
+        from selfie_lite.backends.hf import check_model_source
+
+        check_model_source(policy)
+    for i, r in enumerate(rows):
+        r["id"] = i
+        r["prompt_ids"] = chat_prompt_ids(tok, r["prompt"])
+        r["response_ids"] = [chat_response_ids(tok, r["prompt"], x) for x in r["responses"]]
+    seqs = flat_sequences(rows)
+    with Reporter(err_console) as progress:
+        pol, _ = score_with(be, policy, seqs, batch_size, progress, "judge (policy)")
+        ref, _ = score_with(be, reference, seqs, batch_size, progress, "judge (reference)")
+    pairs, drops = judge_pairs(rows, pol, ref, beta)
+    atomic_write_jsonl(output, pairs)
+    console.print(f"wrote {len(pairs)} pairs to {output} (dropped {drops['dropped_identical']} identical, "
+                  f"{drops['dropped_empty_chosen']} with an empty chosen response)")
+
+
+# -------------------------------------------------------------------------------------------------
+# tiny
+
+
+@tiny_app.command("build")
+@friendly_errors
+def tiny_build(
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if a build is cached.")] = False,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Where to build (default: ~/.cache/selfie-lite/tiny-v1 or $SELFIE_LITE_CACHE).")] = None,
+):
+    """Build the tiny preset (tokenizer, SFT model, gold preference set) into the cache. Runs once, offline.
+
+    Example:
+
+      selfie-lite tiny build
+    """
+    from selfie_lite.tiny.build import build_tiny
+
+    t0 = time.perf_counter()
+    with err_console.status("building the tiny preset") as status:
+        preset = build_tiny(cache_dir, force=force, progress=lambda stage, frac: status.update(f"building: {stage} ({frac:.0%})"))
+    console.print(f"tiny preset ready in {preset.root} ({time.perf_counter() - t0:.1f} s)")
+
+
+@tiny_app.command("info")
+@friendly_errors
+def tiny_info(
+    prompts: Annotated[int, typer.Option("--prompts", help="Held-out prompts to sample for the SFT figures.")] = 200,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="The preset's folder.")] = None,
+):
+    """What the tiny preset holds, and how its SFT model scores under the oracle on held-out prompts.
+
+    Example:
+
+      selfie-lite tiny info
+    """
+    from rich.table import Table
+
+    from selfie_lite.tiny.build import build_tiny, sft_report
+
+    preset = build_tiny(cache_dir)
+    m = preset.manifest
+    t = Table(title=f"tiny preset: {preset.root}", title_justify="left", show_header=False)
+    t.add_column(style="dim")
+    t.add_column()
+    for k, v in m.items():
+        t.add_row(k, json.dumps(v) if not isinstance(v, str) else v)
+    rep = sft_report(preset, n_prompts=prompts)
+    for k, v in rep.items():
+        t.add_row(f"SFT {k}", f"{v:.3f}" if isinstance(v, float) else str(v))
+    console.print(t)
+
+
+def main():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except KeyboardInterrupt:  # outside a command (e.g. while importing torch)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Load, validate and split a preference set in the UltraFeedback-binarized shape.
+
+Reads: a hub dataset name (datasets.load_dataset), a .jsonl/.json or .parquet file, or a save_to_disk folder.
+Rows: prompt plus chosen/rejected, each a plain string or a message list ([{role, content}, ...]); optional
+score_chosen/score_rejected. Writes nothing. Implements spa-method.md "Data": one fixed shuffle, the seed rows keep
+their labels, the next rows become prompt-only pools for rounds 1..T, the last rows a held-out labelled test split.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfie_lite.config import DataConfig, parse_seed
+from selfie_lite.errors import UserError
+
+REQUIRED = ("chosen", "rejected")
+
+
+@dataclass
+class Split:
+    seed_pairs: list[dict]  # [{prompt, chosen, rejected, score_chosen?, score_rejected?}]
+    pools: list[list[str]]  # prompts for rounds 1..T
+    test_pairs: list[dict]
+    n_rows: int  # valid rows before splitting
+    n_bad: int  # rows skipped as invalid
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not os.path.exists(source)
+
+
+def load_rows(source: str, split: str = "train") -> list[dict]:
+    """Raw rows as dicts. Only data formats are read (JSON, Parquet, Arrow): nothing is unpickled."""
+    import datasets
+
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise UserError(f"{path} has splits {', '.join(ds)}, not {split!r}", hint="pick one with data.split")
+                ds = ds[split]
+        elif path.is_file():
+            suffix = path.suffix.lower()
+            if suffix in (".jsonl", ".json"):
+                if path.stat().st_size == 0:
+                    raise UserError(f"{path} is empty")
+                ds = datasets.load_dataset("json", data_files=str(path), split="train")
+            elif suffix == ".parquet":
+                ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+            else:
+                raise UserError(f"{path}: unsupported file type {suffix!r}", hint="use .jsonl, .json or .parquet")
+        elif _looks_like_hub_id(source):
+            if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+                raise UserError(
+                    f"{source!r} is a hub dataset but the hub is offline (HF_HUB_OFFLINE=1)",
+                    hint="download it once with network access, or pass a local .jsonl/.parquet file or folder",
+                )
+            ds = datasets.load_dataset(source, split=split)
+        else:
+            raise UserError(f"dataset {source!r} not found", hint="give a hub name (owner/name), a .jsonl/.parquet file or a folder")
+    except UserError:
+        raise
+    except Exception as e:  # datasets raises many types for a bad file; the user needs one line
+        raise UserError(f"could not read dataset {source!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if len(ds) == 0:
+        raise UserError(f"dataset {source!r} has no rows")
+    return ds.to_list()
+
+
+def _text_of(value, role: str) -> str | None:
+    """A response as text: a plain string, or the last `role` message of a message list."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        for m in reversed(value):
+            if m.get("role") == role and isinstance(m.get("content"), str):
+                return m["content"]
+    return None
+
+
+def normalize_row(row: dict) -> dict | str:
+    """One row in our shape, or a reason why it is invalid."""
+    missing = [k for k in REQUIRED if k not in row]
+    if missing:
+        return f"missing field {missing[0]!r}"
+    prompt = row.get("prompt")
+    if prompt is None and isinstance(row["chosen"], list):
+        prompt = _text_of(row["chosen"], "user")
+    if isinstance(prompt, list):
+        prompt = _text_of(prompt, "user")
+    if not isinstance(prompt, str):
+        return "prompt is missing or not text"
+    chosen, rejected = _text_of(row["chosen"], "assistant"), _text_of(row["rejected"], "assistant")
+    if chosen is None or rejected is None:
+        return "chosen/rejected must be text or a message list with an assistant turn"
+    if not prompt.strip() or not chosen.strip() or not rejected.strip():
+        return "empty text"
+    out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    for k in ("score_chosen", "score_rejected"):
+        v = row.get(k)
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                return f"{k} must be a number"
+            out[k] = float(v)
+    return out
+
+
+def check_columns(rows: list[dict], source: str) -> None:
+    """A wrong column name is a one-line error that suggests the close ones."""
+    columns = set().union(*(r.keys() for r in rows[:100]))
+    for need in ("prompt", *REQUIRED):
+        if need in columns or (need == "prompt" and isinstance(rows[0].get("chosen"), list)):
+            continue
+        close = difflib.get_close_matches(need, sorted(columns), n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else f"columns present: {', '.join(sorted(columns))}"
+        raise UserError(f"dataset {source!r} has no column {need!r}", hint=hint + " (rename it, e.g. with datasets' rename_column)")
+
+
+def validate_rows(rows: list[dict], max_bad: float, source: str = "dataset") -> tuple[list[dict], list[tuple[int, str]]]:
+    """Good rows and (index, reason) for the bad ones; too many bad rows refuses the run."""
+    check_columns(rows, source)
+    good, bad = [], []
+    for i, row in enumerate(rows):
+        r = normalize_row(row) if isinstance(row, dict) else "row is not an object"
+        (bad.append((i, r)) if isinstance(r, str) else good.append(r))
+    if bad and len(bad) > max_bad * len(rows):
+        first = "; ".join(f"row {i}: {why}" for i, why in bad[:3])
+        raise UserError(
+            f"{len(bad)} of {len(rows)} rows in {source} are invalid ({first})",
+            hint=f"fix them, or raise data.max_bad_rows above {len(bad) / len(rows):.3f} to skip them",
+        )
+    return good, bad
+
+
+def pool_sizes(n_available: int, cfg: DataConfig, rounds: int) -> list[int]:
+    if cfg.pool_sizes:
+        sizes = list(cfg.pool_sizes[:rounds])
+        if sum(sizes) > n_available:
+            raise UserError(
+                f"pools of {'+'.join(map(str, sizes))} = {sum(sizes)} prompts do not fit: only {n_available} rows remain "
+                "after the seed pairs and the test split",
+                hint="lower data.pool_sizes, --rounds or data.test_size",
+            )
+        return sizes
+    ratio = cfg.pool_ratio[:rounds]
+    sizes = [int(n_available * r / sum(ratio)) for r in ratio] if rounds else []
+    if any(s < 1 for s in sizes):
+        raise UserError(
+            f"only {n_available} rows remain for {rounds} rounds' prompt pools", hint="use fewer rounds or more data"
+        )
+    return sizes
+
+
+def split_rows(rows: list[dict], cfg: DataConfig, rounds: int, random_seed: int, n_bad: int = 0) -> Split:
+    """One fixed shuffle: [seed pairs | pool 1 | ... | pool T | (unused) | test pairs]."""
+    n = len(rows)
+    n_seed = parse_seed(cfg.seed, n)
+    if n_seed + cfg.test_size >= n and rounds > 0:
+        raise UserError(
+            f"{n} rows cannot hold {n_seed} seed pairs, a {cfg.test_size}-row test split and prompt pools",
+            hint="lower --seed or data.test_size",
+        )
+    order = list(range(n))
+    random.Random(random_seed).shuffle(order)
+    shuffled = [rows[i] for i in order]
+    seed_pairs = shuffled[:n_seed]
+    test_pairs = shuffled[n - cfg.test_size :] if cfg.test_size else []
+    middle = shuffled[n_seed : n - cfg.test_size]
+    sizes = pool_sizes(len(middle), cfg, rounds)
+    pools, start = [], 0
+    for s in sizes:
+        pools.append([r["prompt"] for r in middle[start : start + s]])
+        start += s
+    return Split(seed_pairs=seed_pairs, pools=pools, test_pairs=test_pairs, n_rows=n, n_bad=n_bad)
+
+
+def load_split(cfg: DataConfig, rounds: int, random_seed: int, source: str | None = None) -> Split:
+    source = source or cfg.source
+    rows, bad = validate_rows(load_rows(source, cfg.split), cfg.max_bad_rows, source)
+    return split_rows(rows, cfg, rounds, random_seed, n_bad=len(bad))

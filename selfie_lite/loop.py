@@ -1,0 +1,230 @@
+"""The SPA rounds, top to bottom (spa-method.md).
+
+    round 0:      train (DPO on the seed pairs, reference = pi_init) -> merge            => pi_0
+    round i>=1:   sample (pi_{i-1}) -> judge (pi_{i-1} vs pi_init) -> train (LoRA DPO from pi_{i-1}, reference
+                  pi_{i-1}, per-pair smoothing of low-confidence pairs) -> merge          => pi_i
+
+Each stage runs only if its done-marker is missing, writes its outputs atomically, then marks itself done, so a run
+killed anywhere resumes with `--resume` at the first unfinished stage and reaches the same result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from selfie_lite.config import RunConfig
+from selfie_lite.data import load_split
+from selfie_lite.judge import judge_round
+from selfie_lite.merge import merge_round
+from selfie_lite.rundir import (
+    atomic_write_json,
+    atomic_write_jsonl,
+    fresh_tmp_dir,
+    is_done,
+    mark_done,
+    maybe_kill,
+    read_json,
+    read_jsonl,
+    replace_dir,
+    stage_metrics,
+)
+from selfie_lite.sample import load_samples, sample_round
+
+
+@dataclass
+class Inputs:
+    model_dir: Path  # pi_init
+    data_source: str
+    gold: Callable[[str, str], float] | None  # an oracle scorer where one exists (the tiny preset)
+    tiny: bool
+
+
+def resolve_inputs(cfg: RunConfig, console: Console | None = None) -> Inputs:
+    """No --model / no data source means the built-in tiny preset (built on first use, then cached)."""
+    from selfie_lite.backends.hf import check_model_source
+
+    model_dir, source, gold, tiny = cfg.model, cfg.data.source, None, False
+    if model_dir:
+        check_model_source(model_dir)  # before building anything
+    if not model_dir or not source:
+        from selfie_lite.tiny.build import build_tiny
+        from selfie_lite.tiny.task import score
+
+        preset = build_tiny(progress=_build_progress(console))
+        model_dir = model_dir or str(preset.model_dir)
+        if not source:
+            source, gold, tiny = str(preset.preferences), score, True
+    return Inputs(Path(model_dir) if Path(model_dir).exists() else model_dir, source, gold, tiny)
+
+
+def _build_progress(console):
+    if console is None:
+        return None
+    state = {"last": None}
+
+    def report(stage: str, fraction: float):
+        if stage != state["last"]:
+            console.print(f"[dim]building the tiny preset: {stage}[/dim]")
+            state["last"] = stage
+
+    return report
+
+
+def preflight(cfg: RunConfig, backend, inputs: Inputs):
+    """Everything that can be wrong with the input, checked before a single weight loads or a file is written:
+    the model folder (or hub id while offline), its chat template, every data row, the split sizes."""
+    from selfie_lite.backends.hf import check_model_source
+
+    check_model_source(inputs.model_dir)
+    if Path(inputs.model_dir).exists():
+        backend.load_tokenizer(inputs.model_dir)
+    return load_split(cfg.data, cfg.rounds, cfg.random_seed, inputs.data_source)
+
+
+def prepare_data(cfg: RunConfig, run_dir: Path, source: str, split=None) -> dict:
+    """Split once and keep the split in the run folder: a resume never re-reads (or re-shuffles) the dataset."""
+    folder = run_dir / "data"
+    if (folder / "split.json").is_file():
+        return read_json(folder / "split.json")
+    split = split or load_split(cfg.data, cfg.rounds, cfg.random_seed, source)
+    atomic_write_jsonl(folder / "seed.jsonl", [dict(r, pair_id=i) for i, r in enumerate(split.seed_pairs)])
+    atomic_write_jsonl(folder / "test.jsonl", split.test_pairs)
+    for i, pool in enumerate(split.pools, start=1):
+        atomic_write_jsonl(folder / f"pool-{i}.jsonl", [{"prompt": p} for p in pool])
+    info = {
+        "source": source,
+        "valid_rows": split.n_rows,
+        "skipped_bad_rows": split.n_bad,
+        "seed_pairs": len(split.seed_pairs),
+        "pools": [len(p) for p in split.pools],
+        "test_pairs": len(split.test_pairs),
+    }
+    atomic_write_json(folder / "split.json", info)  # last: its presence means the split is complete
+    return info
+
+
+def train_stage(cfg: RunConfig, round_dir: Path, backend, base_dir: Path, pairs: list[dict], round_idx: int,
+                progress=None) -> dict:
+    """LoRA DPO from base_dir with the adapter-disabled base as reference; writes adapter/ and pairs.jsonl."""
+    from selfie_lite.train import train_dpo
+
+    model, tok = backend.load(base_dir, trainable=True)
+    model = backend.add_lora(model, cfg.lora, seed=cfg.random_seed + round_idx)
+    seed_round = round_idx == 0
+    task = progress.start("train (seed DPO)" if seed_round else "train (SPA DPO)", total=1, unit="steps") if progress else None
+
+    def on_step(step, total, logs):
+        if progress:
+            progress.set_total(task, total)
+            progress.advance(task, 1)
+        maybe_kill("train", step)
+
+    result = train_dpo(
+        model, tok, [{k: p[k] for k in ("pair_id", "prompt", "chosen", "rejected")} for p in pairs],
+        beta=cfg.beta, train=cfg.train,
+        refine=None if seed_round else cfg.refine,
+        lam=0.0 if seed_round else cfg.refine.lambdas[round_idx - 1],
+        epochs=cfg.train.seed_epochs if seed_round else cfg.train.round_epochs,
+        out_dir=round_dir / "trainer", seed=cfg.random_seed + round_idx, on_step=on_step,
+    )
+    if progress:
+        progress.finish(task)
+    tmp = fresh_tmp_dir(round_dir / "adapter")
+    backend.save_adapter(model, tmp)
+    replace_dir(tmp, round_dir / "adapter")
+    backend.free(model)
+    rows = [dict(p, **result.pair_stats.get(p["pair_id"], {})) for p in pairs]
+    atomic_write_jsonl(round_dir / "pairs.jsonl", rows)
+    return result.metrics
+
+
+def gold_agreement(pairs: list[dict], gold) -> dict:
+    """How often the self-labels agree with the oracle (ties count half); the tiny preset only."""
+    agree = tie = 0
+    for p in pairs:
+        c, r = gold(p["prompt"], p["chosen"]), gold(p["prompt"], p["rejected"])
+        agree += c > r
+        tie += c == r
+    n = max(1, len(pairs))
+    return {"gold_agreement": (agree + 0.5 * tie) / n, "gold_ties": tie / n}
+
+
+def run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console: Console, progress=None,
+               split=None) -> dict:
+    t_start = time.perf_counter()
+    split = prepare_data(cfg, run_dir, inputs.data_source, split)
+    init_dir = Path(inputs.model_dir)
+    prev = init_dir
+    history = []
+    for i in range(cfg.rounds + 1):
+        rd = run_dir / f"round-{i}"
+        rd.mkdir(parents=True, exist_ok=True)
+        if i == 0:
+            pairs = read_jsonl(run_dir / "data" / "seed.jsonl")
+        else:
+            if not is_done(rd, "sample"):
+                prompts = [r["prompt"] for r in read_jsonl(run_dir / "data" / f"pool-{i}.jsonl")]
+                mark_done(rd, "sample", sample_round(cfg, rd, backend, prev, prompts, i, progress))
+            if not is_done(rd, "judge"):
+                ref = init_dir if cfg.judge.reference == "init" or i == 1 else run_dir / f"round-{i - 2}" / "model"
+                pairs, m = judge_round(cfg, rd, backend, load_samples(rd), prev, ref, progress)
+                if inputs.gold:
+                    m.update(gold_agreement(pairs, inputs.gold))
+                mark_done(rd, "judge", m)
+            pairs = read_jsonl(rd / "judged.jsonl")
+            if not pairs:
+                from selfie_lite.errors import RunError
+
+                raise RunError(
+                    f"round {i}: every sampled pair was identical or empty, nothing to train on",
+                    hint="raise sample.temperature or sample.num_samples, then --resume",
+                )
+        if not is_done(rd, "train"):
+            mark_done(rd, "train", train_stage(cfg, rd, backend, prev, pairs, i, progress))
+        if not is_done(rd, "merge"):
+            mark_done(rd, "merge", merge_round(backend, prev, rd / "adapter", rd / "model"))
+        metrics = stage_metrics(rd)
+        atomic_write_json(rd / "metrics.json", metrics)
+        history.append({"round": i, **metrics})
+        console.print(round_table(i, metrics))
+        prev = rd / "model"
+    summary = {
+        "final_model": str(prev),
+        "rounds": cfg.rounds,
+        "data": split,
+        "seconds_this_session": round(time.perf_counter() - t_start, 1),
+        "per_round": history,
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _fmt(v, spec=".3f"):
+    return "-" if v is None else format(v, spec) if isinstance(v, float) else str(v)
+
+
+def round_table(i: int, m: dict) -> Table:
+    t = Table(title=f"round {i}" + (" (seed DPO)" if i == 0 else ""), title_justify="left", show_header=True)
+    for col in ("stage", "items", "seconds", "throughput", "details"):
+        t.add_column(col)
+    s, j, tr, mg = m.get("sample", {}), m.get("judge", {}), m.get("train", {}), m.get("merge", {})
+    if s:
+        t.add_row("sample", f"{s['prompts']} prompts", _fmt(s.get("seconds"), ".1f"), f"{_fmt(s.get('tokens_per_s'), '.0f')} tok/s",
+                  f"mean length {s['mean_response_tokens']:.1f} tokens")
+    if j:
+        extra = f", gold agreement {j['gold_agreement']:.2f}" if "gold_agreement" in j else ""
+        t.add_row("judge", f"{j['pairs']} pairs", _fmt(j.get("seconds"), ".1f"), f"{_fmt(j.get('sequences_per_s'), '.0f')} seq/s",
+                  f"dropped {j['dropped_identical']} identical{extra}")
+    if tr:
+        t.add_row("train", f"{tr.get('pairs', '-')} pairs", _fmt(tr.get("seconds"), ".1f"), f"{_fmt(tr.get('pairs_per_s'), '.1f')} pairs/s",
+                  f"loss {_fmt(tr.get('loss_start'))} -> {_fmt(tr.get('loss_end'))}, margin {_fmt(tr.get('mean_margin'))}, "
+                  f"smoothed {_fmt(tr.get('frac_smoothed'), '.2f')}")
+    if mg:
+        t.add_row("merge", "1 model", _fmt(mg.get("seconds"), ".1f"), "", f"{mg['model_bytes'] / 1e6:.1f} MB")
+    return t

@@ -1,0 +1,26 @@
+"""Stage 4 of a round: merge the round's LoRA adapter into full-precision weights (spa-method.md, step 4).
+
+Reads: the previous model folder (the base) and round-<i>/adapter/. Writes: round-<i>/model/, a standard HF folder
+(safetensors + tokenizer) that is the next round's starting point and, with the adapter disabled, exactly its DPO
+reference. Merging into 4-bit weights would re-quantize (lossy), so the base is always loaded in full precision;
+a 4-bit run re-quantizes on the next load.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from selfie_lite.rundir import check_free_space, folder_bytes, fresh_tmp_dir, maybe_kill, replace_dir
+
+
+def merge_round(backend, base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
+    # A merged model in full precision can be up to 2x a bf16 base (fp32 on CPU): ask for that plus 10%.
+    need = int(folder_bytes(base_dir) * 2.2) if Path(base_dir).is_dir() else 0
+    check_free_space(out_dir.parent, need, f"merge the adapter into {out_dir}")
+    t0 = time.perf_counter()
+    tmp = fresh_tmp_dir(out_dir)
+    backend.merge(base_dir, adapter_dir, tmp)
+    maybe_kill("merge", 1)  # a kill here leaves only the temp folder, which the next attempt discards
+    replace_dir(tmp, out_dir)
+    return {"seconds": round(time.perf_counter() - t0, 3), "model_bytes": folder_bytes(out_dir)}

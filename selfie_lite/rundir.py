@@ -1,0 +1,170 @@
+"""The run directory: atomic writes, done-markers and a lock, so that no kill ever leaves half a file.
+
+Layout (see README): config.json, summary.json, round-<i>/{samples/, judged.jsonl, pairs.jsonl, adapter/, model/,
+metrics.json, done/<stage>.json}. A stage counts as finished only once its done-marker exists; the marker is the
+last thing the stage writes, after its outputs were renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from selfie_lite.errors import RunError, UserError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place; whatever stood there before is dropped."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def fresh_tmp_dir(final: Path) -> Path:
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left over from a killed attempt
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+# -- done markers -------------------------------------------------------------------------------
+
+
+def marker(round_dir: Path, stage: str) -> Path:
+    return round_dir / "done" / f"{stage}.json"
+
+
+def is_done(round_dir: Path, stage: str) -> bool:
+    return marker(round_dir, stage).is_file()
+
+
+def mark_done(round_dir: Path, stage: str, metrics: dict) -> None:
+    atomic_write_json(marker(round_dir, stage), metrics)
+
+
+def stage_metrics(round_dir: Path) -> dict:
+    """All finished stages' metrics of a round, keyed by stage, in the order they finished."""
+    done = round_dir / "done"
+    if not done.is_dir():
+        return {}
+    files = sorted(done.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+    return {p.stem: read_json(p) for p in files}
+
+
+# -- disk space ---------------------------------------------------------------------------------
+
+
+def check_free_space(folder: Path, needed_bytes: int, what: str) -> None:
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        raise RunError(
+            f"not enough disk space to {what}: need {needed_bytes / 1e9:.2f} GB in {probe}, {free / 1e9:.2f} GB free",
+            hint="free some space or point --out at a larger disk, then add --resume",
+        )
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+# -- lock ---------------------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """One run per directory. A lock left by a dead process (kill -9, lost Colab VM) is taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        host = socket.gethostname()
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    info = json.loads(self.path.read_text() or "{}")
+                except (OSError, json.JSONDecodeError):
+                    info = {}
+                pid = int(info.get("pid", 0))
+                if info.get("host") == host and pid and not _alive(pid):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise UserError(
+                    f"{self.path.parent} is in use by another run (pid {pid or '?'} on {info.get('host', '?')})",
+                    hint=f"wait for it to finish, or delete {self.path} if you are sure it is gone",
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": host, "started": time.time()}, f)
+            return self
+        raise UserError(f"could not take the lock {self.path}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+        return False
+
+
+# -- fault injection (tests and the curious): SELFIE_LITE_KILL_AT="<stage>:<items>" ------------------
+
+
+def maybe_kill(stage: str, items_done: int) -> None:
+    """Simulate a crash (SIGKILL, no clean-up) once `items_done` items of `stage` are finished.
+
+    Used by the resume tests to prove that a kill at any point loses no work and changes no result.
+    """
+    spec = os.environ.get("SELFIE_LITE_KILL_AT", "")
+    if not spec:
+        return
+    name, _, n = spec.partition(":")
+    if name == stage and items_done >= int(n or 0):
+        os.kill(os.getpid(), signal.SIGKILL)

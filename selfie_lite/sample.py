@@ -1,0 +1,73 @@
+"""Stage 1 of a round: K responses per prompt from pi_{i-1} (spa-method.md, Round i step 1).
+
+Reads: the round's prompt pool and the previous model folder. Writes: round-<i>/samples/chunk-<n>.jsonl, one file
+per `sample.chunk_size` prompts, each written atomically and seeded by (random seed, round, chunk), so a resumed
+stage skips finished chunks and produces the very same samples as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from selfie_lite.config import RunConfig
+from selfie_lite.rundir import atomic_write_jsonl, maybe_kill, read_jsonl
+
+
+def chunk_seed(random_seed: int, round_idx: int, chunk: int) -> int:
+    return (random_seed * 1_000_003 + round_idx * 10_007 + chunk) % (2**31 - 1)
+
+
+def sample_round(cfg: RunConfig, round_dir: Path, backend, model_dir: Path, prompts: list[str], round_idx: int,
+                 progress=None) -> dict:
+    folder = round_dir / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    size = cfg.sample.chunk_size
+    chunks = [(c, prompts[s : s + size]) for c, s in enumerate(range(0, len(prompts), size))]
+    todo = [(c, ps) for c, ps in chunks if not (folder / f"chunk-{c:05d}.jsonl").is_file()]
+    n_done_prompts = sum(len(ps) for c, ps in chunks) - sum(len(ps) for _, ps in todo)
+    task = progress.start("sample", total=len(prompts), done=n_done_prompts, unit="prompts") if progress else None
+    tokens, seconds = 0, 0.0
+    if todo:
+        model, tok = backend.load(model_dir)
+        for c, ps in todo:
+            t0 = time.perf_counter()
+            counted = []
+
+            def on_batch(n, n_tokens, counted=counted):
+                counted.append(n_tokens)
+                if progress:
+                    progress.advance(task, n, tokens=n_tokens)
+
+            rows = backend.generate(
+                model, tok, ps, num_samples=cfg.sample.num_samples, temperature=cfg.sample.temperature,
+                top_p=cfg.sample.top_p, max_new_tokens=cfg.sample.max_new_tokens, batch_size=cfg.sample.batch_size,
+                seed=chunk_seed(cfg.random_seed, round_idx, c), on_batch=on_batch,
+            )
+            for j, r in enumerate(rows):
+                r["id"] = c * size + j
+            atomic_write_jsonl(folder / f"chunk-{c:05d}.jsonl", rows)
+            seconds += time.perf_counter() - t0
+            tokens += sum(counted)
+            n_done_prompts += len(ps)
+            maybe_kill("sample", n_done_prompts)
+        backend.free(model)
+    if progress:
+        progress.finish(task)
+    rows = load_samples(round_dir)
+    lengths = [len(ids) for r in rows for ids in r["response_ids"]]
+    return {
+        "prompts": len(rows),
+        "samples": len(lengths),
+        "new_tokens": sum(lengths),
+        "mean_response_tokens": sum(lengths) / max(1, len(lengths)),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None,  # None: all chunks came from disk
+    }
+
+
+def load_samples(round_dir: Path) -> list[dict]:
+    rows: list[dict] = []
+    for f in sorted((round_dir / "samples").glob("chunk-*.jsonl")):
+        rows += read_jsonl(f)
+    return rows

@@ -1,0 +1,353 @@
+"""LoRA DPO for one round: a thin TRL DPOTrainer subclass whose loss is loss.py and refine.py.
+
+Reads: a PeftModel (trainable LoRA adapter on the weights of pi_{i-1}), its tokenizer, and preference pairs
+{"pair_id", "prompt", "chosen", "rejected"} (round 0: the human seed pairs; round i: this round's
+self-labelled pairs). Returns metrics and per-pair statistics; the adapter is trained in place and nothing
+is saved here (merging and saving belong to merge.py and the loop).
+
+Implements spa-method.md "Round 0" (plain sigmoid DPO) and "Round i", step 3 (self-refinement):
+  - reference pi_ref = the same PeftModel with its adapter disabled (no second copy in memory), so the
+    caller must hand in a fresh adapter on top of merged pi_{i-1} weights;
+  - z = the plain DPO margin, which the loss always uses;
+  - z_g = the margin of the extrapolated model h_g = (1+lam) h_theta - lam h_ref (full-vocabulary
+    normaliser), which only decides who is smoothed; lam == 0 picks by z itself;
+  - pairs in the bottom low_conf_frac of the last window_pairs values get smoothing alpha, 0 during the
+    first warmup_frac of the optimizer steps.
+
+What TRL still does for us: chat-template tokenisation of the conversational pairs (and the prompt/response
+boundary), padding and the [chosen rows; rejected rows] batch layout, the optimizer, scheduler, gradient
+accumulation, mixed precision and the step loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from transformers import PrinterCallback, TrainerCallback
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from selfie_lite.config import RefineConfig, TrainConfig
+from selfie_lite.errors import RunError, UserError
+from selfie_lite.loss import dpo_losses
+from selfie_lite.refine import LowConfidencePicker, alpha_at, extrapolated_margin, sequence_logps
+
+
+@dataclass
+class TrainResult:
+    # steps, pairs, pairs_dropped, seconds, pairs_per_s, loss_start, loss_end, mean_margin,
+    # mean_extrapolated_margin, reward_accuracy, frac_smoothed (pairs smoothed / pairs seen after warm-up)
+    metrics: dict
+    # pair_id -> {"margin", "extrapolated_margin", "low_confidence", "smoothed", "smoothing",
+    #             "chosen_reward", "rejected_reward", "loss", "step"}: the last time the pair was seen
+    pair_stats: dict[int, dict] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches that remember which pair each row is
+
+
+@dataclass
+class PairCollator(DataCollatorForPreference):
+    """TRL's preference collator plus a `pair_id` [B] tensor, and a prompt cut to its last max_prompt_length
+    tokens (TRL 1.x has no max_prompt_length; keeping the end keeps the turn markers next to the response)."""
+
+    max_prompt_length: int | None = None
+
+    def torch_call(self, examples: list[dict]) -> dict:
+        if self.max_prompt_length:
+            examples = [{**ex, "prompt_ids": ex["prompt_ids"][-self.max_prompt_length :]} for ex in examples]
+        batch = super().torch_call(examples)
+        batch["pair_id"] = torch.tensor([ex["pair_id"] for ex in examples], dtype=torch.long)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+class SPADPOTrainer(DPOTrainer):
+    """DPOTrainer whose loss is spa-method.md's per-pair smoothed DPO with decoupled noise detection."""
+
+    def __init__(self, *args, refine: RefineConfig | None = None, lam: float = 0.0, **kwargs):
+        self.refine = refine
+        self.lam = lam
+        # Smoothing is on when there is a refine config with alpha > 0; then the picker runs from step 0 so
+        # that its window is full of recent pairs when the warm-up ends.
+        smoothing_on = refine is not None and refine.alpha > 0
+        self.picker = LowConfidencePicker(refine.low_conf_frac, refine.window_pairs) if smoothing_on else None
+        self.pair_stats: dict[int, dict] = {}
+        self.seen_after_warmup = 0
+        self.smoothed_after_warmup = 0
+        super().__init__(*args, **kwargs)
+        # Handed a PeftModel, TRL 1.16 adds a "ref" adapter (a copy of the current one) and uses it as the
+        # reference. Our reference is the adapter-disabled model (spa-method.md step 4: the adapter is fresh on
+        # merged weights), so drop the copy: it would cost memory and end up in saved adapters.
+        peft_model = self.accelerator.unwrap_model(self.model)
+        if "ref" in peft_model.peft_config:
+            peft_model.delete_adapter("ref")
+
+    def _set_signature_columns_if_needed(self):
+        # Trainer drops dataset columns that are not "signature" columns; keep pair_id for the collator.
+        super()._set_signature_columns_if_needed()
+        if "pair_id" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "pair_id"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # inputs: input_ids, attention_mask, completion_mask [2B,T] (rows 0..B-1 = prompt+chosen,
+        # rows B..2B-1 = prompt+rejected, right-padded), pair_id [B].
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        # Causal LM shift: logits[:, t] predicts input_ids[:, t+1]; only response tokens count.
+        labels = input_ids[:, 1:]  # [2B,T-1]
+        mask = inputs["completion_mask"][:, 1:].bool()  # [2B,T-1]
+
+        # Policy: adapter on, with gradient. Full logits [2B,T-1,V]: noise detection needs every vocab entry.
+        policy_logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+        # Reference: the same weights with the adapter off, no gradient.
+        with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
+            ref_logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+
+        policy_logps = sequence_logps(policy_logits, labels, mask)  # [2B] sums over response tokens
+        ref_logps = sequence_logps(ref_logits, labels, mask)  # [2B]
+        policy_chosen, policy_rejected = policy_logps.chunk(2)  # [B] each
+        ref_chosen, ref_rejected = ref_logps.chunk(2)
+
+        # Plain margin z, without gradient, to pick by when lam == 0 (dpo_losses recomputes it with gradient).
+        z = self.beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)).detach()  # [B]
+        if self.refine is not None and self.lam > 0:
+            z_g = extrapolated_margin(
+                policy_logits.detach(), ref_logits, labels, mask,
+                beta=self.beta, lam=self.lam, vocab_chunk=self.refine.vocab_chunk,
+            )  # [B]
+        else:
+            z_g = z
+
+        # Who gets smoothed, and how much, at this optimizer step.
+        step, total = self.state.global_step, max(self.state.max_steps, 1)
+        if self.picker is not None:
+            low_conf = self.picker.pick(z_g).to(z.device)  # [B] bool
+            alpha = alpha_at(step, total, self.refine.alpha, self.refine.warmup_frac)
+        else:
+            low_conf = torch.zeros_like(z, dtype=torch.bool)
+            alpha = 0.0
+        smoothing = low_conf.to(z.dtype) * alpha  # [B]: alpha for low-confidence pairs, 0 otherwise
+
+        losses, chosen_rewards, rejected_rewards, margins = dpo_losses(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, smoothing
+        )
+        loss = losses.mean()
+        if not torch.isfinite(loss):
+            raise RunError(
+                f"the DPO loss became {loss.item()} at optimizer step {step} of {total}",
+                hint=f"lower train.learning_rate (now {self.args.learning_rate:g}), check the pairs for empty or "
+                "garbled responses, or train in fp32 (train.precision = \"fp32\")",
+            )
+
+        if model.training:
+            self._record(inputs["pair_id"], margins, z_g, low_conf, smoothing, chosen_rewards, rejected_rewards,
+                         losses.detach(), step, after_warmup=self.refine is not None
+                         and step >= self.refine.warmup_frac * total)
+        return (loss, {}) if return_outputs else loss
+
+    def _record(self, pair_id, margins, z_g, low_conf, smoothing, chosen_rewards, rejected_rewards, losses, step,
+                after_warmup):
+        smoothed = smoothing > 0
+        rows = zip(pair_id.tolist(), margins.tolist(), z_g.tolist(), low_conf.tolist(), smoothed.tolist(),
+                   smoothing.tolist(), chosen_rewards.tolist(), rejected_rewards.tolist(), losses.tolist(),
+                   strict=True)
+        for pid, z, zg, low, sm, a, cr, rr, loss in rows:
+            self.pair_stats[pid] = {"margin": z, "extrapolated_margin": zg, "low_confidence": low, "smoothed": sm,
+                                    "smoothing": a, "chosen_reward": cr, "rejected_reward": rr, "loss": loss,
+                                    "step": step}
+        if after_warmup:
+            self.seen_after_warmup += len(pair_id)
+            self.smoothed_after_warmup += int(smoothed.sum())
+        # TRL's log() averages these lists over the micro-batches since the last log and adds them to the logs.
+        metrics = self._metrics["train"]
+        metrics["rewards/margins"].append(margins.mean().item())
+        metrics["rewards/extrapolated_margins"].append(z_g.mean().item())
+        metrics["rewards/accuracies"].append((margins > 0).float().mean().item())
+        metrics["smoothed_frac"].append(smoothed.float().mean().item())
+        metrics["alpha"].append(float(smoothing.max()) if smoothed.any() else 0.0)
+
+
+class _StepLog(TrainerCallback):
+    """Keeps every optimizer step's logs and forwards them to the CLI's progress bar."""
+
+    def __init__(self, on_step: Callable[[int, int, dict], None] | None):
+        self.on_step = on_step
+        self.history: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:  # step logs; the end-of-training summary has "train_loss" instead
+            self.history.append({"step": state.global_step, **logs})
+            if self.on_step is not None:
+                self.on_step(state.global_step, state.max_steps, dict(logs))
+
+
+# ---------------------------------------------------------------------------------------------
+# The public entry point
+
+
+@contextlib.contextmanager
+def _no_dataset_progress_bars():
+    # TRL tokenises with datasets.map, which draws a tqdm bar per pass; the CLI has its own progress display.
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+def _precision(precision: str) -> dict:
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise UserError("train.precision = fp16 needs a CUDA GPU", hint="use fp32 (or auto) on a CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _checkpointing(on: bool) -> dict:
+    # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name warns); the
+    # GPU stack (transformers <= 5.17 for unsloth) may only know the old one. Non-reentrant: the reference
+    # forward runs under no_grad, where reentrant checkpointing warns and PEFT needs input grads.
+    name = "activation_checkpointing" if "activation_checkpointing" in DPOConfig.__dataclass_fields__ else (
+        "gradient_checkpointing"
+    )
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+def _to_conversation(pair: dict) -> dict:
+    # TRL's conversational preference format: the prompt turn(s), then one assistant turn per response.
+    return {
+        "pair_id": int(pair["pair_id"]),
+        "prompt": [{"role": "user", "content": pair["prompt"]}],
+        "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+        "rejected": [{"role": "assistant", "content": pair["rejected"]}],
+    }
+
+
+def train_dpo(
+    model,
+    tokenizer,
+    pairs: list[dict],
+    *,
+    beta: float,
+    train: TrainConfig,
+    refine: RefineConfig | None,
+    lam: float,
+    epochs: int,
+    out_dir: Path,
+    seed: int,
+    on_step: Callable[[int, int, dict], None] | None = None,
+) -> TrainResult:
+    """Train the LoRA adapter of `model` (a peft.PeftModel) with DPO on `pairs`, in place.
+
+    refine=None or refine.alpha == 0: plain sigmoid DPO (round 0). Otherwise the low_conf_frac of pairs with
+    the lowest extrapolated margin (lam > 0) or plain margin (lam == 0) get label smoothing refine.alpha after
+    the warm-up. out_dir is the Trainer's scratch folder: nothing is saved there (save_strategy="no").
+    Deterministic on CPU for a given seed, model and pairs. Raises RunError if the loss becomes NaN or inf.
+    """
+    if not pairs:
+        raise UserError("no preference pairs to train on")
+    ids = [int(p["pair_id"]) for p in pairs]
+    if len(set(ids)) != len(ids):
+        raise UserError("pair_id values must be unique within a training set")
+    if not hasattr(model, "disable_adapter"):
+        raise UserError("train_dpo needs a peft.PeftModel with a LoRA adapter (its reference is the adapter off)")
+
+    cuda = torch.cuda.is_available()
+    args = DPOConfig(
+        output_dir=str(out_dir),
+        # Optimisation
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        num_train_epochs=epochs,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        **_precision(train.precision),
+        **_checkpointing(train.gradient_checkpointing),
+        # DPO
+        beta=beta,
+        loss_type="sigmoid",  # not used by our compute_loss; stated so the config reads true
+        max_length=train.max_length,
+        precompute_ref_log_probs=False,
+        disable_dropout=True,  # the reference is the same model: dropout would make pi_theta != pi_ref at step 0
+        # Determinism and devices
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+        # Quiet: our callback does the logging, the loop does the saving
+        report_to="none",
+        disable_tqdm=True,
+        logging_strategy="steps",
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = PairCollator(pad_token_id=pad_id, max_length=train.max_length,
+                            max_prompt_length=train.max_prompt_length)
+    step_log = _StepLog(on_step)
+    with _no_dataset_progress_bars():
+        trainer = SPADPOTrainer(
+            model=model,
+            args=args,
+            data_collator=collator,
+            train_dataset=Dataset.from_list([_to_conversation(p) for p in pairs]),
+            processing_class=tokenizer,
+            callbacks=[step_log],
+            refine=refine,
+            lam=lam,
+        )
+    trainer.remove_callback(PrinterCallback)  # disable_tqdm swaps the progress bar for print(logs)
+
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+
+    stats = trainer.pair_stats
+    n_pairs = len(trainer.train_dataset)
+    history = step_log.history
+
+    def mean(values):
+        values = list(values)
+        return sum(values) / len(values) if values else math.nan
+
+    metrics = {
+        "steps": trainer.state.global_step,
+        "pairs": n_pairs,
+        "pairs_dropped": len(pairs) - n_pairs,  # prompts alone longer than max_length (TRL drops them)
+        "epochs": epochs,
+        "seconds": seconds,
+        "pairs_per_s": n_pairs * epochs / seconds if seconds > 0 else math.nan,
+        "loss_start": history[0]["loss"] if history else math.nan,
+        "loss_end": history[-1]["loss"] if history else math.nan,
+        "margin_start": history[0].get("rewards/margins", math.nan) if history else math.nan,
+        # Over every pair, as last seen (the final epoch):
+        "mean_margin": mean(s["margin"] for s in stats.values()),
+        "mean_extrapolated_margin": mean(s["extrapolated_margin"] for s in stats.values()),
+        "reward_accuracy": mean(float(s["margin"] > 0) for s in stats.values()),
+        "frac_smoothed": trainer.smoothed_after_warmup / trainer.seen_after_warmup
+        if trainer.seen_after_warmup
+        else 0.0,
+        "lam": lam,
+        "alpha": refine.alpha if refine is not None else 0.0,
+    }
+    return TrainResult(metrics=metrics, pair_stats=dict(stats))

@@ -1,0 +1,36 @@
+"""Offline, stable output, and one tiny-preset build shared by the whole session.
+
+The build lands in $SELFIE_LITE_CACHE when set (CI points it at a folder that survives between runs of the same
+machine); otherwise in a session temp folder. Subprocess CLI tests inherit the variable and find the same build.
+"""
+
+import os
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["NO_COLOR"] = "1"
+os.environ["COLUMNS"] = "200"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.pop("SELFIE_LITE_KILL_AT", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    if not os.environ.get("SELFIE_LITE_CACHE"):
+        os.environ["SELFIE_LITE_CACHE"] = str(tmp_path_factory.mktemp("selfie-cache"))
+    return os.environ["SELFIE_LITE_CACHE"]
+
+
+@pytest.fixture(scope="session")
+def tiny_preset(tiny_cache):
+    from selfie_lite.tiny.build import build_tiny
+
+    return build_tiny()
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default run folders (runs/<timestamp>) land in the test's temp folder

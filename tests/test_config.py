@@ -1,0 +1,95 @@
+"""Config layering and --seed parsing (the labelled share, not the random seed)."""
+
+import pytest
+
+from selfie_lite.config import diff_configs, load_config, parse_override, parse_seed, to_dict
+from selfie_lite.errors import UserError
+
+
+@pytest.mark.parametrize(
+    "text,n_rows,expected",
+    [("3.3pct", 6000, 198), ("3.3%", 6000, 198), ("3.3 PCT", 60000, 1980), ("100%", 50, 50), ("2000", 60000, 2000),
+     ("0.01pct", 100, 1)],
+)
+def test_parse_seed_counts(text, n_rows, expected):
+    assert parse_seed(text, n_rows) == expected
+
+
+def test_parse_seed_without_rows_keeps_the_kind():
+    assert parse_seed("3.3pct") == pytest.approx(0.033)
+    assert parse_seed("2000") == 2000
+
+
+@pytest.mark.parametrize(
+    "text,n_rows,fragment",
+    [("0", None, "at least one"), ("0pct", None, "above 0%"), ("101%", None, "at most 100%"), ("abc", None, "not a labelled share"),
+     ("-5", None, "not a labelled share"), ("3.3", None, "not a labelled share"), ("7000", 6000, "has 6000 valid rows")],
+)
+def test_parse_seed_rejects(text, n_rows, fragment):
+    with pytest.raises(UserError, match=fragment):
+        parse_seed(text, n_rows)
+
+
+def test_defaults_are_the_papers():
+    cfg = load_config()
+    assert cfg.beta == 0.1 and cfg.rounds == 3
+    assert cfg.sample.num_samples == 2 and cfg.sample.temperature == 0.7 and cfg.sample.top_p == 1.0
+    assert cfg.sample.max_new_tokens == 300
+    assert cfg.refine.alpha == 0.1 and cfg.refine.low_conf_frac == 0.1 and cfg.refine.warmup_frac == 0.2
+    assert cfg.refine.lambdas == [0.5, 0.25, 0.125]
+    assert cfg.data.pool_ratio == [8.0, 20.0, 30.0] and cfg.data.seed == "3.3pct"
+    assert cfg.train.seed_epochs == 3 and cfg.train.round_epochs == 1
+
+
+def test_layers_preset_then_file_then_flags(tmp_path):
+    f = tmp_path / "my.toml"
+    f.write_text("beta = 0.05\n[train]\nlearning_rate = 1e-4\nbatch_size = 4\n")
+    cfg = load_config("tiny", f, [parse_override("train.batch_size=2"), parse_override("data.seed='5%'")])
+    assert cfg.beta == 0.05  # file over default
+    assert cfg.train.learning_rate == 1e-4  # file over preset (tiny sets 2e-4)
+    assert cfg.train.batch_size == 2  # flag over file
+    assert cfg.data.pool_sizes == [400, 1000, 1500]  # from the preset
+    assert cfg.data.seed == "5%"
+
+
+def test_unknown_key_is_named(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[train]\nlearning_rat = 1e-4\n")
+    with pytest.raises(UserError, match="unknown config key train.learning_rat") as e:
+        load_config(None, f)
+    assert "learning_rate" in e.value.hint
+
+
+def test_wrong_type_is_named(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("rounds = 'three'\n")
+    with pytest.raises(UserError, match="config key rounds: expected int"):
+        load_config(None, f)
+
+
+def test_ints_are_accepted_for_floats_but_bools_are_not_ints():
+    assert load_config(None, None, [parse_override("beta=1")]).beta == 1.0
+    with pytest.raises(UserError, match="expected int"):
+        load_config(None, None, [parse_override("rounds=true")])
+
+
+def test_cross_field_checks():
+    with pytest.raises(UserError, match="3 rounds need 3 prompt pools"):
+        load_config(None, None, [{"data": {"pool_sizes": [10, 20]}}])
+    with pytest.raises(UserError, match="num_samples must be at least 2"):
+        load_config(None, None, [{"sample": {"num_samples": 1}}])
+    with pytest.raises(UserError, match="no preset named"):
+        load_config("nope")
+
+
+def test_override_parsing():
+    assert parse_override("train.learning_rate=1e-5") == {"train": {"learning_rate": 1e-5}}
+    assert parse_override("model=some/model") == {"model": "some/model"}  # not TOML: kept as a string
+    assert parse_override("refine.lambdas=[0, 0, 0]") == {"refine": {"lambdas": [0, 0, 0]}}
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        parse_override("beta")
+
+
+def test_diff_names_changed_keys():
+    a, b = to_dict(load_config()), to_dict(load_config(None, None, [parse_override("train.batch_size=3")]))
+    assert diff_configs(a, b) == ["train.batch_size: 8 -> 3"]
