@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from selfie_lite import __version__
+from selfie_lite import __version__, doctor
 from selfie_lite.console import STATE, console, err_console, friendly_errors
 from selfie_lite.errors import RunError, UserError
 
@@ -32,6 +32,7 @@ app = typer.Typer(
 )
 tiny_app = typer.Typer(help="The built-in tiny preset: a small model, task and oracle that run on a CPU.", no_args_is_help=True)
 app.add_typer(tiny_app, name="tiny")
+app.command("doctor")(doctor.doctor_cmd)
 
 def _version(value: bool):
     if value:
@@ -244,7 +245,7 @@ def judge(
         ref, _ = score_with(be, reference, seqs, batch_size, progress, "judge (reference)")
     pairs, drops = judge_pairs(rows, pol, ref, beta)
     atomic_write_jsonl(output, pairs)
-    console.print(f"wrote {len(pairs)} pairs to {output} (dropped {drops['dropped_identical']} identical, "
+    console.print(f"wrote {len(pairs)} pairs to {output} (dropped {drops['dropped_identical']} identical or tied, "
                   f"{drops['dropped_empty_chosen']} with an empty chosen response)")
 
 

@@ -220,7 +220,7 @@ def round_table(i: int, m: dict) -> Table:
     if j:
         extra = f", gold agreement {j['gold_agreement']:.2f}" if "gold_agreement" in j else ""
         t.add_row("judge", f"{j['pairs']} pairs", _fmt(j.get("seconds"), ".1f"), f"{_fmt(j.get('sequences_per_s'), '.0f')} seq/s",
-                  f"dropped {j['dropped_identical']} identical{extra}")
+                  f"dropped {j['dropped_identical']} identical or tied{extra}")
     if tr:
         t.add_row("train", f"{tr.get('pairs', '-')} pairs", _fmt(tr.get("seconds"), ".1f"), f"{_fmt(tr.get('pairs_per_s'), '.1f')} pairs/s",
                   f"loss {_fmt(tr.get('loss_start'))} -> {_fmt(tr.get('loss_end'))}, margin {_fmt(tr.get('mean_margin'))}, "

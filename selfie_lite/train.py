@@ -57,14 +57,9 @@ class TrainResult:
 
 @dataclass
 class PairCollator(DataCollatorForPreference):
-    """TRL's preference collator plus a `pair_id` [B] tensor, and a prompt cut to its last max_prompt_length
-    tokens (TRL 1.x has no max_prompt_length; keeping the end keeps the turn markers next to the response)."""
-
-    max_prompt_length: int | None = None
+    """TRL's preference collator plus a `pair_id` [B] tensor, so the loss knows which pair each row is."""
 
     def torch_call(self, examples: list[dict]) -> dict:
-        if self.max_prompt_length:
-            examples = [{**ex, "prompt_ids": ex["prompt_ids"][-self.max_prompt_length :]} for ex in examples]
         batch = super().torch_call(examples)
         batch["pair_id"] = torch.tensor([ex["pair_id"] for ex in examples], dtype=torch.long)
         return batch
@@ -77,9 +72,11 @@ class PairCollator(DataCollatorForPreference):
 class SPADPOTrainer(DPOTrainer):
     """DPOTrainer whose loss is spa-method.md's per-pair smoothed DPO with decoupled noise detection."""
 
-    def __init__(self, *args, refine: RefineConfig | None = None, lam: float = 0.0, **kwargs):
+    def __init__(self, *args, refine: RefineConfig | None = None, lam: float = 0.0,
+                 max_prompt_length: int | None = None, **kwargs):
         self.refine = refine
         self.lam = lam
+        self.max_prompt_length = max_prompt_length
         # Smoothing is on when there is a refine config with alpha > 0; then the picker runs from step 0 so
         # that its window is full of recent pairs when the warm-up ends.
         smoothing_on = refine is not None and refine.alpha > 0
@@ -94,6 +91,20 @@ class SPADPOTrainer(DPOTrainer):
         peft_model = self.accelerator.unwrap_model(self.model)
         if "ref" in peft_model.peft_config:
             peft_model.delete_adapter("ref")
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        # TRL 1.x has no max_prompt_length and DROPS pairs whose prompt alone fills max_length. We cut every
+        # prompt to its last max_prompt_length tokens instead (the end keeps the turn markers next to the
+        # response), so TRL's filter is skipped while it tokenises. Without max_prompt_length, TRL's rule stands.
+        if not self.max_prompt_length:
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        max_length, args.max_length = args.max_length, None
+        try:
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        finally:
+            args.max_length = max_length
+        keep = self.max_prompt_length
+        return dataset.map(lambda ex: {"prompt_ids": ex["prompt_ids"][-keep:]})
 
     def _set_signature_columns_if_needed(self):
         # Trainer drops dataset columns that are not "signature" columns; keep pair_id for the collator.
@@ -148,35 +159,35 @@ class SPADPOTrainer(DPOTrainer):
             raise RunError(
                 f"the DPO loss became {loss.item()} at optimizer step {step} of {total}",
                 hint=f"lower train.learning_rate (now {self.args.learning_rate:g}), check the pairs for empty or "
-                "garbled responses, or train in fp32 (train.precision = \"fp32\")",
+                "garbled responses, or train in fp32 (train.precision = 'fp32')",
             )
 
         if model.training:
-            self._record(inputs["pair_id"], margins, z_g, low_conf, smoothing, chosen_rewards, rejected_rewards,
-                         losses.detach(), step, after_warmup=self.refine is not None
-                         and step >= self.refine.warmup_frac * total)
+            per_pair = {
+                "margin": margins, "extrapolated_margin": z_g, "low_confidence": low_conf, "smoothed": smoothing > 0,
+                "smoothing": smoothing, "chosen_reward": chosen_rewards, "rejected_reward": rejected_rewards,
+                "loss": losses.detach(),
+            }  # each [B]
+            after_warmup = self.refine is not None and step >= self.refine.warmup_frac * total
+            self._record(inputs["pair_id"], per_pair, step, alpha, after_warmup)
         return (loss, {}) if return_outputs else loss
 
-    def _record(self, pair_id, margins, z_g, low_conf, smoothing, chosen_rewards, rejected_rewards, losses, step,
-                after_warmup):
-        smoothed = smoothing > 0
-        rows = zip(pair_id.tolist(), margins.tolist(), z_g.tolist(), low_conf.tolist(), smoothed.tolist(),
-                   smoothing.tolist(), chosen_rewards.tolist(), rejected_rewards.tolist(), losses.tolist(),
-                   strict=True)
-        for pid, z, zg, low, sm, a, cr, rr, loss in rows:
-            self.pair_stats[pid] = {"margin": z, "extrapolated_margin": zg, "low_confidence": low, "smoothed": sm,
-                                    "smoothing": a, "chosen_reward": cr, "rejected_reward": rr, "loss": loss,
-                                    "step": step}
+    def _record(self, pair_ids: torch.Tensor, per_pair: dict[str, torch.Tensor], step: int, alpha: float,
+                after_warmup: bool):
+        columns = {key: values.tolist() for key, values in per_pair.items()}
+        for i, pair_id in enumerate(pair_ids.tolist()):
+            self.pair_stats[pair_id] = {key: column[i] for key, column in columns.items()} | {"step": step}
+        smoothed = per_pair["smoothed"]
         if after_warmup:
-            self.seen_after_warmup += len(pair_id)
+            self.seen_after_warmup += len(smoothed)
             self.smoothed_after_warmup += int(smoothed.sum())
         # TRL's log() averages these lists over the micro-batches since the last log and adds them to the logs.
         metrics = self._metrics["train"]
-        metrics["rewards/margins"].append(margins.mean().item())
-        metrics["rewards/extrapolated_margins"].append(z_g.mean().item())
-        metrics["rewards/accuracies"].append((margins > 0).float().mean().item())
+        metrics["rewards/margins"].append(per_pair["margin"].mean().item())
+        metrics["rewards/extrapolated_margins"].append(per_pair["extrapolated_margin"].mean().item())
+        metrics["rewards/accuracies"].append((per_pair["margin"] > 0).float().mean().item())
         metrics["smoothed_frac"].append(smoothed.float().mean().item())
-        metrics["alpha"].append(float(smoothing.max()) if smoothed.any() else 0.0)
+        metrics["alpha"].append(alpha)
 
 
 class _StepLog(TrainerCallback):
@@ -302,8 +313,8 @@ def train_dpo(
         eval_strategy="no",
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collator = PairCollator(pad_token_id=pad_id, max_length=train.max_length,
-                            max_prompt_length=train.max_prompt_length)
+    # Sequences longer than max_length lose the end of their response (TRL's "keep_start" truncation).
+    collator = PairCollator(pad_token_id=pad_id, max_length=train.max_length)
     step_log = _StepLog(on_step)
     with _no_dataset_progress_bars():
         trainer = SPADPOTrainer(
@@ -315,6 +326,7 @@ def train_dpo(
             callbacks=[step_log],
             refine=refine,
             lam=lam,
+            max_prompt_length=train.max_prompt_length,
         )
     trainer.remove_callback(PrinterCallback)  # disable_tqdm swaps the progress bar for print(logs)
 
@@ -333,7 +345,7 @@ def train_dpo(
     metrics = {
         "steps": trainer.state.global_step,
         "pairs": n_pairs,
-        "pairs_dropped": len(pairs) - n_pairs,  # prompts alone longer than max_length (TRL drops them)
+        "pairs_dropped": len(pairs) - n_pairs,  # 0: long prompts are cut to max_prompt_length, not dropped
         "epochs": epochs,
         "seconds": seconds,
         "pairs_per_s": n_pairs * epochs / seconds if seconds > 0 else math.nan,

@@ -59,6 +59,10 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, cfg: RunConfig):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # our Rich bars say what is going on
+        transformers.utils.logging.set_verbosity_error()
         self.cfg = cfg
         self.device = pick_device()
         self.dtype = pick_dtype(cfg.train.precision, self.device)
@@ -163,8 +167,8 @@ class HFBackend:
             with torch.inference_mode():
                 seqs = model.generate(
                     input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=True,
-                    temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                    num_return_sequences=num_samples, pad_token_id=pad,
+                    temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,  # top_k=0: no top-k cut,
+                    num_return_sequences=num_samples, pad_token_id=pad,  # as in the paper (HF defaults to 50)
                 )
             new = seqs[:, width:].tolist()
             n_tokens = 0

@@ -1,0 +1,184 @@
+"""The whole loop on the tiny preset, its artifacts, and kill-anywhere-then-resume giving the same result.
+
+Small pools keep the file within a few minutes on 2 cores; the kills run the real CLI in a subprocess and end it
+with SIGKILL (SELFIE_LITE_KILL_AT), so nothing gets to clean up, as with a lost Colab VM.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from selfie_lite.cli import app
+from selfie_lite.judge import judge_pairs
+
+SMALL = [
+    "--seed", "48", "--rounds", "2",
+    "--set", "data.pool_sizes=[40, 40]", "--set", "data.test_size=100",
+    "--set", "sample.chunk_size=16", "--set", "sample.max_new_tokens=32",
+    "--set", "train.seed_epochs=1", "--set", "train.batch_size=4", "--set", "train.grad_accum=2",
+]
+STAGE_FILES = ["done/sample.json", "done/judge.json", "done/train.json", "done/merge.json", "samples", "judged.jsonl",
+               "pairs.jsonl", "metrics.json", "model/model.safetensors", "model/config.json", "model/tokenizer.json",
+               "adapter/adapter_model.safetensors"]
+
+
+def cli(*args, env=None, check=True):
+    """The real console script in a subprocess, as a user would run it."""
+    e = dict(os.environ, **(env or {}))
+    r = subprocess.run([sys.executable, "-m", "selfie_lite", *map(str, args)], capture_output=True, text=True, env=e,
+                       timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def final_weights(run_dir: Path) -> dict:
+    return load_file(str(sorted(run_dir.glob("round-*/model/model.safetensors"))[-1]))
+
+
+def pairs_of(run_dir: Path) -> dict:
+    return {p.parent.name: (p.read_text()) for p in sorted(run_dir.glob("round-*/judged.jsonl"))}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_preset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    r = CliRunner().invoke(app, ["run", *SMALL, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out, r.output
+
+
+def test_full_loop_writes_every_artifact(reference_run):
+    out, output = reference_run
+    assert "built-in tiny preset" in output or "tiny" in output
+    assert "done." in output and "round 2" in output
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["seed"] == "48" and config["rounds"] == 2
+    assert json.loads((out / "data" / "split.json").read_text())["seed_pairs"] == 48
+    for f in ("done/train.json", "done/merge.json", "pairs.jsonl", "model/model.safetensors", "metrics.json"):
+        assert (out / "round-0" / f).exists(), f
+    for i in (1, 2):
+        for f in STAGE_FILES:
+            assert (out / f"round-{i}" / f).exists(), (i, f)
+        pairs = [json.loads(line) for line in (out / f"round-{i}" / "pairs.jsonl").read_text().splitlines()]
+        assert 0 < len(pairs) <= 40
+        for p in pairs:
+            assert p["chosen"] != p["rejected"]
+            assert p["reward_chosen"] >= p["reward_rejected"]
+            assert {"margin", "extrapolated_margin", "smoothed"} <= set(p)
+        m = json.loads((out / f"round-{i}" / "metrics.json").read_text())
+        assert m["sample"]["prompts"] == 40 and m["sample"]["tokens_per_s"] > 0
+        assert m["judge"]["pairs"] == len(pairs) and 0 <= m["judge"]["gold_agreement"] <= 1
+        assert {"loss_start", "loss_end", "mean_margin", "frac_smoothed", "pairs_per_s"} <= set(m["train"])
+        assert m["merge"]["model_bytes"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_model"].endswith("round-2/model") and len(summary["per_round"]) == 3
+    # The merged model is a standard HF folder: it loads with transformers alone.
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(out / "round-2" / "model"))
+
+
+def test_rounds_change_the_model(reference_run):
+    out, _ = reference_run
+    w0, w2 = load_file(str(out / "round-0/model/model.safetensors")), final_weights(out)
+    assert any(not torch.equal(w0[k], w2[k]) for k in w0)
+
+
+def test_resume_of_a_finished_run_redoes_nothing(reference_run):
+    out, _ = reference_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    r = CliRunner().invoke(app, ["run", "--resume", str(out)])
+    assert r.exit_code == 0, r.output
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before
+
+
+def test_resume_with_other_settings_refuses_and_names_them(reference_run):
+    out, _ = reference_run
+    r = CliRunner().invoke(app, ["run", "--resume", str(out), *SMALL, "--set", "train.learning_rate=0.5"])
+    assert r.exit_code == 2
+    assert "train.learning_rate: 0.0002 -> 0.5" in r.output and "--force" in r.output
+
+
+def test_second_run_on_a_locked_folder_refuses(reference_run):
+    out, _ = reference_run
+    (out / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename}))
+    try:
+        r = CliRunner().invoke(app, ["run", "--resume", str(out)])
+        assert r.exit_code == 2 and "in use by another run" in r.output
+    finally:
+        (out / ".lock").unlink()
+
+
+def test_kill_at_every_stage_then_resume_gives_the_same_result(reference_run, tmp_path):
+    ref, _ = reference_run
+    out = tmp_path / "killed"
+    # One run, killed (SIGKILL) inside each stage in turn, resumed each time.
+    kills = ["train:2", "sample:16", "judge:1", "merge:1"]
+    r = cli("run", *SMALL, "--out", out, env={"SELFIE_LITE_KILL_AT": kills[0]}, check=False)
+    assert r.returncode == -9, r.stderr
+    for spec in kills[1:]:
+        r = cli("run", "--resume", out, env={"SELFIE_LITE_KILL_AT": spec}, check=False)
+        assert r.returncode == -9, (spec, r.stderr[-2000:])
+    cli("run", "--resume", out)
+    assert pairs_of(out) == pairs_of(ref)
+    a, b = final_weights(out), final_weights(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(out.rglob(".*.tmp*"))  # no temp leftovers after the final resume
+
+
+def test_degenerate_samples_are_dropped():
+    rows = [
+        {"id": 0, "prompt": "a", "responses": ["same", "same"]},
+        {"id": 1, "prompt": "b", "responses": ["", "x"]},  # empty wins the reward below: dropped
+        {"id": 2, "prompt": "c", "responses": ["", "good"]},  # empty loses: kept as rejected
+        {"id": 3, "prompt": "d", "responses": ["p", "q", "r"]},  # K = 3: best vs worst
+    ]
+    pol = [0.0, 0.0, 5.0, 1.0, 1.0, 5.0, 1.0, 3.0, 2.0]
+    ref = [0.0] * 9
+    pairs, drops = judge_pairs(rows, pol, ref, beta=0.1)
+    assert drops == {"dropped_identical": 1, "dropped_empty_chosen": 1}
+    assert [(p["pair_id"], p["chosen"], p["rejected"]) for p in pairs] == [(2, "good", ""), (3, "q", "p")]
+    assert pairs[1]["reward_chosen"] == pytest.approx(0.3) and pairs[1]["reward_rejected"] == pytest.approx(0.1)
+    assert pairs[1]["p_chosen"] == pytest.approx(1 / (1 + pytest.importorskip("math").exp(-0.2)))
+
+
+def test_judge_command_labels_a_file(tiny_preset, reference_run, tmp_path):
+    from selfie_lite.backends.hf import HFBackend, chat_prompt_ids, chat_response_ids
+    from selfie_lite.config import RunConfig
+
+    ref_run, _ = reference_run
+    prompts = [json.loads(line)["prompt"] for line in tiny_preset.eval_prompts.read_text().splitlines()[:6]]
+    rows = [{"prompt": p, "responses": ["The answer is 3.", "um, maybe 3?", "3"]} for p in prompts]
+    f = tmp_path / "in.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft, policy = str(tiny_preset.model_dir), str(ref_run / "round-1" / "model")
+    r = CliRunner().invoke(app, ["judge", str(f), "--policy", policy, "--reference", sft, "-o", str(tmp_path / "o.jsonl")])
+    assert r.exit_code == 0, r.output
+    pairs = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert len(pairs) == 6
+    # Recompute one prompt's rewards by hand: beta * (log pi(y|x) - log ref(y|x)), best vs worst.
+    be = HFBackend(RunConfig())
+    pol_model, tok = be.load(policy)
+    ref_model, _ = be.load(sft)
+    seqs = [(chat_prompt_ids(tok, prompts[0]), chat_response_ids(tok, prompts[0], y)) for y in rows[0]["responses"]]
+    rewards = [0.1 * (a - b) for a, b in zip(be.sequence_logps(pol_model, seqs, batch_size=8),
+                                             be.sequence_logps(ref_model, seqs, batch_size=8), strict=True)]
+    best, worst = max(range(3), key=lambda j: rewards[j]), min(range(3), key=lambda j: rewards[j])
+    assert pairs[0]["chosen"] == rows[0]["responses"][best] and pairs[0]["rejected"] == rows[0]["responses"][worst]
+    assert pairs[0]["reward_chosen"] == pytest.approx(rewards[best], abs=1e-4)
+
+
+def test_judge_command_with_policy_equal_to_reference_finds_no_preference(tiny_preset, tmp_path):
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"prompt": "Add 2 and 3.", "responses": ["The answer is 5.", "5"]}) + "\n")
+    model = str(tiny_preset.model_dir)
+    r = CliRunner().invoke(app, ["judge", str(f), "--policy", model, "--reference", model, "-o", str(tmp_path / "o.jsonl")])
+    assert r.exit_code == 0 and "wrote 0 pairs" in r.output and "dropped 1 identical or tied" in r.output
