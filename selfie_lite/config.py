@@ -45,6 +45,7 @@ class SampleConfig:
 class JudgeConfig:
     reference: str = "init"  # "init" (pi_init, the paper's choice) or "previous" (ablation: pi_{i-1}'s own reference)
     batch_size: int = 32  # sequences per forward pass
+    policy_from_sampling: bool = True  # reuse log pi_{i-1}(y|x) from the sampling pass: one forward pass saved
 
 
 @dataclass(frozen=True)

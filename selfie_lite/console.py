@@ -24,6 +24,8 @@ def friendly_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):  # typer.Exit is a RuntimeError: let it through untouched
+            raise
         except (UserError, RunError) as e:
             if STATE["debug"]:
                 raise

@@ -50,7 +50,7 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
             if suffix in (".jsonl", ".json"):
                 if path.stat().st_size == 0:
                     raise UserError(f"{path} is empty")
-                ds = datasets.load_dataset("json", data_files=str(path), split="train")
+                return _read_json_rows(path)
             elif suffix == ".parquet":
                 ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
             else:
@@ -71,6 +71,37 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
     if len(ds) == 0:
         raise UserError(f"dataset {source!r} has no rows")
     return ds.to_list()
+
+
+@dataclass
+class BadLine:
+    reason: str
+
+
+def _read_json_rows(path: Path) -> list:
+    """JSON Lines (or one JSON array) read with the json module, not Arrow: Arrow infers one type per column and
+    silently nulls the rows that do not fit it, so a file mixing plain-string and message-list rows (or with one
+    broken line) would lose rows without a word. Here every row stays as written and bad lines are counted."""
+    import json
+
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON: {e}") from None
+    else:
+        rows = []
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                rows.append(BadLine("line is not valid JSON"))  # counted as a bad row, with its index
+    if not rows:
+        raise UserError(f"{path} has no rows")
+    return rows
 
 
 def _text_of(value, role: str) -> str | None:
@@ -113,9 +144,12 @@ def normalize_row(row: dict) -> dict | str:
 
 def check_columns(rows: list[dict], source: str) -> None:
     """A wrong column name is a one-line error that suggests the close ones."""
-    columns = set().union(*(r.keys() for r in rows[:100]))
+    dicts = [r for r in rows[:100] if isinstance(r, dict)]
+    if not dicts:
+        raise UserError(f"dataset {source!r}: the first rows are not JSON objects")
+    columns = set().union(*(r.keys() for r in dicts))
     for need in ("prompt", *REQUIRED):
-        if need in columns or (need == "prompt" and isinstance(rows[0].get("chosen"), list)):
+        if need in columns or (need == "prompt" and isinstance(dicts[0].get("chosen"), list)):
             continue
         close = difflib.get_close_matches(need, sorted(columns), n=3, cutoff=0.5)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else f"columns present: {', '.join(sorted(columns))}"
@@ -127,7 +161,7 @@ def validate_rows(rows: list[dict], max_bad: float, source: str = "dataset") -> 
     check_columns(rows, source)
     good, bad = [], []
     for i, row in enumerate(rows):
-        r = normalize_row(row) if isinstance(row, dict) else "row is not an object"
+        r = normalize_row(row) if isinstance(row, dict) else row.reason if isinstance(row, BadLine) else "row is not an object"
         (bad.append((i, r)) if isinstance(r, str) else good.append(r))
     if bad and len(bad) > max_bad * len(rows):
         first = "; ".join(f"row {i}: {why}" for i, why in bad[:3])

@@ -8,7 +8,8 @@ The two models are scored one after the other, each loaded alone, so judging nee
 (not two): the price is a second load from disk, seconds against the minutes of scoring.
 
 Reads: round-<i>/samples/. Writes: round-<i>/policy_logps.json and reference_logps.json (so a kill during the
-second pass keeps the first), then round-<i>/judged.jsonl.
+second pass keeps the first), then round-<i>/judged.jsonl. By default the policy term comes from the sampling pass
+(judge.policy_from_sampling), which halves the judge's forward passes.
 """
 
 from __future__ import annotations
@@ -79,8 +80,15 @@ def judge_round(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], poli
     sequences = flat_sequences(rows)
     seconds = {}
     cached = {}
+    if cfg.judge.policy_from_sampling and all("policy_logps" in r for r in rows):
+        # The sampler is pi_{i-1}: its log-probs of its own samples came out of the sampling pass, so the policy
+        # term costs nothing and only the reference needs a forward pass (tested equal to the two-pass result).
+        cached["policy"] = [lp for r in rows for lp in r["policy_logps"]]
+        seconds["policy"] = 0.0
     for name, model_dir in (("policy", policy_dir), ("reference", reference_dir)):
         path = round_dir / f"{name}_logps.json"
+        if name in cached:
+            continue
         if path.is_file():
             cached[name] = read_json(path)
             continue
@@ -98,7 +106,9 @@ def judge_round(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], poli
         "pairs": len(pairs),
         **drops,
         "seconds": round(total, 3),
-        "sequences_per_s": round(2 * len(sequences) / total, 1) if len(seconds) == 2 and total else None,
+        # Sequences judged (each scored by policy AND reference) per second of forward passes.
+        "sequences_per_s": round(len(sequences) / total, 1) if len(seconds) == 2 and total else None,
+        "policy_from_sampling": seconds.get("policy") == 0.0,
         "mean_reward_gap": sum(margins) / max(1, len(margins)),
         "mean_p_chosen": sum(p["p_chosen"] for p in pairs) / max(1, len(pairs)),
     }

@@ -132,3 +132,14 @@ def test_load_split_end_to_end(tmp_path):
     path = write_jsonl(tmp_path / "prefs.jsonl", make_rows(400, messages=True))
     s = load_split(DataConfig(source=str(path), seed="5%", test_size=40), rounds=2, random_seed=1)
     assert len(s.seed_pairs) == 20 and len(s.pools) == 2 and s.n_rows == 400 and s.n_bad == 0
+
+
+def test_jsonl_with_mixed_shapes_and_a_broken_line(tmp_path):
+    rows = make_rows(300)
+    rows[1::2] = make_rows(300, messages=True)[1::2]  # odd rows as message lists, even rows as plain strings
+    text = "".join(json.dumps(r) + "\n" for r in rows).splitlines()
+    text[7] = '{"prompt": "cut off'  # one broken line
+    (tmp_path / "mixed.jsonl").write_text("\n".join(text) + "\n")
+    good, bad = validate_rows(load_rows(str(tmp_path / "mixed.jsonl")), max_bad=0.01)
+    assert len(good) == 299 and bad == [(7, "line is not valid JSON")]
+    assert good[0]["chosen"] == "good answer 0" and good[1]["chosen"] == "good answer 1"

@@ -18,6 +18,7 @@ from selfie_lite.errors import RunError, UserError
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import torch  # noqa: E402
+from transformers import GenerationConfig, LogitsProcessorList  # noqa: E402
 
 
 def pick_device() -> str:
@@ -164,26 +165,37 @@ class HFBackend:
                 ids[row, width - len(p) :] = torch.tensor(p)
                 mask[row, width - len(p) :] = 1
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            recorder = _LogpRecorder()
+            # A bare GenerationConfig: only the paper's sampling settings, none of the model's extra processors
+            # (repetition penalty, top_k = 50 by default...). Then the recorder, which runs before the temperature
+            # and top-p warpers, sees the model's raw logits, and its log-probs are exactly log pi(y|x).
+            gen_cfg = GenerationConfig(
+                do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+                num_return_sequences=num_samples, pad_token_id=pad, eos_token_id=sorted(eos_ids),
+                bos_token_id=model.generation_config.bos_token_id,
+            )
             with torch.inference_mode():
                 seqs = model.generate(
-                    input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=True,
-                    temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,  # top_k=0: no top-k cut,
-                    num_return_sequences=num_samples, pad_token_id=pad,  # as in the paper (HF defaults to 50)
+                    input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=gen_cfg,
+                    logits_processor=LogitsProcessorList([recorder]),
                 )
+            step_logps = recorder.finish(seqs).tolist()  # [B*K, new tokens]
             new = seqs[:, width:].tolist()
             n_tokens = 0
             for row, p in enumerate(batch):
-                resp_ids = []
+                resp_ids, resp_logps = [], []
                 for k in range(num_samples):
                     toks = new[row * num_samples + k]
                     cut = next((j + 1 for j, t in enumerate(toks) if t in eos_ids), len(toks))
                     resp_ids.append(toks[:cut])
+                    resp_logps.append(float(sum(step_logps[row * num_samples + k][:cut])))
                     n_tokens += cut
                 out.append({
                     "prompt": prompts[start + row],
                     "prompt_ids": p,
                     "responses": [tokenizer.decode(r, skip_special_tokens=True) for r in resp_ids],
                     "response_ids": resp_ids,
+                    "policy_logps": resp_logps,  # log pi_sampler(y|x), sums: the judge's policy term for free
                 })
             if on_batch:
                 on_batch(len(batch), n_tokens)
@@ -246,6 +258,31 @@ class HFBackend:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class _LogpRecorder:
+    """A logits processor that keeps log p(token) of every sampled token, from the raw logits.
+
+    At step t it sees the logits for token t and, in input_ids, the token drawn at step t-1: it stores
+    log_softmax(previous logits)[that token], so it holds one [N, V] tensor at a time, never the whole history.
+    """
+
+    def __init__(self):
+        self.prev = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[N, steps] log-probs of the generated tokens (positions after an end-of-sequence are junk)."""
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(-1, sequences[:, -1:]).squeeze(-1))
+            self.prev = None
+        return torch.stack(self.steps, dim=1).cpu() if self.steps else torch.zeros((sequences.shape[0], 0))
 
 
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:

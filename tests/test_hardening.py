@@ -1,0 +1,216 @@
+"""Issue 6: bad input, faults and safety, each driven through the CLI as a user would."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from selfie_lite.cli import app
+
+runner = CliRunner()
+SMALL = ["--seed", "24", "--rounds", "1", "--set", "data.pool_sizes=[24]", "--set", "data.test_size=50",
+         "--set", "sample.max_new_tokens=24", "--set", "train.seed_epochs=1", "--set", "train.batch_size=4",
+         "--set", "train.grad_accum=1"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(r, code, *fragments):
+    assert r.exit_code == code, r.output
+    for f in fragments:
+        assert f in r.output, (f, r.output)
+    assert "Traceback" not in r.output
+
+
+@pytest.fixture
+def prefs(tiny_preset, tmp_path):
+    """A copy of the tiny gold set that a test may break."""
+    rows = [json.loads(line) for line in tiny_preset.preferences.read_text().splitlines()]
+    path = tmp_path / "prefs.jsonl"
+
+    def write(rows_=None):
+        path.write_text("".join(json.dumps(r) + "\n" for r in (rows if rows_ is None else rows_)))
+        return path
+
+    write.rows = rows
+    return write
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def test_malformed_rows_refuse_with_their_index(prefs, tmp_path):
+    rows = [dict(r) for r in prefs.rows]
+    for i in range(0, 1200, 10):  # 120 of 6000 rows: 2%, over the 1% limit
+        rows[i]["chosen"] = 42 if i % 20 else ""
+    r = invoke("run", "--data", prefs(rows), *SMALL)
+    assert_one_line_error(r, 2, "rows in", "are invalid", "row 0: empty text", "data.max_bad_rows")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_mixed_shapes_are_fine_when_each_row_is_valid(prefs):
+    rows = [dict(r) for r in prefs.rows]
+    for r in rows[::2]:  # every other row as message lists, UltraFeedback style
+        r["chosen"] = [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]
+        r["rejected"] = [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["rejected"]}]
+    from selfie_lite.config import DataConfig
+    from selfie_lite.data import load_split
+
+    s = load_split(DataConfig(source=str(prefs(rows)), seed="24", test_size=50, pool_sizes=[24]), 1, 0)
+    assert s.n_bad == 0 and len(s.seed_pairs) == 24
+
+
+def test_wrong_column_name_suggests_the_close_one(prefs):
+    rows = [{"prompt": r["prompt"], "chosen_response": r["chosen"], "rejected": r["rejected"]} for r in prefs.rows[:300]]
+    r = invoke("run", "--data", prefs(rows), *SMALL)
+    assert_one_line_error(r, 2, "has no column 'chosen'", "did you mean 'chosen_response'")
+
+
+def test_empty_file(tmp_path, tiny_preset):
+    (tmp_path / "empty.jsonl").write_text("")
+    r = invoke("run", "--data", tmp_path / "empty.jsonl", *SMALL)
+    assert_one_line_error(r, 2, "is empty")
+
+
+def test_more_seed_pairs_than_the_data_holds(prefs):
+    r = invoke("run", "--data", prefs(prefs.rows[:100]), "--seed", "500", "--rounds", "1",
+               "--set", "data.pool_sizes=[10]", "--set", "data.test_size=10")
+    assert_one_line_error(r, 2, "asks for 500 labelled pairs but the data has 100 valid rows")
+
+
+def test_pools_too_small_for_the_rounds(prefs):
+    r = invoke("run", "--data", prefs(prefs.rows[:200]), "--seed", "20", "--set", "data.test_size=50",
+               "--set", "data.pool_sizes=[100, 100, 100]")
+    assert_one_line_error(r, 2, "do not fit", "only 130 rows remain")
+
+
+def test_model_without_chat_template_offers_the_flag(tiny_preset, tmp_path):
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_preset.model_dir, model)
+    cfg_path = model / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(cfg))
+    for f in model.glob("chat_template.*"):
+        f.unlink()
+    r = invoke("run", "--model", model, *SMALL)
+    assert_one_line_error(r, 2, "has no chat template", "--chat-template FILE")
+    # ... and the flag fixes it.
+    from selfie_lite.tiny.build import CHAT_TEMPLATE
+
+    (tmp_path / "t.jinja").write_text(CHAT_TEMPLATE)
+    from selfie_lite.backends.hf import HFBackend
+    from selfie_lite.config import RunConfig
+
+    tok = HFBackend(RunConfig(chat_template=str(tmp_path / "t.jinja"))).load_tokenizer(model)
+    assert tok.chat_template == CHAT_TEMPLATE
+
+
+def test_pickled_weights_are_refused(tiny_preset, tmp_path):
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_preset.model_dir, model)
+    for f in model.glob("*.safetensors"):
+        f.unlink()
+    (model / "pytorch_model.bin").write_bytes(b"not even a pickle")
+    r = invoke("run", "--model", model, *SMALL)
+    assert_one_line_error(r, 2, "only pickled weights", "safetensors only")
+
+
+def test_trust_remote_code_is_off_unless_asked(monkeypatch, tiny_preset):
+    from transformers import AutoModelForCausalLM
+
+    from selfie_lite.backends.hf import HFBackend
+    from selfie_lite.config import RunConfig
+
+    seen = {}
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*a, **k):
+        seen.update(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    HFBackend(RunConfig()).load(tiny_preset.model_dir)
+    assert seen["trust_remote_code"] is False and seen["use_safetensors"] is True
+    HFBackend(RunConfig(trust_remote_code=True)).load(tiny_preset.model_dir)
+    assert seen["trust_remote_code"] is True
+
+
+# -- faults ---------------------------------------------------------------------------------------
+
+
+def test_disk_full_before_a_merge_names_the_space_and_resumes(tiny_preset, tmp_path, monkeypatch):
+    import shutil as sh
+
+    from selfie_lite import rundir
+
+    real = sh.disk_usage
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    out = tmp_path / "run"
+    r = invoke("run", *SMALL, "--out", out)
+    assert_one_line_error(r, 1, "not enough disk space to merge the adapter", "GB free", f"--resume {out}")
+    assert (out / "round-0" / "done" / "train.json").exists() and not (out / "round-0" / "model").exists()
+    monkeypatch.setattr(rundir.shutil, "disk_usage", real)
+    r = invoke("run", "--resume", out)
+    assert r.exit_code == 0, r.output
+    assert (out / "round-1" / "model" / "model.safetensors").exists()
+
+
+def test_nan_loss_stops_the_round_and_keeps_the_last_good_model(tiny_preset, tmp_path):
+    out = tmp_path / "run"
+    r = invoke("run", *SMALL, "--out", out)
+    assert r.exit_code == 0, r.output
+    # Redo round 1's training with an absurd learning rate: the loss blows up.
+    shutil.rmtree(out / "round-1")
+    r = invoke("run", "--resume", out, *SMALL, "--set", "train.learning_rate=1e12", "--force")
+    assert_one_line_error(r, 1, "the DPO loss became", "lower train.learning_rate", f"--resume {out}")
+    assert (out / "round-0" / "model" / "model.safetensors").exists()  # the last good model is kept
+    assert not (out / "round-1" / "model").exists()
+
+
+def test_out_of_memory_names_the_flags(monkeypatch, tiny_preset, tmp_path):
+    import torch
+
+    from selfie_lite.backends.hf import HFBackend
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(HFBackend, "generate", oom)
+    out = tmp_path / "run"
+    r = invoke("run", *SMALL, "--out", out)
+    assert_one_line_error(r, 1, "out of GPU memory", "sample.batch_size", "--load-in-4bit", "gradient_checkpointing")
+
+
+def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tiny_preset, tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "selfie_lite", "run", *SMALL, "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "data" / "split.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr[-2000:]
+    assert f"selfie-lite run --resume {out}" in stderr
+    assert "Traceback" not in stderr
+    assert not (out / ".lock").exists()  # the lock is released
+
+
+def test_lock_left_by_a_dead_process_is_taken_over(tiny_preset, tmp_path):
+    from selfie_lite.rundir import RunLock
+
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename}))
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / ".lock").exists()
