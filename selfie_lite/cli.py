@@ -53,7 +53,7 @@ def main_callback(
 
 
 def build_config(preset, config_file, seed, model, data, rounds, random_seed, backend, load_in_4bit, beta,
-                 chat_template, trust_remote_code, sets):
+                 chat_template, trust_remote_code, sets, sampler=None):
     from selfie_lite.config import load_config, parse_override
 
     overrides = [parse_override(s) for s in sets or []]
@@ -69,6 +69,8 @@ def build_config(preset, config_file, seed, model, data, rounds, random_seed, ba
     data_over = {k: v for k, v in {"seed": seed, "source": data}.items() if v is not None}
     if data_over:
         direct["data"] = data_over
+    if sampler is not None:
+        direct["sample"] = {"sampler": sampler}
     if chat_template and not Path(chat_template).is_file():
         raise UserError(f"--chat-template {chat_template}: no such file")
     # No model anywhere: the built-in tiny preset, whatever the machine.
@@ -91,6 +93,7 @@ def run(
     rounds: Annotated[int | None, typer.Option("--rounds", help="Self-labelling rounds T (paper 3).")] = None,
     random_seed: Annotated[int | None, typer.Option("--random-seed", help="Random seed for shuffling, sampling and training.")] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="auto, hf or unsloth.")] = None,
+    sampler: Annotated[str | None, typer.Option("--sampler", help="generate (default), vllm or auto.")] = None,
     load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="QLoRA: load weights in 4-bit (bitsandbytes).")] = False,
     beta: Annotated[float | None, typer.Option("--beta", help="DPO temperature for judge and loss (paper 0.1).")] = None,
     chat_template: Annotated[str | None, typer.Option("--chat-template", help="Jinja chat template file for models without one.")] = None,
@@ -110,7 +113,8 @@ def run(
     from selfie_lite.config import diff_configs, from_dict, to_dict, validate
     from selfie_lite.rundir import RunLock, atomic_write_json, read_json
 
-    given = any(v is not None for v in (seed, preset, config_file, model, data, rounds, random_seed, backend, beta, chat_template)) \
+    given = any(v is not None for v in (seed, preset, config_file, model, data, rounds, random_seed, backend, beta,
+                                        chat_template, sampler)) \
         or load_in_4bit or trust_remote_code or bool(sets)
     if resume is not None:
         if out is not None:
@@ -122,7 +126,7 @@ def run(
         cfg = from_dict(saved)
         if given:
             new_cfg, _ = build_config(preset, config_file, seed, model, data, rounds, random_seed, backend,
-                                      load_in_4bit, beta, chat_template, trust_remote_code, sets)
+                                      load_in_4bit, beta, chat_template, trust_remote_code, sets, sampler)
             diffs = diff_configs(saved, to_dict(new_cfg))
             if diffs and not force:
                 raise UserError(
@@ -133,7 +137,7 @@ def run(
         validate(cfg)
     else:
         cfg, preset = build_config(preset, config_file, seed, model, data, rounds, random_seed, backend, load_in_4bit,
-                                   beta, chat_template, trust_remote_code, sets)
+                                   beta, chat_template, trust_remote_code, sets, sampler)
         run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         if (run_dir / "config.json").is_file():
             raise UserError(f"{run_dir} already holds a run", hint=f"continue it with --resume {run_dir}, or pick another --out")
@@ -145,13 +149,17 @@ def run(
         err_console.print("[cyan]No --model given: using the built-in tiny preset (a small model, task and oracle "
                           "that run on a CPU).[/cyan]")
     be, why = get_backend(cfg)
+    from selfie_lite.sampler_vllm import get_sampler
+
+    _, sampler_why = get_sampler(cfg.sample.sampler, be, cfg)
     inputs = resolve_inputs(cfg, err_console)
     # Bad input stops here, before any weights load and before the run folder is written.
     split = None if resume is not None else preflight(cfg, be, inputs)
     with RunLock(run_dir):
         atomic_write_json(run_dir / "config.json", to_dict(cfg))
         _print_config(cfg, run_dir, resumed=resume is not None)
-        err_console.print(f"backend: [bold]{be.name}[/bold] ({why}), device: {getattr(be, 'device', '?')}")
+        err_console.print(f"backend: [bold]{be.name}[/bold] ({why}), device: {getattr(be, 'device', '?')}; "
+                          f"sampler: [bold]{cfg.sample.sampler}[/bold] ({sampler_why})")
         try:
             with Reporter(err_console) as progress:
                 summary = run_rounds(cfg, run_dir, be, inputs, console, progress, split)

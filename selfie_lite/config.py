@@ -39,6 +39,7 @@ class SampleConfig:
     max_new_tokens: int = 300  # paper 300
     batch_size: int = 32  # prompts per generate() call
     chunk_size: int = 256  # prompts per resumable shard on disk
+    sampler: str = "generate"  # "generate" (the backend), "vllm" (GPU, if installed) or "auto"
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"refine.low_conf_frac must be in [0, 1], got {cfg.refine.low_conf_frac}")
     if len(cfg.refine.lambdas) < cfg.rounds:
         raise UserError(f"refine.lambdas needs one value per round ({cfg.rounds}), got {len(cfg.refine.lambdas)}")
+    if cfg.sample.sampler not in ("generate", "vllm", "auto"):
+        raise UserError(f"sample.sampler must be generate, vllm or auto, got {cfg.sample.sampler!r}")
     if cfg.judge.reference not in ("init", "previous"):
         raise UserError(f"judge.reference must be 'init' or 'previous', got {cfg.judge.reference!r}")
     if cfg.backend not in ("auto", "hf", "unsloth"):

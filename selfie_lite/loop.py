@@ -10,6 +10,7 @@ killed anywhere resumes with `--resume` at the first unfinished stage and reache
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,6 +136,8 @@ def train_stage(cfg: RunConfig, round_dir: Path, backend, base_dir: Path, pairs:
     )
     if progress:
         progress.finish(task)
+    with contextlib.suppress(OSError):
+        (round_dir / "trainer").rmdir()  # the Trainer's output_dir: empty, since nothing is saved through it
     tmp = fresh_tmp_dir(round_dir / "adapter")
     backend.save_adapter(model, tmp)
     replace_dir(tmp, round_dir / "adapter")

@@ -29,7 +29,10 @@ def sample_round(cfg: RunConfig, round_dir: Path, backend, model_dir: Path, prom
     task = progress.start("sample", total=len(prompts), done=n_done_prompts, unit="prompts") if progress else None
     tokens, seconds = 0, 0.0
     if todo:
-        model, tok = backend.load(model_dir)
+        from selfie_lite.sampler_vllm import get_sampler
+
+        sampler, _ = get_sampler(cfg.sample.sampler, backend, cfg)  # the backend itself unless vLLM is asked for
+        model, tok = sampler.load(model_dir)
         for c, ps in todo:
             t0 = time.perf_counter()
             counted = []
@@ -39,7 +42,7 @@ def sample_round(cfg: RunConfig, round_dir: Path, backend, model_dir: Path, prom
                 if progress:
                     progress.advance(task, n, tokens=n_tokens)
 
-            rows = backend.generate(
+            rows = sampler.generate(
                 model, tok, ps, num_samples=cfg.sample.num_samples, temperature=cfg.sample.temperature,
                 top_p=cfg.sample.top_p, max_new_tokens=cfg.sample.max_new_tokens, batch_size=cfg.sample.batch_size,
                 seed=chunk_seed(cfg.random_seed, round_idx, c), on_batch=on_batch,
@@ -51,7 +54,7 @@ def sample_round(cfg: RunConfig, round_dir: Path, backend, model_dir: Path, prom
             tokens += sum(counted)
             n_done_prompts += len(ps)
             maybe_kill("sample", n_done_prompts)
-        backend.free(model)
+        sampler.free(model)
     if progress:
         progress.finish(task)
     rows = load_samples(round_dir)

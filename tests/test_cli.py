@@ -1,9 +1,6 @@
 """The CLI as a user drives it: exit codes and the one line they read. No traceback, nothing written."""
 
-import json
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -42,6 +39,8 @@ BAD = [
     (["run", "--resume", "not-a-run"], "not a selfie-lite run folder"),
     (["run", "--backend", "unsloth"], "--backend unsloth is not available"),
     (["run", "--chat-template", "nope.jinja"], "no such file"),
+    (["run", "--sampler", "vllm"], "--sampler vllm"),
+    (["run", "--sampler", "fast"], "sample.sampler must be generate, vllm or auto"),
     (["run", "--rounds", "4"], "4 rounds need 4 prompt pools"),
     (["judge", "missing.jsonl", "--policy", "a", "--reference", "b"], "missing.jsonl does not exist"),
 ]

@@ -32,6 +32,10 @@ def get_backend(cfg: RunConfig):
         try:
             from selfie_lite.backends.unsloth import UnslothBackend
         except ImportError as e:
+            if cfg.backend == "auto":  # auto never fails: it falls back to transformers and says why
+                from selfie_lite.backends.hf import HFBackend
+
+                return HFBackend(cfg), f"auto: unsloth failed to import ({str(e).splitlines()[0][:120]})"
             raise UserError(f"--backend unsloth is not available: {e}", hint="pip install 'selfie-lite[gpu]' on a CUDA machine") from None
         return UnslothBackend(cfg), why
     from selfie_lite.backends.hf import HFBackend

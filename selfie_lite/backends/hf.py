@@ -6,6 +6,8 @@ Safety: weights load only from safetensors, trust_remote_code only when the user
 from __future__ import annotations
 
 import gc
+import inspect
+import json
 import logging
 import os
 from pathlib import Path
@@ -240,18 +242,11 @@ class HFBackend:
         model.save_pretrained(str(out_dir), safe_serialization=True)
 
     def merge(self, base_dir, adapter_dir, out_dir):
-        """Never merge into 4-bit weights (lossy re-quantization): load the base in full precision, merge, save."""
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        dtype = self.dtype if self.device == "cuda" else torch.float32
-        base = AutoModelForCausalLM.from_pretrained(
-            str(base_dir), dtype=dtype, use_safetensors=True, trust_remote_code=self.cfg.trust_remote_code
-        )
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-        merged.save_pretrained(str(out_dir), safe_serialization=True)
+        """Never merge into 4-bit weights (lossy re-quantization): load the base in 16/32-bit, merge, save."""
+        merge_peft_16bit(base_dir, adapter_dir, out_dir, dtype=self.dtype, device=self.device,
+                         trust_remote_code=self.cfg.trust_remote_code)
         self.load_tokenizer(base_dir).save_pretrained(str(out_dir))
-        self.free(base, merged)
+        self.free()
 
     def free(self, *objs):
         del objs
@@ -322,3 +317,77 @@ def oom_error(exc: BaseException, stage: str) -> RunError:
         "effective batch), lower train.max_length, add --load-in-4bit, keep train.gradient_checkpointing=true; "
         "then --resume",
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit merge without Unsloth, and a check of what a merge wrote (both usable on a CPU)
+
+
+def merge_peft_16bit(base_dir, adapter_dir, out_dir, *, dtype: torch.dtype, device: str, trust_remote_code: bool):
+    """Load the base in 16-bit (dequantizing a pre-quantized bnb folder), merge the adapter with PEFT, save."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype if device == "cuda" else torch.float32
+    kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    if device == "cuda":
+        kwargs["device_map"] = {"": 0}
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
+    # A folder (or hub id) saved pre-quantized loads 4-bit whatever we ask: found from the loaded config.
+    quantized = getattr(base.config, "quantization_config", None) is not None or getattr(base, "is_quantized", False)
+    if quantized:
+        base = base.dequantize()  # nf4 -> 16-bit; merging into 4-bit weights would re-quantize (lossy)
+        base.to(dtype)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    save_kwargs: dict = {"safe_serialization": True}
+    if quantized:
+        if hasattr(merged.config, "quantization_config"):
+            del merged.config.quantization_config
+        # transformers 5.x records the 4-bit deserialisation it did at load time and tries to undo it on save, which
+        # it cannot (NotImplementedError in 5.17): the weights are plain 16-bit now, so save them as they are.
+        if "save_original_format" in inspect.signature(merged.save_pretrained).parameters:
+            save_kwargs["save_original_format"] = False
+    merged.save_pretrained(str(out_dir), **save_kwargs)
+    _drop_quantization_config(out_dir)
+    del base, merged
+
+
+def merged_folder_problem(folder) -> str | None:
+    """None when `folder` is a merged 16-bit model folder; else what is wrong (lora tensors, 4-bit tensors, ...)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return "no config.json"
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        return "no *.safetensors weights"
+    if "quantization_config" in _read_config(folder):
+        return "config.json still declares quantized weights"
+    from safetensors import safe_open
+
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                if "lora_" in key:
+                    return f"{shard.name} holds unmerged LoRA tensor {key}"
+                if key.endswith((".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4")):
+                    return f"{shard.name} holds 4-bit tensor {key}"
+    return None
+
+
+def _read_config(folder) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _drop_quantization_config(folder: Path) -> None:
+    """A 16-bit merge of a 4-bit model may keep the bnb entry in config.json: the weights are 16-bit now."""
+    path = Path(folder) / "config.json"
+    cfg = _read_config(folder)
+    if "quantization_config" in cfg:
+        del cfg["quantization_config"]
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

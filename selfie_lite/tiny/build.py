@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import platform
 import random
+import re
+import shutil
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +31,7 @@ DATA_SEED = 0
 N_PREFERENCES = 6000
 N_EVAL = 300
 N_VAL = 300
-N_SFT = 8000
+N_SFT = 12000
 
 # The SFT mix: style weights and the share of right answers. Tuned so that the SFT model's samples at
 # temperature 0.7 are "good" (correct and formatted) about half the time (see sft_report).
@@ -34,7 +40,14 @@ SFT_P_CORRECT = 0.8
 # Gold pairs come from other "models": uniform styles, 60% right, like UltraFeedback's mixed sources.
 PREF_P_CORRECT = 0.6
 
-SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+SPECIAL_TOKENS = {
+    "pad": "<pad>",
+    "bos": "<s>",
+    "eos": "</s>",
+    "system": "<|system|>",
+    "user": "<|user|>",
+    "assistant": "<|assistant|>",
+}
 VOCAB_SIZE = 512
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -50,13 +63,15 @@ CHAT_TEMPLATE = (
 MODEL_CONFIG = {
     "hidden_size": 128,
     "intermediate_size": 384,
-    "num_hidden_layers": 4,
+    "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 4,
     "max_position_embeddings": 256,
     "tie_word_embeddings": True,
 }
-SFT_TRAIN = {"epochs": 4, "batch_size": 64, "learning_rate": 3e-3, "warmup_steps": 30, "weight_decay": 0.0, "seed": 0}
+# Two thin layers and many small steps beat a deeper or wider model per CPU-second here (0.49M params,
+# about 60-70 s of one core; a 4th epoch adds ~3 points of frac_good for 25% more time).
+SFT_TRAIN = {"epochs": 3, "batch_size": 32, "learning_rate": 4e-3, "warmup_steps": 50, "weight_decay": 0.0, "seed": 0}
 MAX_SEQ_TOKENS = 64
 
 
@@ -71,6 +86,7 @@ class TinyPreset:
 
 
 def default_cache_dir() -> Path:
+    """Where build_tiny puts the preset by default: $SELFIE_LITE_CACHE/tiny-v1 or ~/.cache/selfie-lite/tiny-v1."""
     base = os.environ.get("SELFIE_LITE_CACHE")
     return (Path(base) if base else Path.home() / ".cache" / "selfie-lite") / PRESET_NAME
 
@@ -94,26 +110,28 @@ def _preset_at(root: Path) -> TinyPreset:
 def generate_data(seed: int = DATA_SEED) -> dict[str, list[dict]]:
     """Eval, val, preference and SFT rows; eval and val prompts appear nowhere else."""
     rng = random.Random(seed)
-    queues: dict[str, list[str]] = {}
-    for kind in T.KINDS:
-        universe = T.prompt_universe(kind)
-        rng.shuffle(universe)
-        queues[kind] = universe
 
-    def take(n: int) -> list[str]:
-        return [queues[rng.choice(T.KINDS)].pop() for _ in range(n)]
+    def fresh(n: int, taken: set[str]) -> list[str]:
+        out: list[str] = []
+        while len(out) < n:
+            p = T.make_prompt(rng)
+            if p not in taken:
+                taken.add(p)
+                out.append(p)
+        return out
 
-    eval_prompts = take(N_EVAL)
-    val_prompts = take(N_VAL)
-    train_pool = {kind: list(q) for kind, q in queues.items()}  # what is left after eval and val
+    held_out: set[str] = set()
+    eval_prompts = fresh(N_EVAL, held_out)
+    val_prompts = fresh(N_VAL, held_out)
+
+    def train_prompt() -> str:  # any prompt but the held-out ones (repeats allowed)
+        while (p := T.make_prompt(rng)) in held_out:
+            pass
+        return p
 
     preferences = []
     for _ in range(N_PREFERENCES):
-        kind = rng.choice(T.KINDS)
-        if not queues[kind]:  # small kinds run out: reuse their prompts, reshuffled
-            queues[kind] = list(train_pool[kind])
-            rng.shuffle(queues[kind])
-        prompt = queues[kind].pop()
+        prompt = train_prompt()
         a = T.random_response(prompt, rng, p_correct=PREF_P_CORRECT)
         for _ in range(100):
             b = T.random_response(prompt, rng, p_correct=PREF_P_CORRECT)
@@ -121,11 +139,13 @@ def generate_data(seed: int = DATA_SEED) -> dict[str, list[dict]]:
                 break
         sa, sb = T.score(prompt, a), T.score(prompt, b)
         (chosen, sc), (rejected, sr) = sorted([(a, sa), (b, sb)], key=lambda x: -x[1])
-        preferences.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "score_chosen": sc, "score_rejected": sr})
+        preferences.append(
+            {"prompt": prompt, "chosen": chosen, "rejected": rejected, "score_chosen": sc, "score_rejected": sr}
+        )
 
     sft = []
     for _ in range(N_SFT):
-        prompt = rng.choice(train_pool[rng.choice(T.KINDS)])
+        prompt = train_prompt()
         sft.append({"prompt": prompt, "response": T.random_response(prompt, rng, SFT_STYLE_WEIGHTS, SFT_P_CORRECT)})
 
     return {
@@ -154,6 +174,15 @@ def read_jsonl(path: Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
+
+
+def tokenizer_corpus(data: dict) -> list[str]:
+    """Training texts, plus the task words repeated so that each becomes one token (list tasks then
+    work on whole tokens, which a tiny model learns far faster than letter runs)."""
+    texts = [r["prompt"] for r in data["sft"]] + [r["response"] for r in data["sft"]]
+    for r in data["preferences"]:
+        texts += [r["prompt"], r["chosen"], r["rejected"]]
+    return texts + [" " + " ".join(T.WORDS)] * 500
 
 
 def train_tokenizer(texts: list[str]):
@@ -210,6 +239,19 @@ def _encode_sft(tokenizer, rows: list[dict]) -> list[tuple[list[int], int]]:
     return out
 
 
+def _length_bucketed_batches(encoded: list, batch_size: int, rng: random.Random) -> list[list]:
+    """Shuffled batches of similar length: padding would otherwise cost about 40% of the compute."""
+    idx = list(range(len(encoded)))
+    rng.shuffle(idx)
+    window = batch_size * 32
+    batches = []
+    for start in range(0, len(idx), window):
+        chunk = sorted(idx[start : start + window], key=lambda i: len(encoded[i][0]))
+        batches += [[encoded[i] for i in chunk[j : j + batch_size]] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def train_sft(tokenizer, rows: list[dict], progress: Callable[[float], None] | None = None, **overrides):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -230,18 +272,18 @@ def train_sft(tokenizer, rows: list[dict], progress: Callable[[float], None] | N
     bs = hp["batch_size"]
     steps_per_epoch = (len(encoded) + bs - 1) // bs
     total = steps_per_epoch * hp["epochs"]
-    opt = torch.optim.AdamW(model.parameters(), lr=hp["learning_rate"], weight_decay=hp["weight_decay"], betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / hp["warmup_steps"]) * 0.5 * (1 + __import__("math").cos(__import__("math").pi * min(1.0, s / total))),
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=hp["learning_rate"], weight_decay=hp["weight_decay"], betas=(0.9, 0.98), foreach=True
     )
+
+    def lr_factor(step: int) -> float:  # linear warm-up, cosine decay to 0
+        return min(1.0, (step + 1) / hp["warmup_steps"]) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     losses: list[float] = []
     step = 0
     for _ in range(hp["epochs"]):
-        idx = list(range(len(encoded)))
-        order_rng.shuffle(idx)
-        for start in range(0, len(idx), bs):
-            batch = [encoded[i] for i in idx[start : start + bs]]
+        for batch in _length_bucketed_batches(encoded, bs, order_rng):
             width = max(len(ids) for ids, _ in batch)
             input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
             labels = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -264,24 +306,240 @@ def train_sft(tokenizer, rows: list[dict], progress: Callable[[float], None] | N
     return model, {"steps": total, "final_loss": sum(losses[-20:]) / len(losses[-20:]), **hp}
 
 
-def sample(model, tokenizer, prompts: list[str], temperature: float = 0.7, max_new_tokens: int = 48, seed: int = 0, batch_size: int = 100):
-    """Responses (text, n_new_tokens) per prompt; plain temperature sampling (top_k off, top_p 1)."""
+def sample_responses(
+    model,
+    tokenizer,
+    prompts: list[str],
+    temperature: float = 0.7,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    batch_size: int = 100,
+) -> list[dict]:
+    """{"text", "n_tokens" (without eos), "finished" (eos reached)} per prompt.
+
+    Pure temperature sampling: top_k=0 is passed because transformers otherwise applies top_k=50."""
     import torch
 
     torch.manual_seed(seed)
-    out: list[tuple[str, int]] = []
+    out: list[dict] = []
     for start in range(0, len(prompts), batch_size):
         chunk = [chat_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
         width = max(len(c) for c in chunk)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(c)) + c for c in chunk])
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(c)) + c for c in chunk])  # left padding
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
         with torch.no_grad():
             gen = model.generate(
-                input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=temperature,
-                top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                input_ids=input_ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
             )
         for row in gen[:, width:].tolist():
-            n = next((i + 1 for i, t in enumerate(row) if t == tokenizer.eos_token_id), len(row))
-            out.append((tokenizer.decode(row[:n], skip_special_tokens=True), n))
+            n = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)
+            out.append(
+                {"text": tokenizer.decode(row[:n], skip_special_tokens=True), "n_tokens": n, "finished": n < len(row)}
+            )
     return out
+
+
+class _quiet_one_thread:
+    """Train and sample on one thread: the result no longer depends on the core count, and on a shared
+    2-core machine one thread ran 2-3x faster than two (measured). Also hides transformers' tqdm bars,
+    which would break the CLI's own progress bar."""
+
+    def __enter__(self):
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        self.threads = torch.get_num_threads()
+        self.bars = hf_logging.is_progress_bar_enabled()
+        torch.set_num_threads(1)
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        torch.set_num_threads(self.threads)
+        if self.bars:
+            hf_logging.enable_progress_bar()
+
+
+# ---------------------------------------------------------------------------------------------
+# Build
+
+
+def build_tiny(
+    cache_dir: Path | None = None, force: bool = False, progress: Callable[[str, float], None] | None = None
+) -> TinyPreset:
+    """Build the preset into cache_dir (default: default_cache_dir()), or return it at once if built.
+
+    The build runs in a temp folder beside the target and is renamed into place, so an interrupted build
+    never leaves a half-built preset. progress(stage, fraction) reports the fraction of the whole build.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if not force and (root / "manifest.json").is_file():
+        return _preset_at(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the preset is ordinary cache data
+    try:
+        _build_into(tmp, progress or (lambda stage, frac: None))
+        _move_into_place(tmp, root, force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
+    return _preset_at(root)
+
+
+def _remove_stale_temps(root: Path) -> None:
+    """Delete temp folders left by builds whose process is gone (killed, power cut)."""
+    pattern = re.compile(rf"\.{re.escape(root.name)}\.(?:tmp|old)-(\d+)-")
+    for path in root.parent.iterdir():
+        m = pattern.match(path.name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass  # alive under another user, or not a pid: leave it
+
+
+def _move_into_place(tmp: Path, root: Path, force: bool) -> None:
+    old = None
+    if root.exists():
+        if (root / "manifest.json").is_file() and not force:
+            return  # another process finished first: keep its preset
+        old = root.parent / f".{root.name}.old-{os.getpid()}-{time.time_ns()}"
+        root.rename(old)
+    try:
+        tmp.rename(root)
+    except OSError:
+        if not (root / "manifest.json").is_file():  # lost a race to a concurrent builder: fine if it finished
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_into(out: Path, progress: Callable[[str, float], None]) -> None:
+    import tokenizers
+    import torch
+    import transformers
+    from transformers import GenerationConfig
+
+    import selfie_lite
+
+    t0 = time.perf_counter()
+    progress("data", 0.0)
+    data = generate_data(DATA_SEED)
+    for name in ("preferences", "eval_prompts", "val_prompts", "sft"):
+        _write_jsonl(out / f"{name}.jsonl", data[name])
+    t_data = time.perf_counter()
+
+    progress("tokenizer", 0.03)
+    tokenizer = train_tokenizer(tokenizer_corpus(data))
+    t_tok = time.perf_counter()
+
+    progress("sft", 0.05)
+    with _quiet_one_thread():
+        model, sft_info = train_sft(tokenizer, data["sft"], progress=lambda f: progress("sft", 0.05 + 0.92 * f))
+        t_sft = time.perf_counter()
+
+        progress("save", 0.98)
+        model_dir = out / "sft-model"
+        model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model.save_pretrained(model_dir)  # transformers 5 always writes model.safetensors
+        tokenizer.save_pretrained(model_dir)
+
+    files = {}
+    for name in ("preferences", "eval_prompts", "val_prompts", "sft"):
+        path = out / f"{name}.jsonl"
+        files[path.name] = {"rows": len(data[name]), "bytes": path.stat().st_size, "sha256": _file_sha256(path)}
+    weights = model_dir / "model.safetensors"
+    manifest = {
+        "name": PRESET_NAME,
+        "data_seed": DATA_SEED,
+        "data_sha256": data_hash(data),
+        "files": files,
+        "model": {
+            "params": sum(p.numel() for p in model.parameters()),
+            "bytes": weights.stat().st_size,
+            "sha256": _file_sha256(weights),
+            "vocab_size": len(tokenizer),
+            "config": MODEL_CONFIG,
+        },
+        "sft": sft_info,
+        "sft_mix": {"style_weights": SFT_STYLE_WEIGHTS, "p_correct": SFT_P_CORRECT},
+        "oracle": {"weights": {"correct": 0.60, "formatted": 0.25, "concise": 0.15}, "good_score": T.GOOD_SCORE},
+        "build_seconds": {
+            "data": round(t_data - t0, 2),
+            "tokenizer": round(t_tok - t_data, 2),
+            "sft": round(t_sft - t_tok, 2),
+            "total": round(time.perf_counter() - t0, 2),
+        },
+        "versions": {
+            "selfie_lite": selfie_lite.__version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+        },
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")  # written last: marks the build done
+    progress("done", 1.0)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def sft_report(preset: TinyPreset, n_prompts: int = 200, seed: int = 0) -> dict:
+    """Oracle quality of the SFT model's samples (temperature 0.7) on the first n eval prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompts = [row["prompt"] for row in read_jsonl(preset.eval_prompts)[:n_prompts]]
+    with _quiet_one_thread():
+        tokenizer = AutoTokenizer.from_pretrained(preset.model_dir)
+        model = AutoModelForCausalLM.from_pretrained(preset.model_dir, dtype=torch.float32).eval()
+        t0 = time.perf_counter()
+        samples = sample_responses(model, tokenizer, prompts, temperature=0.7, seed=seed)
+        seconds = time.perf_counter() - t0
+    details = [T.score_details(p, s["text"]) for p, s in zip(prompts, samples, strict=True)]
+    n = len(details)
+    by_kind: dict[str, list[bool]] = {}
+    for p, d in zip(prompts, details, strict=True):
+        by_kind.setdefault(T.parse_prompt(p).kind, []).append(d["score"] >= T.GOOD_SCORE)
+    return {
+        "n_prompts": n,
+        "mean_score": sum(d["score"] for d in details) / n,
+        "frac_good": sum(d["score"] >= T.GOOD_SCORE for d in details) / n,
+        "frac_correct": sum(d["correct"] for d in details) / n,
+        "frac_formatted": sum(d["formatted"] for d in details) / n,
+        "frac_concise": sum(d["concise"] for d in details) / n,
+        "mean_length_tokens": sum(s["n_tokens"] for s in samples) / n,
+        "frac_finished": sum(s["finished"] for s in samples) / n,
+        "tokens_per_s": sum(s["n_tokens"] + s["finished"] for s in samples) / seconds,
+        "frac_good_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+        "examples": [{"prompt": p, "response": s["text"]} for p, s in list(zip(prompts, samples, strict=True))[:5]],
+    }

@@ -1,8 +1,9 @@
 """The tiny preset's task family and its oracle, the stand-in for a human annotator.
 
-Prompts are short instructions of eight types (add, larger, sort, count, length, reverse, upper,
-repeat), each written with a few templates. The oracle recovers the task from the prompt text alone,
-so any (prompt, response) pair can be scored exactly.
+Prompts are short instructions of seven kinds (add two digits, pick the larger number, sort digits,
+count the words of a list, reverse a word list, uppercase a word, repeat a word), each written with a
+few templates. The oracle recovers the task from the prompt text alone, so any (prompt, response)
+pair can be scored exactly; an unknown prompt raises ValueError.
 
 Oracle, all parts judged against the true answer A of the prompt:
 - correct: the extracted answer equals A (case-sensitive, spaces collapsed). The answer is the text
@@ -26,21 +27,17 @@ from dataclasses import dataclass
 GOOD_SCORE = 0.85
 _W_CORRECT, _W_FORMATTED, _W_CONCISE = 60, 25, 15  # hundredths, so 0.85 is exactly 85/100
 
+# Short words, so that the 512-token BPE keeps each as one token and the list tasks stay learnable.
 WORDS = (
-    "cat dog sun moon tree fish bird lemon apple river stone cloud green house chair table bread water "
-    "light night music paper happy tiger zebra robot pizza candy star ship frog lake rain snow wind fire "
-    "gold king leaf milk rose sand wolf bear duck goat lion mouse horse sheep plant grape mango peach melon "
-    "olive honey sugar salt corn rice bean egg cake book desk door lamp clock phone bell drum flute piano "
-    "train plane truck boat road hill field beach ocean island forest garden window pencil rocket planet "
-    "winter summer spring button carrot basket jacket kitten puppy silver orange purple yellow circle "
-    "castle dragon"
+    "cat dog sun moon tree fish bird star ship frog lake rain snow wind fire gold king leaf milk rose "
+    "sand wolf bear duck goat lion book desk door lamp bell drum road hill cake rice corn salt egg box"
 ).split()
 
 _NUM_WORDS = {"two": 2, "three": 3}
-_ABSENT_LETTERS = "zqxjvk"
 
-# Each task kind: templates (placeholders: {a} {b} integers, {d} digits "4 1 3", {w} word, {l} letter,
-# {n} "two"/"three"). Templates must stay unambiguous: parse_prompt checks that exactly one matches.
+# Each task kind: templates (placeholders: {a} {b} integers, {d} digits "4 1 3", {w} a word, {ws} words
+# "cat dog sun", {n} "two"/"three"). Templates must stay unambiguous: parse_prompt checks that exactly one
+# matches. Kinds are chosen so that a 0.5M-parameter model learns most of them in a minute of CPU.
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "add": (
         "Add {a} and {b}.",
@@ -60,30 +57,20 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "Sort from smallest to largest: {d}.",
     ),
     "count": (
-        "Count the letter {l} in {w}.",
-        "How many times does {l} appear in {w}?",
-        "How many {l}'s are in the word {w}?",
-        "Count how often {l} occurs in {w}.",
-    ),
-    "length": (
-        "How many letters are in the word {w}?",
-        "How long is the word {w}?",
-        "Count the letters in {w}.",
-        "What is the length of {w}?",
+        "How many words are in: {ws}?",
+        "Count the words: {ws}.",
+        "How many words does this list have: {ws}?",
     ),
     "reverse": (
-        "Reverse the word {w}.",
-        "Spell {w} backwards.",
-        "Write {w} in reverse.",
-        "What is {w} reversed?",
-        "Flip the letters of {w}.",
+        "Reverse the order of: {ws}.",
+        "Reverse this list: {ws}.",
+        "Put these words in reverse order: {ws}.",
     ),
     "upper": (
         "Write {w} in capital letters.",
         "Uppercase the word {w}.",
         "Convert {w} to upper case.",
         "Shout the word {w}.",
-        "Spell {w} in capitals.",
     ),
     "repeat": (
         "Repeat the word {w} {n} times.",
@@ -98,14 +85,14 @@ _SLOT = {
     "b": r"(?P<b>\d{1,3})",
     "d": r"(?P<d>\d(?: \d){1,7})",
     "w": r"(?P<w>[a-z]{1,12})",
-    "l": r"(?P<l>[a-z])",
+    "ws": r"(?P<ws>[a-z]{1,12}(?: [a-z]{1,12}){1,7})",
     "n": r"(?P<n>two|three)",
 }
 
 
 def _compile(template: str) -> re.Pattern:
-    parts = re.split(r"(\{[a-z]\})", template)
-    return re.compile("".join(_SLOT[p[1]] if re.fullmatch(r"\{[a-z]\}", p) else re.escape(p) for p in parts))
+    parts = re.split(r"(\{[a-z]+\})", template)
+    return re.compile("".join(_SLOT[p[1:-1]] if re.fullmatch(r"\{[a-z]+\}", p) else re.escape(p) for p in parts))
 
 
 _PATTERNS = [(kind, t, _compile(t)) for kind, ts in TEMPLATES.items() for t in ts]
@@ -127,11 +114,9 @@ def _solve(kind: str, g: dict) -> str:
     if kind == "sort":
         return " ".join(sorted(g["d"].split()))
     if kind == "count":
-        return str(g["w"].count(g["l"]))
-    if kind == "length":
-        return str(len(g["w"]))
+        return str(len(g["ws"].split()))
     if kind == "reverse":
-        return g["w"][::-1]
+        return " ".join(g["ws"].split()[::-1])
     if kind == "upper":
         return g["w"].upper()
     if kind == "repeat":
@@ -147,59 +132,36 @@ def parse_prompt(prompt: str) -> Task:
         why = "matches no task template" if not hits else f"is ambiguous ({len(hits)} templates match)"
         raise ValueError(f"not a tiny-preset prompt: {prompt!r} {why}")
     kind, template, m = hits[0]
-    args = m.groupdict()
+    args = {k: v for k, v in m.groupdict().items() if v is not None}
     if kind == "larger" and int(args["a"]) == int(args["b"]):
         raise ValueError(f"not a tiny-preset prompt: {prompt!r} compares a number with itself")
+    if kind == "reverse" and len(set(args["ws"].split())) == 1:
+        raise ValueError(f"not a tiny-preset prompt: {prompt!r} reverses a list of one repeated word")
     return Task(kind, template, args, _solve(kind, args))
 
 
-def render(kind: str, template: str, **args) -> str:
-    return template.format(**args)
-
-
-def make_prompt(rng: random.Random) -> str:
-    """One prompt: task kind, template and arguments drawn from rng."""
-    kind = rng.choice(KINDS)
+def make_prompt(rng: random.Random, kind: str | None = None) -> str:
+    """One prompt: task kind (random unless given), template and arguments drawn from rng."""
+    kind = kind or rng.choice(KINDS)
     template = rng.choice(TEMPLATES[kind])
     if kind == "add":
-        args = {"a": rng.randint(0, 20), "b": rng.randint(0, 20)}
+        args = {"a": rng.randint(0, 9), "b": rng.randint(0, 9)}
     elif kind == "larger":
-        a, b = rng.sample(range(100), 2)
+        a, b = rng.sample(range(21), 2)
         args = {"a": a, "b": b}
     elif kind == "sort":
         args = {"d": " ".join(str(rng.randint(0, 9)) for _ in range(rng.randint(3, 4)))}
     elif kind == "count":
-        w = rng.choice(WORDS)
-        absent = [c for c in _ABSENT_LETTERS if c not in w][:2]
-        args = {"w": w, "l": rng.choice(sorted(set(w)) + absent)}
+        args = {"ws": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))}
+    elif kind == "reverse":
+        args = {"ws": " ".join(rng.sample(WORDS, rng.randint(2, 4)))}
+    elif kind == "upper":
+        args = {"w": rng.choice(WORDS)}
     elif kind == "repeat":
         args = {"w": rng.choice(WORDS), "n": rng.choice(list(_NUM_WORDS))}
     else:
-        args = {"w": rng.choice(WORDS)}
-    return render(kind, template, **args)
-
-
-def prompt_universe(kind: str) -> list[str]:
-    """Every prompt make_prompt can produce for this kind, in a fixed order (for disjoint splits)."""
-    out: list[str] = []
-    for template in TEMPLATES[kind]:
-        if kind == "add":
-            out += [template.format(a=a, b=b) for a in range(21) for b in range(21)]
-        elif kind == "larger":
-            out += [template.format(a=a, b=b) for a in range(100) for b in range(100) if a != b]
-        elif kind == "sort":
-            for n in (3, 4):
-                for i in range(10**n):
-                    out.append(template.format(d=" ".join(str(i).zfill(n))))
-        elif kind == "count":
-            for w in WORDS:
-                absent = [c for c in _ABSENT_LETTERS if c not in w][:2]
-                out += [template.format(w=w, l=c) for c in sorted(set(w)) + absent]
-        elif kind == "repeat":
-            out += [template.format(w=w, n=n) for w in WORDS for n in _NUM_WORDS]
-        else:
-            out += [template.format(w=w) for w in WORDS]
-    return out
+        raise ValueError(f"unknown task kind {kind!r}; one of {KINDS}")
+    return template.format(**args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,30 +223,23 @@ def wrong_answer(task: Task, rng: random.Random) -> str:
     """A plausible mistake for this task, never equal to the true answer."""
     g, truth = task.args, task.answer
     for _ in range(50):
-        if task.kind in ("add", "count", "length"):
+        if task.kind in ("add", "count"):
             guess = str(max(0, int(truth) + rng.choice((-2, -1, 1, 2))))
         elif task.kind == "larger":
             guess = str(min(int(g["a"]), int(g["b"]))) if rng.random() < 0.7 else str(int(truth) + rng.choice((-1, 1)))
-        elif task.kind == "sort":
-            digits = g["d"].split()
+        elif task.kind in ("sort", "reverse"):
+            items = (g["d"] if task.kind == "sort" else g["ws"]).split()
+            items = sorted(items) if task.kind == "sort" else items[::-1]
             choice = rng.random()
             if choice < 0.4:
-                guess = " ".join(sorted(digits, reverse=True))
+                guess = " ".join(items[::-1])
             elif choice < 0.7:
-                guess = g["d"]
+                i = rng.randrange(len(items) - 1)
+                items[i], items[i + 1] = items[i + 1], items[i]
+                guess = " ".join(items)
             else:
-                sd = sorted(digits)
-                del sd[rng.randrange(len(sd))]
-                guess = " ".join(sd)
-        elif task.kind == "reverse":
-            w = g["w"]
-            if rng.random() < 0.5:
-                guess = w
-            else:
-                chars = list(w[::-1])
-                i = rng.randrange(len(chars) - 1)
-                chars[i], chars[i + 1] = chars[i + 1], chars[i]
-                guess = "".join(chars)
+                del items[rng.randrange(len(items))]
+                guess = " ".join(items)
         elif task.kind == "upper":
             w = g["w"]
             guess = rng.choice((w, w.capitalize(), w[:-1].upper() + w[-1]))
@@ -295,7 +250,7 @@ def wrong_answer(task: Task, rng: random.Random) -> str:
             raise AssertionError(task.kind)
         if guess != truth:
             return guess
-    return truth + "0"  # unreachable in practice (e.g. reversing a palindrome of equal letters)
+    return truth + " " + truth  # only for degenerate inputs such as "Sort these digits: 3 3 3."
 
 
 def make_response(prompt: str, rng: random.Random, style: str, correct: bool) -> str:

@@ -1,0 +1,316 @@
+"""The results table: SPA against its baselines and ablations on the tiny preset, over several random seeds.
+
+    python benchmarks/results.py                      # 3 seeds, writes docs/results.md (about 45 min on 2 cores)
+    python benchmarks/results.py --seeds 1 --quick    # a smoke run of the whole pipeline in a few minutes
+    python benchmarks/results.py --split val --md /tmp/tune.md --set train.learning_rate=1e-4   # tuning, on val
+
+For each random seed (data shuffle, sampling, LoRA init) it trains, on the tiny preset:
+  1. SFT: the preset's SFT model, untouched;
+  2. DPO on the seed pairs only (3.3% of the gold set): round 0 of the SPA run;
+  3. DPO on 100% of the gold pairs (every pair but the held-out test split), same LoRA settings, and the
+     paper's epoch rule: 3 epochs for a seed of <= 2K pairs (3.3%), 1 epoch on the full set;
+  4. SPA: rounds 1, 2, 3 of `selfie-lite run --seed 3.3pct`;
+  5. ablations, each a copy of the SPA run's data/ and round-0/ (identical for the same seed) continued with
+     one change: refine.alpha = 0 (no smoothing), refine.lambdas = [0, 0, 0] (smoothing picked by the plain
+     margin), judge.reference = "previous" (the judge's reference is the previous round, not SFT). Round 1's
+     sampling and judging are identical to SPA's too and are copied (all of round 1 for "previous": its
+     round-1 judge reference is pi_init either way).
+Then every model answers the preset's 300 held-out eval prompts (--split val: the 300 validation prompts, the
+only split to tune on), sampled at the run's temperature with the same seed for every model, and the oracle
+scores the answers: win rate against SFT's answer to the same prompt (ties 1/2) and the mean oracle score.
+Also seed-pair accuracy on the run's held-out labelled pairs and each round's self-label gold agreement.
+
+Runs are resumable (finished stages are skipped), so an interrupted benchmark continues where it stopped.
+The tables go between the markers in the markdown file; the hand-written text around them is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+BEGIN, END = "<!-- results:begin (written by benchmarks/results.py) -->", "<!-- results:end -->"
+ABLATIONS = {
+    "no-smoothing": ({"refine": {"alpha": 0.0}}, "no smoothing (refine.alpha = 0)"),
+    "lambda-0": ({"refine": {"lambdas": [0.0, 0.0, 0.0]}}, "smoothing with lambda = 0 (refine.lambdas = [0,0,0])"),
+    "ref-previous": ({"judge": {"reference": "previous"}}, "judge reference = previous round"),
+}
+# Round-1 files an ablation may copy from the SPA run: everything before training.
+TRAIN_OUTPUTS = {"adapter", "model", "trainer", "pairs.jsonl", "metrics.json", "train.json", "merge.json"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def make_config(overrides: list[dict]):
+    from selfie_lite.config import load_config
+
+    return load_config("tiny", None, overrides)
+
+
+def run(cfg, run_dir: Path, quiet: Console):
+    """Continue (or start) a run in run_dir with cfg, as `selfie-lite run --resume DIR --force` would."""
+    from selfie_lite.backends import get_backend
+    from selfie_lite.config import to_dict
+    from selfie_lite.loop import resolve_inputs, run_rounds
+    from selfie_lite.rundir import atomic_write_json
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", to_dict(cfg))
+    backend, _ = get_backend(cfg)
+    t0 = time.perf_counter()
+    run_rounds(cfg, run_dir, backend, resolve_inputs(cfg), quiet)
+    return time.perf_counter() - t0
+
+
+def fork(src: Path, dst: Path, whole_round_1: bool) -> None:
+    """dst starts as a copy of src's data/ and round-0/ (and round 1 up to its judge stage, or all of it)."""
+    if dst.exists():
+        return  # resumed benchmark: the fork was made before
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src / "data", tmp / "data")
+    shutil.copytree(src / "round-0", tmp / "round-0")
+    if whole_round_1:
+        shutil.copytree(src / "round-1", tmp / "round-1")
+    else:
+        shutil.copytree(src / "round-1", tmp / "round-1", ignore=lambda d, names: [n for n in names if n in TRAIN_OUTPUTS])
+    os.replace(tmp, dst)
+
+
+def gold_pair_count(preferences: Path) -> int:
+    return sum(1 for line in preferences.read_text().splitlines() if line.strip())
+
+
+def train_all(seed: int, out: Path, args, quiet: Console, timings: dict) -> dict[str, Path]:
+    """Every run of one random seed; returns the run folders by condition."""
+    from selfie_lite.tiny.build import build_tiny
+
+    preset = build_tiny()
+    base = [{"random_seed": seed, "data": {"seed": "3.3pct"}}] + args.overrides
+    folders = {}
+
+    spa = out / f"seed-{seed}" / "spa"
+    cfg = make_config(base)
+    log(f"seed {seed}: SPA ({cfg.rounds} rounds, pools {cfg.data.pool_sizes})")
+    timings[f"seed {seed}: SPA"] = run(cfg, spa, quiet)
+    folders["spa"] = spa
+
+    # DPO on every gold pair outside the held-out test split; the same shuffle puts the same pairs in the test split.
+    n_full = gold_pair_count(preset.preferences) - cfg.data.test_size
+    epochs = 3 if n_full <= 2000 else 1  # the paper: 3 epochs for a seed of <= 2K pairs, 1 on all of UltraFeedback
+    full = out / f"seed-{seed}" / "dpo-100"
+    cfg_full = make_config(base + [{"rounds": 0, "data": {"seed": str(n_full)}, "train": {"seed_epochs": epochs}}])
+    log(f"seed {seed}: DPO on 100% of the gold pairs ({n_full} pairs, {epochs} epoch(s))")
+    timings[f"seed {seed}: DPO-100%"] = run(cfg_full, full, quiet)
+    folders["dpo-100"] = full
+
+    for name, (over, _) in ABLATIONS.items():
+        if name not in args.ablations:
+            continue
+        dst = out / f"seed-{seed}" / name
+        fork(spa, dst, whole_round_1=name == "ref-previous")
+        log(f"seed {seed}: ablation {name}")
+        timings[f"seed {seed}: {name}"] = run(make_config(base + [over]), dst, quiet)
+        folders[name] = dst
+    return folders
+
+
+def evaluate_seed(seed: int, folders: dict[str, Path], args, timings: dict) -> dict:
+    from selfie_lite.backends import get_backend
+    from selfie_lite.config import from_dict
+    from selfie_lite.evaluate import EvalSettings, OracleJudge, evaluate_models, load_pairs, self_label_agreement
+    from selfie_lite.tiny.build import build_tiny
+    from selfie_lite.tiny.task import score
+
+    path = args.out / f"seed-{seed}" / f"eval-{args.split}.json"
+    if path.is_file() and not args.force_eval:
+        return json.loads(path.read_text())
+    preset = build_tiny()
+    cfg = from_dict(json.loads((folders["spa"] / "config.json").read_text()))
+    prompts_file = preset.eval_prompts if args.split == "eval" else preset.val_prompts
+    prompts = [json.loads(x)["prompt"] for x in prompts_file.read_text().splitlines() if x.strip()]
+    models = {"sft": Path(preset.model_dir), "dpo-seed": folders["spa"] / "round-0" / "model",
+              "dpo-100": folders["dpo-100"] / "round-0" / "model"}
+    for name in ["spa", *[a for a in ABLATIONS if a in folders]]:
+        for i in range(1, cfg.rounds + 1):
+            models[f"{name}/round-{i}"] = folders[name] / f"round-{i}" / "model"
+    settings = EvalSettings(temperature=args.temperature or cfg.sample.temperature, top_p=cfg.sample.top_p,
+                            max_new_tokens=cfg.sample.max_new_tokens, samples_per_prompt=args.samples_per_prompt,
+                            random_seed=seed, batch_size=cfg.sample.batch_size, beta=cfg.beta)
+    backend, _ = get_backend(cfg)
+    log(f"seed {seed}: evaluating {len(models)} models on {len(prompts)} {args.split} prompts")
+    t0 = time.perf_counter()
+    res = evaluate_models(backend, models, Path(preset.model_dir), prompts, OracleJudge(), settings,
+                          pairs=load_pairs(folders["spa"] / "data" / "test.jsonl"))
+    timings[f"seed {seed}: eval"] = time.perf_counter() - t0
+    res.pop("outputs")
+    res["gold_agreement"] = {name: self_label_agreement(folders[name], score) for name in folders if name != "dpo-100"}
+    res["train"] = {name: {f"round-{i}": _train_metrics(folders[name] / f"round-{i}") for i in range(cfg.rounds + 1)}
+                    for name in folders}
+    path.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def _train_metrics(round_dir: Path) -> dict:
+    p = round_dir / "done" / "train.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def _ms(values: list[float], spec: str = ".3f") -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return format(values[0], spec)
+    return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec)}"
+
+
+def rows_spec(rounds: int, ablations: list[str]) -> list[tuple[str, str]]:
+    rows = [("1. SFT", "sft"), ("2. DPO, seed pairs only (3.3%)", "dpo-seed"), ("3. DPO, 100% of gold pairs", "dpo-100")]
+    rows += [(f"4. SPA round {i} (3.3%)", f"spa/round-{i}") for i in range(1, rounds + 1)]
+    for a in ablations:
+        rows += [(f"5. {ABLATIONS[a][1]}, round {i}", f"{a}/round-{i}") for i in range(1, rounds + 1)]
+    return rows
+
+
+def tables(results: dict[int, dict], rounds: int, ablations: list[str]) -> str:
+    seeds = sorted(results)
+    out = []
+    for metric, title in (("win_rate", "Oracle win rate against SFT (ties count 1/2)"),
+                          ("mean_score", "Mean oracle score (0 to 1; 0.85+ = correct and formatted)")):
+        out += [f"### {title}", "", "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |",
+                "|---|" + "---:|" * (len(seeds) + 1)]
+        for label, key in rows_spec(rounds, ablations):
+            vals = [results[s]["models"].get(key, {}).get(metric) for s in seeds]
+            out.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + f" | {_ms(vals)} |")
+        out.append("")
+    out += ["### Seed-pair accuracy and response length (mean ± sd over seeds)", "",
+            "Seed-pair accuracy: how often beta * (log pi - log pi_SFT) ranks the held-out human-labelled pairs "
+            "(data/test.jsonl) the way the gold labels do (SFT = 0.5 by construction).", "",
+            "| model | seed-pair accuracy | mean length (tokens) | mean length (words) |", "|---|---:|---:|---:|"]
+    for label, key in rows_spec(rounds, ablations):
+        m = [results[s]["models"].get(key, {}) for s in seeds]
+        out.append(f"| {label} | {_ms([x.get('seed_pair_accuracy') for x in m])} | "
+                   f"{_ms([x.get('mean_response_tokens') for x in m], '.1f')} | {_ms([x.get('mean_response_words') for x in m], '.1f')} |")
+    out += ["", "### Self-label agreement with gold, per round (mean ± sd over seeds)", "",
+            "The share of each round's self-labelled pairs whose chosen response the oracle also prefers (ties 1/2).",
+            "", "| run | " + " | ".join(f"round {i}" for i in range(1, rounds + 1)) + " |",
+            "|---|" + "---:|" * rounds]
+    for name, label in [("spa", "SPA"), *[(a, ABLATIONS[a][1]) for a in ablations]]:
+        cells = [_ms([results[s]["gold_agreement"].get(name, {}).get(f"round-{i}") for s in seeds])
+                 for i in range(1, rounds + 1)]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out += ["", "### Training, per round (mean over seeds)", "",
+            "| run | round | pairs | loss start -> end | mean margin | frac smoothed |", "|---|---|---:|---|---:|---:|"]
+    for name in ["spa", "dpo-100", *ablations]:
+        for i in range(rounds + 1):
+            ms = [results[s]["train"].get(name, {}).get(f"round-{i}", {}) for s in seeds]
+            ms = [m for m in ms if m]
+            if not ms:
+                continue
+            avg = {k: statistics.mean(m[k] for m in ms) for k in ("pairs", "loss_start", "loss_end", "mean_margin", "frac_smoothed")
+                   if all(isinstance(m.get(k), (int, float)) for m in ms)}
+            out.append(f"| {name} | {i} | {avg.get('pairs', 0):.0f} | {avg.get('loss_start', float('nan')):.3f} -> "
+                       f"{avg.get('loss_end', float('nan')):.3f} | {avg.get('mean_margin', float('nan')):.3f} | "
+                       f"{avg.get('frac_smoothed', 0):.2f} |")
+    return "\n".join(out)
+
+
+def write_markdown(md: Path, body: str) -> None:
+    head = ("# Results on the tiny preset\n\nThe tables between the markers are written by "
+            "`python benchmarks/results.py`; the text around them is written by people.\n\n")
+    text = md.read_text() if md.is_file() else head + BEGIN + "\n" + END + "\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip() + "\n\n" + BEGIN + "\n" + END + "\n"
+    pre, rest = text.split(BEGIN, 1)
+    post = rest.split(END, 1)[1]
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(pre + BEGIN + "\n" + body.rstrip() + "\n" + END + post)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="random seeds (default 1 2 3)")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "results", help="where the runs go")
+    ap.add_argument("--md", type=Path, default=ROOT / "docs" / "results.md", help="markdown file to write")
+    ap.add_argument("--split", choices=["eval", "val"], default="eval", help="eval prompts, or val prompts for tuning")
+    ap.add_argument("--samples-per-prompt", type=int, default=1, help="eval responses per prompt and model")
+    ap.add_argument("--temperature", type=float, default=None, help="eval temperature (default: sample.temperature)")
+    ap.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS))
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE config override for every run")
+    ap.add_argument("--quick", action="store_true", help="smoke test: pools 40/80/120, 100-pair test split")
+    ap.add_argument("--force-eval", action="store_true", help="re-evaluate even when eval-<split>.json exists")
+    args = ap.parse_args()
+
+    import torch
+
+    from selfie_lite.config import parse_override
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    args.overrides = [parse_override(s) for s in args.sets]
+    if args.quick:
+        args.overrides.insert(0, {"data": {"pool_sizes": [40, 80, 120], "test_size": 100}})
+    args.out.mkdir(parents=True, exist_ok=True)
+    quiet = Console(file=io.StringIO())  # the loop's per-round tables; the log says what runs
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    results, rounds = {}, 3
+    for seed in args.seeds:
+        folders = train_all(seed, args.out, args, quiet, timings)
+        results[seed] = evaluate_seed(seed, folders, args, timings)
+        rounds = json.loads((folders["spa"] / "config.json").read_text())["rounds"]
+        log(f"seed {seed}: done ({time.perf_counter() - t_start:.0f} s so far)")
+    total = time.perf_counter() - t_start
+    cfg = json.loads((args.out / f"seed-{args.seeds[0]}" / "spa" / "config.json").read_text())
+    settings = results[args.seeds[0]]["settings"]
+    body = [
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `python benchmarks/results.py "
+        + " ".join(sys.argv[1:]) + "`" + (" (stages already on disk were reused)" if total < 60 else ""),
+        "",
+        f"- Random seeds {', '.join(map(str, args.seeds))}; {settings['prompts']} held-out {args.split} prompts, "
+        f"{settings['samples_per_prompt']} sampled answer(s) per prompt and model at temperature {settings['temperature']} "
+        f"(top_p {settings['top_p']}, at most {settings['max_new_tokens']} new tokens), the same sampling seed for every model.",
+        f"- Labelled seed {cfg['data']['seed']}; prompt pools {cfg['data']['pool_sizes']} for rounds 1-{cfg['rounds']}; "
+        f"test split {cfg['data']['test_size']} pairs; beta {cfg['beta']}; learning rate {cfg['train']['learning_rate']}; "
+        f"LoRA r {cfg['lora']['r']}; refine alpha {cfg['refine']['alpha']}, lambdas {cfg['refine']['lambdas']}, "
+        f"K {cfg['refine']['low_conf_frac']}; sampling temperature {cfg['sample']['temperature']}.",
+        f"- Wall time: {total / 60:.1f} min on {os.cpu_count()} CPU core(s) ({platform.processor() or platform.machine()}), "
+        "shared with other work. Per part: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ".",
+        "",
+        tables(results, rounds, [a for a in ABLATIONS if a in args.ablations]),
+    ]
+    write_markdown(args.md, "\n".join(body))
+    (args.out / f"results-{args.split}.json").write_text(json.dumps({"timings": timings, "total_s": total,
+                                                                    "results": {str(k): v for k, v in results.items()}}, indent=2))
+    log(f"wrote {args.md} in {total / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,475 @@
+"""Evaluation: how much better than a baseline (the SFT model by default) is each model of a run?
+
+Per model, on held-out prompts, one response per prompt (or n) sampled with a fixed seed, then:
+- win rate against the baseline's response to the same prompt under a judge (win = 1, tie = 1/2, loss = 0), and
+  the judge's mean score. Judges: `oracle` (the tiny preset's exact scorer) or `reward-model:PATH` (any local
+  sequence-classification reward model, e.g. the Skywork or RLHFlow ones, through transformers);
+- always, at no extra cost: seed-pair accuracy (how often the implicit reward beta * (log pi - log pi_sft) ranks
+  held-out human-labelled pairs correctly; ties count 1/2, so the SFT model itself scores exactly 0.5), the mean
+  response length (tokens and words: the paper's raw win rate grew much faster than its length-controlled one),
+  and, for a run folder, the agreement of each round's self-labels with gold labels where gold exists (tiny).
+
+Every model is sampled with the same seed, so two models differ only by their weights (common random numbers:
+less noise in the comparison). Reads: model folders, prompt files, labelled pairs. Writes nothing itself; the
+CLI (cli_eval.py) writes <run>/eval.json and <run>/eval/outputs/<model>.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from selfie_lite.errors import UserError
+
+# ---------------------------------------------------------------------------------------------
+# Arithmetic
+
+
+def win_rate(scores: list[float], baseline_scores: list[float]) -> dict:
+    """Paired comparison, item by item: win = 1, tie = 1/2, loss = 0; win_rate in [0, 1]."""
+    if len(scores) != len(baseline_scores):
+        raise ValueError(f"{len(scores)} scores against {len(baseline_scores)} baseline scores")
+    wins = sum(s > b for s, b in zip(scores, baseline_scores, strict=True))
+    ties = sum(s == b for s, b in zip(scores, baseline_scores, strict=True))
+    n = len(scores)
+    return {
+        "win_rate": (wins + 0.5 * ties) / n if n else math.nan,
+        "wins": wins,
+        "ties": ties,
+        "losses": n - wins - ties,
+        "n": n,
+    }
+
+
+def implicit_rewards(policy_logps: list[float], reference_logps: list[float], beta: float) -> list[float]:
+    """r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)), sequence sums (spa-method.md, Round i step 2)."""
+    return [beta * (p - r) for p, r in zip(policy_logps, reference_logps, strict=True)]
+
+
+def pair_accuracy(chosen_rewards: list[float], rejected_rewards: list[float]) -> float:
+    """Share of labelled pairs whose chosen response gets the higher reward; an exact tie counts 1/2."""
+    n = len(chosen_rewards)
+    if n != len(rejected_rewards):
+        raise ValueError("chosen and rejected rewards differ in length")
+    if n == 0:
+        return math.nan
+    right = sum(c > r for c, r in zip(chosen_rewards, rejected_rewards, strict=True))
+    ties = sum(c == r for c, r in zip(chosen_rewards, rejected_rewards, strict=True))
+    return (right + 0.5 * ties) / n
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# Judges
+
+
+class Judge(Protocol):
+    name: str
+
+    def check(self, prompts: list[str]) -> None:
+        """Raise UserError before any weights load if this judge cannot score these prompts."""
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """One score per (prompt, response); higher is better."""
+
+    def close(self) -> None: ...
+
+
+class OracleJudge:
+    """The tiny preset's programmatic oracle (tiny/task.py): exact, free, only for tiny-preset prompts."""
+
+    name = "oracle"
+
+    def check(self, prompts: list[str]) -> None:
+        from selfie_lite.tiny.task import parse_prompt
+
+        for p in prompts:
+            try:
+                parse_prompt(p)
+            except ValueError:
+                raise UserError(
+                    f"the oracle judge scores only the tiny preset's prompts, not {p[:60]!r}",
+                    hint="use --judge reward-model:PATH for other prompts",
+                ) from None
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        from selfie_lite.tiny.task import score
+
+        return [score(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+    def close(self) -> None:
+        pass
+
+
+class RewardModelJudge:
+    """A local sequence-classification reward model (one logit per sequence), run through transformers.
+
+    The conversation is laid out with the reward model's own chat template (as the Skywork and RLHFlow model
+    cards do); a tokenizer without one gets "prompt\\n\\nresponse". Batches are right-padded; transformers pools
+    at the last non-pad token, so a model without a pad token is given its tokenizer's (or eos), and the score
+    is the same whatever the batch. Safetensors only, no remote code.
+    """
+
+    def __init__(self, path: str | Path, batch_size: int = 8, max_length: int = 4096):
+        self.path = Path(path).expanduser()
+        self.name = f"reward-model:{path}"
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self._model = None
+        self._tok = None
+        if not self.path.is_dir():
+            raise UserError(f"reward model folder {path} does not exist",
+                            hint="download it once (huggingface-cli download ORG/NAME --local-dir DIR), then pass DIR")
+        if not (self.path / "config.json").is_file():
+            raise UserError(f"{path} is not a model folder (no config.json)")
+        if not any(self.path.glob("*.safetensors")):
+            raise UserError(f"{path} has no *.safetensors weights", hint="selfie-lite loads safetensors only")
+
+    def check(self, prompts: list[str]) -> None:
+        pass
+
+    def _load(self):
+        if self._model is not None:
+            return
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        tok = AutoTokenizer.from_pretrained(str(self.path))
+        model = AutoModelForSequenceClassification.from_pretrained(str(self.path), dtype=dtype, use_safetensors=True)
+        if model.config.num_labels != 1:
+            raise UserError(
+                f"{self.path} has {model.config.num_labels} output labels; a reward model has one (a scalar score)"
+            )
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tok.pad_token_id
+        tok.padding_side = "right"
+        self._model, self._tok = model.to(device).eval(), tok
+
+    def format(self, prompt: str, response: str) -> str:
+        tok = self._tok
+        if tok.chat_template:
+            conv = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            return tok.apply_chat_template(conv, tokenize=False)
+        return f"{prompt}\n\n{response}"
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        import torch
+
+        self._load()
+        tok, model = self._tok, self._model
+        texts = [self.format(p, r) for p, r in zip(prompts, responses, strict=True)]
+        # The template already holds the special tokens (BOS): do not add them twice.
+        encoded = [tok(t, add_special_tokens=not tok.chat_template, truncation=True, max_length=self.max_length)["input_ids"]
+                   for t in texts]
+        out = [0.0] * len(encoded)
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(idx):
+                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                mask[row, : len(encoded[i])] = 1
+            with torch.inference_mode():
+                logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits  # [B, 1]
+            for row, i in enumerate(idx):
+                out[i] = float(logits[row, 0])
+        return out
+
+    def close(self) -> None:
+        self._model = self._tok = None
+        import gc
+
+        gc.collect()
+
+
+def parse_judge(spec: str | None, batch_size: int = 8) -> Judge | None:
+    """"oracle" | "reward-model:PATH" | None/"none" (no win rates). Fails before any weights load."""
+    if spec is None or spec == "none":
+        return None
+    if spec == "oracle":
+        return OracleJudge()
+    if spec.startswith("reward-model:"):
+        path = spec.split(":", 1)[1]
+        if not path:
+            raise UserError("--judge reward-model: needs a folder, e.g. --judge reward-model:./Skywork-Reward-V2")
+        return RewardModelJudge(path, batch_size=batch_size)
+    raise UserError(f"unknown judge {spec!r}", hint="use oracle (tiny preset) or reward-model:PATH")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and labelled pairs
+
+
+def load_prompts(path: Path) -> list[dict]:
+    """Rows with a "prompt" (or AlpacaEval's "instruction") field, from .jsonl or a .json list. Extra fields are kept
+    (AlpacaEval's "dataset" goes back into the export)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompt file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            rows = json.loads(text)
+            if isinstance(rows, dict):  # {"column": [values...]} as pandas writes it
+                rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (json.JSONDecodeError, ValueError) as e:
+        raise UserError(f"{path} is not valid JSON/JSONL: {e}") from None
+    out = []
+    for n, r in enumerate(rows):
+        prompt = r.get("prompt", r.get("instruction")) if isinstance(r, dict) else r if isinstance(r, str) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError(f"{path} row {n + 1}: need a non-empty \"prompt\" or \"instruction\" field")
+        out.append({**(r if isinstance(r, dict) else {}), "prompt": prompt})
+    if not out:
+        raise UserError(f"{path} holds no prompts")
+    return out
+
+
+def load_pairs(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"labelled pair file {path} does not exist")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for n, r in enumerate(rows):
+        if not all(isinstance(r.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            raise UserError(f"{path} row {n + 1}: need string fields prompt, chosen and rejected")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and scoring with a backend
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    temperature: float = 0.7  # sampling temperature for every model (the run's sample.temperature by default)
+    top_p: float = 1.0
+    max_new_tokens: int = 300
+    samples_per_prompt: int = 1  # n responses per prompt; win rate compares sample k with the baseline's sample k
+    random_seed: int = 0  # the same for every model
+    batch_size: int = 32  # prompts per generate() call and sequences per scoring pass
+    beta: float = 0.1  # for the implicit reward of seed-pair accuracy
+
+
+def generate_outputs(backend, model, tok, prompts: list[str], s: EvalSettings) -> list[dict]:
+    """One row per prompt: {"prompt", "responses": [str]*n, "response_tokens": [int]*n}."""
+    rows = backend.generate(
+        model, tok, prompts, num_samples=s.samples_per_prompt, temperature=s.temperature, top_p=s.top_p,
+        max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=s.random_seed,
+    )
+    return [{"prompt": r["prompt"], "responses": r["responses"], "response_tokens": [len(x) for x in r["response_ids"]]}
+            for r in rows]
+
+
+def pair_sequences(tok, pairs: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """[(prompt_ids, chosen_ids)]*N + [(prompt_ids, rejected_ids)]*N, laid out by the chat template."""
+    from selfie_lite.backends.hf import chat_prompt_ids, chat_response_ids
+
+    prompt_ids = [chat_prompt_ids(tok, p["prompt"]) for p in pairs]
+    chosen = [(pi, chat_response_ids(tok, p["prompt"], p["chosen"])) for pi, p in zip(prompt_ids, pairs, strict=True)]
+    rejected = [(pi, chat_response_ids(tok, p["prompt"], p["rejected"])) for pi, p in zip(prompt_ids, pairs, strict=True)]
+    return chosen + rejected
+
+
+def _pair_logps(backend, model, sequences, batch_size) -> tuple[list[float], list[float]]:
+    logps = backend.sequence_logps(model, sequences, batch_size=batch_size)
+    half = len(logps) // 2
+    return logps[:half], logps[half:]
+
+
+def evaluate_models(
+    backend,
+    models: dict[str, Path],
+    baseline: Path,
+    prompts: list[str],
+    judge: Judge | None,
+    settings: EvalSettings,
+    *,
+    pairs: list[dict] | None = None,
+    reference: Path | None = None,
+    progress=None,
+) -> dict:
+    """Sample, score and compare every model (and the baseline) on the same prompts.
+
+    models: name -> model folder (the baseline may be among them). reference: the model the implicit reward of
+    seed-pair accuracy is taken against (default: the baseline). Returns {"settings", "models": {name: metrics},
+    "outputs": {name: rows}}; the baseline's metrics are under the key "baseline" unless a model shares its folder.
+    """
+    if judge is not None:
+        judge.check(prompts)
+    reference = Path(reference or baseline)
+    order = [("baseline", Path(baseline))] + [(n, Path(d)) for n, d in models.items()]
+    # One pass per distinct folder: key -> (folder, needs samples). The reference only needs pair log-probs.
+    todo: dict[str, tuple[Path, bool]] = {}
+    for _, d in order:
+        todo.setdefault(_key(d), (d, True))
+    if pairs:
+        todo.setdefault(_key(reference), (reference, False))
+    outputs: dict[str, list[dict]] = {}
+    pair_logps: dict[str, tuple[list[float], list[float]]] = {}
+    seconds: dict[str, float] = {}
+    sequences = None
+    task = progress.start("eval (sample)", total=len(todo), unit="models") if progress else None
+    for key, (d, sample) in todo.items():
+        t0 = time.perf_counter()
+        model, tok = backend.load(d)
+        if sample:
+            outputs[key] = generate_outputs(backend, model, tok, prompts, settings)
+        if pairs:
+            if sequences is None:
+                sequences = pair_sequences(tok, pairs)
+            pair_logps[key] = _pair_logps(backend, model, sequences, settings.batch_size)
+        backend.free(model)
+        seconds[key] = time.perf_counter() - t0
+        if progress:
+            progress.advance(task, 1)
+    if progress:
+        progress.finish(task)
+
+    # Score every response once, with the judge loaded once.
+    scores: dict[str, list[float]] = {}
+    if judge is not None:
+        flat_p, flat_r, spans = [], [], {}
+        for key, rows in outputs.items():
+            start = len(flat_r)
+            for r in rows:
+                flat_p += [r["prompt"]] * len(r["responses"])
+                flat_r += r["responses"]
+            spans[key] = (start, len(flat_r))
+        t0 = time.perf_counter()
+        all_scores = judge.score(flat_p, flat_r)
+        judge_seconds = time.perf_counter() - t0
+        judge.close()
+        scores = {k: all_scores[a:b] for k, (a, b) in spans.items()}
+    else:
+        judge_seconds = 0.0
+
+    base_key, ref_key = _key(Path(baseline)), _key(reference)
+    results: dict[str, dict] = {}
+    for name, d in order:
+        key = _key(d)
+        rows = outputs[key]
+        tokens = [t for r in rows for t in r["response_tokens"]]
+        words = [len(x.split()) for r in rows for x in r["responses"]]
+        m: dict = {"model": str(d), "mean_response_tokens": mean(tokens), "mean_response_words": mean(words)}
+        if judge is not None:
+            m.update(win_rate(scores[key], scores[base_key]))
+            m["mean_score"] = mean(scores[key])
+            m["baseline_mean_score"] = mean(scores[base_key])
+        if pairs:
+            (pc, pr), (rc, rr) = pair_logps[key], pair_logps[ref_key]
+            m["seed_pair_accuracy"] = pair_accuracy(
+                implicit_rewards(pc, rc, settings.beta), implicit_rewards(pr, rr, settings.beta)
+            )
+        m["seconds"] = round(seconds.get(key, 0.0), 2)
+        for r, s in zip(rows, _chunks(scores.get(key), [len(r["responses"]) for r in rows]), strict=True):
+            if s is not None:
+                r["scores"] = s
+        results[name] = m
+    if any(d == Path(baseline) for n, d in models.items()):
+        results.pop("baseline")
+    return {
+        "settings": {**asdict(settings), "judge": judge.name if judge else None, "prompts": len(prompts),
+                     "baseline": str(baseline), "reference": str(reference), "labelled_pairs": len(pairs or []),
+                     "judge_seconds": round(judge_seconds, 2)},
+        "models": results,
+        "outputs": {name: outputs[_key(d)] for name, d in order if name in results},
+    }
+
+
+def _key(d: Path) -> str:
+    d = Path(d)
+    return str(d.resolve()) if d.exists() else str(d)
+
+
+def _chunks(values, sizes):
+    if values is None:
+        return [None] * len(sizes)
+    out, k = [], 0
+    for n in sizes:
+        out.append(values[k : k + n])
+        k += n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders
+
+
+def run_models(run_dir: Path, rounds: list[int] | None = None) -> dict[str, Path]:
+    """round-<i>/model for every round whose merge finished (optionally only the listed rounds), in order."""
+    found = {}
+    for d in sorted(Path(run_dir).glob("round-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1):
+        idx = d.name.split("-")[1]
+        if not idx.isdigit() or not (d / "done" / "merge.json").is_file():
+            continue
+        if rounds is None or int(idx) in rounds:
+            found[d.name] = d / "model"
+    return found
+
+
+def self_label_agreement(run_dir: Path, gold=None) -> dict[str, float]:
+    """Per self-labelled round: the share of its judged pairs whose chosen response the gold scorer also prefers
+    (ties count 1/2). Read from the judge stage's metrics; computed from judged.jsonl when they lack it."""
+    out = {}
+    for d in sorted(Path(run_dir).glob("round-*")):
+        if not d.name.split("-")[1].isdigit() or d.name == "round-0":
+            continue
+        marker = d / "done" / "judge.json"
+        if not marker.is_file():
+            continue
+        m = json.loads(marker.read_text())
+        if "gold_agreement" in m:
+            out[d.name] = m["gold_agreement"]
+        elif gold is not None and (d / "judged.jsonl").is_file():
+            rows = [json.loads(x) for x in (d / "judged.jsonl").read_text().splitlines() if x.strip()]
+            if rows:
+                cs = [gold(r["prompt"], r["chosen"]) for r in rows]
+                rs = [gold(r["prompt"], r["rejected"]) for r in rows]
+                out[d.name] = pair_accuracy(cs, rs)
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0].split("-")[1])))
+
+
+# ---------------------------------------------------------------------------------------------
+# AlpacaEval export
+
+
+def alpaca_eval_rows(rows: list[dict], generator: str) -> list[dict]:
+    """AlpacaEval's model_outputs format: a JSON list of {"instruction", "output", "generator"} (+ "dataset" when
+    the prompt file had one), one per prompt, in the prompt file's order. Only the first sample of each prompt."""
+    out = []
+    for r in rows:
+        item = {"instruction": r["prompt"], "output": r["responses"][0], "generator": generator}
+        if "dataset" in r:
+            item["dataset"] = r["dataset"]
+        out.append(item)
+    return out
+
+
+def export_alpaca_eval(outputs: dict[str, list[dict]], prompt_rows: list[dict], folder: Path, prefix: str = "") -> list[Path]:
+    """One <folder>/<name>.json per model; pass it to `alpaca_eval --model_outputs FILE`."""
+    from selfie_lite.rundir import atomic_write_text
+
+    paths = []
+    for name, rows in outputs.items():
+        merged = [{**pr, **r} for pr, r in zip(prompt_rows, rows, strict=True)]
+        path = Path(folder) / f"{name}.json"
+        atomic_write_text(path, json.dumps(alpaca_eval_rows(merged, f"{prefix}{name}"), indent=2, ensure_ascii=False) + "\n")
+        paths.append(path)
+    return paths

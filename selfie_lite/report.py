@@ -1,0 +1,247 @@
+"""`selfie-lite report RUN_DIR`: what happened round by round, as a Rich table and a PNG.
+
+Reads: <run>/config.json, round-<i>/done/<stage>.json (the stages' metrics), round-<i>/pairs.jsonl (per-pair
+margins and who was smoothed, from train.py's pair_stats) and <run>/eval.json when `selfie-lite eval` has run.
+Writes: nothing but the PNG it is asked for. matplotlib is an optional extra (selfie-lite[plot]).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from rich.table import Table
+
+from selfie_lite.rundir import read_json, read_jsonl, stage_metrics
+
+# Per-pair keys written by train.py (TrainResult.pair_stats): the plain DPO margin z, the extrapolated margin z_g
+# that decides who is smoothed, and whether the pair was smoothed the last time it was seen.
+MARGIN_KEY, PICK_KEY, SMOOTHED_KEY = "margin", "extrapolated_margin", "smoothed"
+
+
+def _round_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    out = []
+    for d in Path(run_dir).glob("round-*"):
+        idx = d.name.split("-", 1)[1]
+        if idx.isdigit():
+            out.append((int(idx), d))
+    return sorted(out)
+
+
+def collect(run_dir: Path) -> dict:
+    """Everything the table and the figure need, from the run folder's files."""
+    run_dir = Path(run_dir)
+    rounds = []
+    for i, d in _round_dirs(run_dir):
+        metrics = stage_metrics(d)
+        if not metrics:
+            continue
+        pairs = []
+        if (d / "pairs.jsonl").is_file():
+            keep = ("pair_id", MARGIN_KEY, PICK_KEY, SMOOTHED_KEY, "low_confidence", "p_chosen", "reward_chosen",
+                    "reward_rejected")
+            pairs = [{k: r[k] for k in keep if k in r} for r in read_jsonl(d / "pairs.jsonl")]
+        rounds.append({"round": i, "metrics": metrics, "pairs": pairs})
+    ev = run_dir / "eval.json"
+    cfg = run_dir / "config.json"
+    return {
+        "run_dir": str(run_dir),
+        "config": read_json(cfg) if cfg.is_file() else {},
+        "rounds": rounds,
+        "eval": json.loads(ev.read_text()) if ev.is_file() else None,
+    }
+
+
+def _f(v, spec=".3f"):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def _eval_row(data: dict, name: str) -> dict:
+    ev = data.get("eval") or {}
+    return ev.get("models", {}).get(name, {})
+
+
+def report_table(data: dict) -> Table:
+    """One row per round (and one for the SFT model when eval.json has it)."""
+    ev = data.get("eval")
+    judge = (ev or {}).get("settings", {}).get("judge")
+    t = Table(title=f"run {data['run_dir']}", title_justify="left")
+    cols = ["round", "pairs", "gold agr", "p(chosen)", "smoothed", "loss", "margin", "reward acc", "sample len"]
+    if ev:
+        if judge:
+            cols += ["win rate", "score"]
+        cols += ["seed-pair acc", "eval len"]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "round" else "right")
+
+    def eval_cells(name):
+        if not ev:
+            return []
+        m = _eval_row(data, name)
+        cells = [_f(m.get("win_rate")), _f(m.get("mean_score"))] if judge else []
+        return cells + [_f(m.get("seed_pair_accuracy")), _f(m.get("mean_response_tokens"), ".1f")]
+
+    if ev and "sft" in ev.get("models", {}):
+        t.add_row("SFT", *["-"] * 8, *eval_cells("sft"))
+    for r in data["rounds"]:
+        m = r["metrics"]
+        s, j, tr = m.get("sample", {}), m.get("judge", {}), m.get("train", {})
+        label = f"{r['round']} (seed DPO)" if r["round"] == 0 else str(r["round"])
+        loss = f"{_f(tr.get('loss_start'))} -> {_f(tr.get('loss_end'))}" if tr else "-"
+        t.add_row(
+            label,
+            _f(tr.get("pairs", j.get("pairs")), "d") if (tr or j) else "-",
+            _f(j.get("gold_agreement")),
+            _f(j.get("mean_p_chosen")),
+            _f(tr.get("frac_smoothed"), ".2f") if r["round"] > 0 else "-",
+            loss,
+            _f(tr.get("mean_margin")),
+            _f(tr.get("reward_accuracy"), ".2f"),
+            _f(s.get("mean_response_tokens"), ".1f"),
+            *eval_cells(f"round-{r['round']}"),
+        )
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# The figure
+
+
+def plot_report(data: dict, path: Path) -> Path:
+    """A 2-row figure. Top: win rate / agreement per round, fraction smoothed, response length.
+    Bottom: one histogram per self-labelled round of the margin that picks who is smoothed (z_g),
+    smoothed pairs against kept ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = data["rounds"]
+    ev = data.get("eval") or {}
+    ev_models = ev.get("models", {})
+    judge = ev.get("settings", {}).get("judge")
+    self_rounds = [r for r in rounds if r["round"] > 0 and r["pairs"]]
+    n_hist = max(1, len(self_rounds))
+    fig = plt.figure(figsize=(max(13, 4.2 * n_hist), 8.6), layout="constrained")
+    grid = fig.add_gridspec(2, max(3, n_hist) * 2)
+    top_w = max(3, n_hist) * 2 // 3
+    ax_win = fig.add_subplot(grid[0, 0:top_w])
+    ax_sm = fig.add_subplot(grid[0, top_w : 2 * top_w])
+    ax_len = fig.add_subplot(grid[0, 2 * top_w :])
+    hist_w = max(3, n_hist) * 2 // n_hist
+    hist_axes = [fig.add_subplot(grid[1, k * hist_w : (k + 1) * hist_w]) for k in range(n_hist)]
+
+    # x positions: SFT at -1, round i at i.
+    xs_all = [-1] + [r["round"] for r in rounds]
+    labels = {-1: "SFT", 0: "0\nseed DPO"}
+
+    def setup_x(ax):
+        ax.set_xticks(xs_all, [labels.get(x, str(x)) for x in xs_all])
+        ax.set_xlim(min(xs_all) - 0.5, max(xs_all) + 0.5)
+        ax.grid(axis="y", alpha=0.3)
+
+    # 1. Win rate against SFT, plus the other accuracies in [0, 1].
+    series = []
+    if judge:
+        series.append(("win rate vs SFT (" + judge.split(":")[0] + ")", "win_rate", "tab:blue", "o", 8))
+    series.append(("seed-pair accuracy (held-out pairs)", "seed_pair_accuracy", "tab:green", "s", -13))
+    shown = []
+    for label, key, color, marker, dy in series:
+        pts = [(x, ev_models.get("sft" if x == -1 else f"round-{x}", {}).get(key)) for x in xs_all]
+        pts = [(x, y) for x, y in pts if y is not None]
+        if pts:
+            ax_win.plot(*zip(*pts, strict=True), marker=marker, color=color, label=label, lw=2)
+            shown += [y for _, y in pts]
+            if key == "win_rate":  # numbers on the headline series only: three labelled lines would collide
+                for x, y in pts:
+                    ax_win.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, dy), ha="center",
+                                    fontsize=8, color=color)
+    gold = [(r["round"], r["metrics"].get("judge", {}).get("gold_agreement")) for r in rounds]
+    gold = [(x, y) for x, y in gold if y is not None]
+    if gold:
+        ax_win.plot(*zip(*gold, strict=True), marker="^", color="tab:purple", lw=2, ls="--",
+                    label="self-labels agreeing with gold")
+        shown += [y for _, y in gold]
+    ax_win.axhline(0.5, color="grey", lw=1, ls=":")
+    lo, hi = min(shown + [0.5]), max(shown + [0.5])
+    ax_win.set_ylim(max(0.0, lo - 0.1), min(1.02, hi + 0.1))  # zoomed: the differences are often a few points
+    ax_win.set_title("Win rate and label quality per round")
+    ax_win.set_ylabel("fraction (0.5 = coin flip / tie with SFT)")
+    setup_x(ax_win)
+    if ax_win.get_legend_handles_labels()[0]:
+        ax_win.legend(loc="best", fontsize=8, framealpha=0.9)
+    if not ev_models:
+        ax_win.text(0.5, 0.5, "no eval.json yet:\nrun `selfie-lite eval RUN_DIR`", transform=ax_win.transAxes,
+                    ha="center", va="center", color="grey")
+
+    # 2. Fraction of pairs smoothed (after the warm-up), per self-labelled round.
+    sm = [(r["round"], r["metrics"].get("train", {}).get("frac_smoothed")) for r in rounds if r["round"] > 0]
+    sm = [(x, y) for x, y in sm if y is not None]
+    if sm:
+        bars = ax_sm.bar([x for x, _ in sm], [y for _, y in sm], color="tab:orange", width=0.6)
+        ax_sm.bar_label(bars, fmt="%.2f", fontsize=8)
+        top = max(y for _, y in sm)
+        ax_sm.set_ylim(0, max(0.2, top * 1.3))
+    target = data.get("config", {}).get("refine", {}).get("low_conf_frac")
+    if target is not None:
+        ax_sm.axhline(target, color="grey", ls=":", lw=1, label=f"K = {target:g} (target share)")
+        ax_sm.legend(loc="upper right", fontsize=8)
+    ax_sm.set_title("Fraction of pairs smoothed (after warm-up)")
+    ax_sm.set_xlabel("round")
+    xs_sm = [r["round"] for r in rounds if r["round"] > 0] or [1]
+    ax_sm.set_xticks(xs_sm)
+    ax_sm.set_xlim(min(xs_sm) - 0.6, max(xs_sm) + 0.6)
+    ax_sm.grid(axis="y", alpha=0.3)
+
+    # 3. Response length: eval outputs of each model, and the round's own samples (drawn from the previous model).
+    le = [(x, ev_models.get("sft" if x == -1 else f"round-{x}", {}).get("mean_response_tokens")) for x in xs_all]
+    le = [(x, y) for x, y in le if y is not None]
+    if le:
+        ax_len.plot(*zip(*le, strict=True), marker="o", lw=2, color="tab:blue", label="eval outputs of this model")
+    samp = [(r["round"] - 1, r["metrics"].get("sample", {}).get("mean_response_tokens")) for r in rounds]
+    samp = [(x, y) for x, y in samp if y is not None]
+    if samp:
+        ax_len.plot(*zip(*samp, strict=True), marker="s", lw=2, ls="--", color="tab:gray",
+                    label="training samples drawn from it")
+    ax_len.set_title("Mean response length")
+    ax_len.set_ylabel("tokens")
+    ax_len.set_ylim(bottom=0)
+    setup_x(ax_len)
+    if le or samp:
+        ax_len.legend(loc="lower right", fontsize=8)
+
+    # 4. Margins of smoothed vs kept pairs.
+    for ax, r in zip(hist_axes, self_rounds or [None], strict=False):
+        if r is None:
+            ax.text(0.5, 0.5, "no self-labelled round trained yet", ha="center", va="center", color="grey",
+                    transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        key = PICK_KEY if any(PICK_KEY in p for p in r["pairs"]) else MARGIN_KEY
+        kept = [p[key] for p in r["pairs"] if key in p and not p.get(SMOOTHED_KEY)]
+        smoothed = [p[key] for p in r["pairs"] if key in p and p.get(SMOOTHED_KEY)]
+        values = kept + smoothed
+        if not values:
+            ax.text(0.5, 0.5, "no per-pair margins", ha="center", va="center", transform=ax.transAxes)
+            continue
+        lo, hi = min(values), max(values)
+        bins = [lo + (hi - lo) * k / 40 for k in range(41)] if hi > lo else 10
+        ax.hist(kept, bins=bins, color="tab:blue", alpha=0.6, label=f"kept ({len(kept)})")
+        ax.hist(smoothed, bins=bins, color="tab:orange", alpha=0.9, label=f"smoothed ({len(smoothed)})")
+        ax.axvline(0, color="black", lw=0.8)
+        lam = r["metrics"].get("train", {}).get("lam")
+        ax.set_title(f"round {r['round']}: margins" + (f" (lambda = {lam:g})" if lam is not None else ""))
+        ax.set_xlabel("extrapolated margin z_g (decides smoothing)" if key == PICK_KEY else "DPO margin z")
+        ax.set_ylabel("pairs")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+
+    fig.suptitle(f"selfie-lite run {Path(data['run_dir']).name}", fontsize=13)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,322 @@
+"""`selfie-lite eval`: win-rate arithmetic, the judges, seed-pair accuracy, the AlpacaEval export, and the command
+end to end on small random models built here (no tiny-preset build, no hub)."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from selfie_lite import cli_eval
+from selfie_lite.errors import UserError
+from selfie_lite.evaluate import (
+    EvalSettings,
+    OracleJudge,
+    RewardModelJudge,
+    alpaca_eval_rows,
+    evaluate_models,
+    export_alpaca_eval,
+    implicit_rewards,
+    load_prompts,
+    pair_accuracy,
+    parse_judge,
+    self_label_agreement,
+    win_rate,
+)
+from selfie_lite.tiny import task as T
+
+app = typer.Typer()
+app.command("eval")(cli_eval.eval_cmd)
+app.command("report")(cli_eval.report_cmd)
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+# ---------------------------------------------------------------------------------------------
+# Arithmetic
+
+
+def test_win_rate_counts_ties_half():
+    r = win_rate([1.0, 0.5, 0.2, 0.7], [0.5, 0.5, 0.9, 0.7])  # win, tie, loss, tie
+    assert r == {"win_rate": (1 + 0.5 * 2) / 4, "wins": 1, "ties": 2, "losses": 1, "n": 4}
+    assert win_rate([0.3] * 5, [0.3] * 5)["win_rate"] == 0.5  # a model against itself
+    assert win_rate([1, 1, 1], [0, 0, 0])["win_rate"] == 1.0
+    with pytest.raises(ValueError):
+        win_rate([1.0], [1.0, 2.0])
+
+
+def test_seed_pair_accuracy_by_hand():
+    # Three held-out pairs; log-probs of chosen/rejected under the model and under the SFT model.
+    beta = 0.1
+    pol_c, pol_r = [-10.0, -8.0, -5.0], [-12.0, -6.0, -5.0]
+    ref_c, ref_r = [-11.0, -7.0, -6.0], [-11.0, -7.0, -6.0]
+    rc, rr = implicit_rewards(pol_c, ref_c, beta), implicit_rewards(pol_r, ref_r, beta)
+    assert rc == pytest.approx([0.1, -0.1, 0.1]) and rr == pytest.approx([-0.1, 0.1, 0.1])
+    # pair 1 right, pair 2 wrong, pair 3 a tie (1/2)
+    assert pair_accuracy(rc, rr) == pytest.approx(0.5)
+    assert pair_accuracy([0.2, 0.3], [0.1, 0.0]) == 1.0
+    # The SFT model against itself: every reward is 0, every pair a tie.
+    z = implicit_rewards(ref_c, ref_c, beta)
+    assert pair_accuracy(z, z) == 0.5
+
+
+class FakeBackend:
+    """Canned samples and log-probs: model 'good' answers right and prefers chosen responses."""
+
+    def __init__(self, answers: dict[str, dict[str, str]], logps: dict[str, dict[str, float]]):
+        self.answers, self.logps, self.loaded = answers, logps, []
+
+    def load(self, model_dir):
+        self.loaded.append(Path(model_dir).name)
+        return Path(model_dir).name, None
+
+    def generate(self, model, tok, prompts, *, num_samples, temperature, top_p, max_new_tokens, batch_size, seed):
+        return [{"prompt": p, "responses": [self.answers[model][p]] * num_samples,
+                 "response_ids": [[1] * len(self.answers[model][p].split())] * num_samples} for p in prompts]
+
+    def sequence_logps(self, model, sequences, *, batch_size):
+        return [self.logps[model][resp] for _, resp in sequences]
+
+    def free(self, *objs):
+        pass
+
+
+def test_evaluate_models_on_canned_outputs(monkeypatch):
+    prompts = ["Add 2 and 3.", "Reverse the word cat."]
+    answers = {
+        "sft": {prompts[0]: "The answer is 6.", prompts[1]: "The answer is tac."},
+        "good": {prompts[0]: "The answer is 5.", prompts[1]: "The answer is tac."},
+    }
+    pairs = [{"prompt": prompts[0], "chosen": "c1", "rejected": "r1"}, {"prompt": prompts[1], "chosen": "c2", "rejected": "r2"}]
+    # "Token ids" stand for the response text so the fake backend can look the log-prob up.
+    monkeypatch.setattr("selfie_lite.evaluate.pair_sequences",
+                        lambda tok, ps: [((), p["chosen"]) for p in ps] + [((), p["rejected"]) for p in ps])
+    logps = {
+        "sft": {"c1": -5.0, "r1": -5.0, "c2": -4.0, "r2": -4.0},
+        "good": {"c1": -4.0, "r1": -6.0, "c2": -4.5, "r2": -3.0},  # pair 1 right, pair 2 wrong
+    }
+    be = FakeBackend(answers, logps)
+    res = evaluate_models(be, {"sft": Path("sft"), "good": Path("good")}, Path("sft"), prompts, OracleJudge(),
+                          EvalSettings(), pairs=pairs)
+    assert be.loaded == ["sft", "good"]  # the baseline is the SFT row: sampled once
+    sft, good = res["models"]["sft"], res["models"]["good"]
+    assert sft["win_rate"] == 0.5 and sft["seed_pair_accuracy"] == 0.5
+    # good wins prompt 1 (right vs wrong), ties prompt 2 (same answer)
+    assert (good["wins"], good["ties"], good["losses"]) == (1, 1, 0) and good["win_rate"] == 0.75
+    assert good["mean_score"] == pytest.approx(1.0) and good["baseline_mean_score"] == pytest.approx((0.4 + 1.0) / 2)
+    assert good["seed_pair_accuracy"] == 0.5
+    assert good["mean_response_words"] == 4.0
+    assert res["outputs"]["good"][0]["scores"] == [1.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Judges
+
+
+def test_oracle_judge_scores_and_refuses_foreign_prompts():
+    j = OracleJudge()
+    p = "What is 4 plus 5?"
+    assert j.score([p, p, p], ["The answer is 9.", "9", "The answer is 8."]) == [1.0, 0.75, 0.4]
+    j.check([p])
+    with pytest.raises(UserError, match="oracle judge scores only"):
+        j.check(["Write a poem about the sea."])
+    assert isinstance(parse_judge("oracle"), OracleJudge) and parse_judge(None) is None
+    with pytest.raises(UserError, match="unknown judge"):
+        parse_judge("gpt4")
+    with pytest.raises(UserError, match="does not exist"):
+        parse_judge("reward-model:/no/such/rm")
+
+
+# Small random models built in the test ------------------------------------------------------------
+
+
+def _texts(n=300, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = T.make_prompt(rng)
+        out += [p, T.random_response(p, rng)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_models(tmp_path_factory):
+    """A tokenizer with the tiny chat template, two random causal LMs and a random 1-logit reward model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from selfie_lite.tiny.build import train_tokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    tok = train_tokenizer(_texts())
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                max_position_embeddings=128, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    paths = {}
+    for name, seed in (("lm-a", 0), ("lm-b", 1)):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(LlamaConfig(**dims)).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        paths[name] = root / name
+    torch.manual_seed(2)
+    LlamaForSequenceClassification(LlamaConfig(**dims, num_labels=1)).save_pretrained(root / "rm")
+    tok.save_pretrained(root / "rm")
+    paths["rm"] = root / "rm"
+    torch.manual_seed(3)
+    LlamaForSequenceClassification(LlamaConfig(**dims, num_labels=3)).save_pretrained(root / "rm3")
+    tok.save_pretrained(root / "rm3")
+    paths["rm3"] = root / "rm3"
+    return paths
+
+
+def test_reward_model_judge_matches_a_plain_forward_whatever_the_batch(small_models):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rng = random.Random(5)
+    prompts = [T.make_prompt(rng) for _ in range(7)]
+    responses = [T.random_response(p, rng) + " extra words" * k for k, p in enumerate(prompts)]  # varied lengths
+    judge = parse_judge(f"reward-model:{small_models['rm']}", batch_size=3)
+    assert isinstance(judge, RewardModelJudge) and judge.name.startswith("reward-model:")
+    batched = judge.score(prompts, responses)
+    one_by_one = [judge.score([p], [r])[0] for p, r in zip(prompts, responses, strict=True)]
+    assert batched == pytest.approx(one_by_one, abs=1e-5)
+    assert len(set(round(s, 6) for s in batched)) > 1  # a real model: the scores differ
+
+    tok = AutoTokenizer.from_pretrained(small_models["rm"])
+    model = AutoModelForSequenceClassification.from_pretrained(small_models["rm"]).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": prompts[0]}, {"role": "assistant", "content": responses[0]}],
+                                   tokenize=False)
+    assert text.startswith("<s><|user|>") and text.endswith("</s>")
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        direct = model(input_ids=ids).logits[0, 0].item()
+    assert batched[0] == pytest.approx(direct, abs=1e-5)
+    judge.close()
+
+    with pytest.raises(UserError, match="3 output labels"):
+        parse_judge(f"reward-model:{small_models['rm3']}").score(prompts[:1], responses[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# AlpacaEval export
+
+
+def test_alpaca_eval_export_format(tmp_path):
+    prompt_rows = load_prompts(_write(tmp_path / "ae.json", json.dumps([
+        {"instruction": "What is 1 plus 1?", "dataset": "helpful_base", "output": "reference", "generator": "gpt4"},
+        {"instruction": "Name a colour.", "dataset": "koala"},
+    ])))
+    assert [r["prompt"] for r in prompt_rows] == ["What is 1 plus 1?", "Name a colour."]
+    outputs = {"round-3": [{"prompt": "What is 1 plus 1?", "responses": ["2", "two"]},
+                           {"prompt": "Name a colour.", "responses": ["Blue."]}]}
+    (path,) = export_alpaca_eval(outputs, prompt_rows, tmp_path / "out", prefix="myrun-")
+    assert path == tmp_path / "out" / "round-3.json"
+    data = json.loads(path.read_text())
+    assert data == [
+        {"instruction": "What is 1 plus 1?", "output": "2", "generator": "myrun-round-3", "dataset": "helpful_base"},
+        {"instruction": "Name a colour.", "output": "Blue.", "generator": "myrun-round-3", "dataset": "koala"},
+    ]
+    assert alpaca_eval_rows([{"prompt": "p", "responses": ["r"]}], "g") == [{"instruction": "p", "output": "r", "generator": "g"}]
+
+
+def test_load_prompts_reads_jsonl_and_names_bad_rows(tmp_path):
+    assert load_prompts(_write(tmp_path / "p.jsonl", '{"prompt": "a"}\n\n{"instruction": "b"}\n')) == [
+        {"prompt": "a"}, {"instruction": "b", "prompt": "b"}]
+    with pytest.raises(UserError, match="row 2"):
+        load_prompts(_write(tmp_path / "bad.jsonl", '{"prompt": "a"}\n{"text": "b"}\n'))
+    with pytest.raises(UserError, match="does not exist"):
+        load_prompts(tmp_path / "none.jsonl")
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def _prompt_file(tmp_path, n=6):
+    rng = random.Random(1)
+    return _write(tmp_path / "prompts.jsonl", "".join(json.dumps({"prompt": T.make_prompt(rng)}) + "\n" for _ in range(n)))
+
+
+def _pair_file(tmp_path, n=8):
+    rng = random.Random(2)
+    rows = []
+    for _ in range(n):
+        p = T.make_prompt(rng)
+        rows.append({"prompt": p, "chosen": T.make_response(p, rng, "canonical", True),
+                     "rejected": T.make_response(p, rng, "ramble", False)})
+    return _write(tmp_path / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_eval_command_on_model_folders(small_models, tmp_path):
+    out = tmp_path / "ev"
+    r = invoke("eval", small_models["lm-a"], small_models["lm-b"], "--baseline", small_models["lm-a"],
+               "--prompts", _prompt_file(tmp_path), "--pairs", _pair_file(tmp_path), "--judge", "oracle",
+               "--max-new-tokens", "6", "--temperature", "1.0", "--export", "alpaca-eval", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "win rate" in r.output and "seed-pair acc" in r.output and "lm-b" in r.output
+    res = json.loads((out / "eval.json").read_text())
+    assert set(res["models"]) == {"lm-a", "lm-b"}
+    a, b = res["models"]["lm-a"], res["models"]["lm-b"]
+    assert a["win_rate"] == 0.5 and a["seed_pair_accuracy"] == 0.5  # the baseline against itself
+    assert b["n"] == 6 and 0 <= b["win_rate"] <= 1 and 0 <= b["seed_pair_accuracy"] <= 1
+    assert res["settings"]["temperature"] == 1.0 and res["settings"]["judge"] == "oracle"
+    rows = [json.loads(x) for x in (out / "eval" / "outputs" / "lm-b.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(len(x["responses"]) == 1 and "scores" in x for x in rows)
+    ae = json.loads((out / "eval" / "alpaca-eval" / "lm-b.json").read_text())
+    assert len(ae) == 6 and set(ae[0]) == {"instruction", "output", "generator"} and ae[0]["generator"] == "lm-b"
+
+    # The same seed gives the same outputs; a reward-model judge works through the same command.
+    out2 = tmp_path / "ev2"
+    r = invoke("eval", small_models["lm-b"], "--baseline", small_models["lm-a"], "--prompts", _prompt_file(tmp_path),
+               "--judge", f"reward-model:{small_models['rm']}", "--max-new-tokens", "6", "--temperature", "1.0",
+               "--out", out2)
+    assert r.exit_code == 0, r.output
+    rows2 = [json.loads(x) for x in (out2 / "eval" / "outputs" / "lm-b.jsonl").read_text().splitlines()]
+    assert [x["responses"] for x in rows2] == [x["responses"] for x in rows]
+    res2 = json.loads((out2 / "eval.json").read_text())
+    assert res2["settings"]["judge"].startswith("reward-model:") and "seed_pair_accuracy" not in res2["models"]["lm-b"]
+
+
+BAD = [
+    (["nowhere"], "nowhere does not exist"),
+    (["{a}", "--export", "csv"], "the only export format is alpaca-eval"),
+    (["{a}", "--temperature", "0"], "--temperature must be > 0"),
+    (["{a}", "--judge", "gpt4", "--baseline", "{a}", "--prompts", "{p}"], "unknown judge"),
+    (["{a}", "--judge", "reward-model:/nope", "--baseline", "{a}", "--prompts", "{p}"], "does not exist"),
+    (["{a}", "--rounds", "1", "--baseline", "{a}", "--prompts", "{p}"], "applies to a run folder only"),
+    (["{a}", "--judge", "oracle", "--baseline", "{a}", "--prompts", "{foreign}"], "oracle judge scores only"),
+    (["{tmp}", "--baseline", "{a}", "--prompts", "{p}"], "neither a run folder nor a model folder"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_eval_bad_input_is_one_line_and_exit_2(args, message, small_models, tmp_path):
+    foreign = _write(tmp_path / "foreign.jsonl", '{"prompt": "Write a poem about the sea."}\n')
+    subs = {"{a}": str(small_models["lm-a"]), "{p}": str(_prompt_file(tmp_path)), "{foreign}": str(foreign),
+            "{tmp}": str(tmp_path)}
+    r = invoke("eval", *[subs.get(a, a) for a in args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+
+
+def test_self_label_agreement_reads_the_judge_metrics_or_recomputes(tmp_path):
+    for i, m in ((1, {"pairs": 2, "gold_agreement": 0.75}), (2, {"pairs": 2})):
+        (tmp_path / f"round-{i}" / "done").mkdir(parents=True)
+        (tmp_path / f"round-{i}" / "done" / "judge.json").write_text(json.dumps(m))
+    p = "What is 4 plus 5?"
+    (tmp_path / "round-2" / "judged.jsonl").write_text(
+        json.dumps({"prompt": p, "chosen": "The answer is 9.", "rejected": "9"}) + "\n"
+        + json.dumps({"prompt": p, "chosen": "The answer is 8.", "rejected": "The answer is 9."}) + "\n")
+    assert self_label_agreement(tmp_path, T.score) == {"round-1": 0.75, "round-2": 0.5}
+    assert self_label_agreement(tmp_path) == {"round-1": 0.75}

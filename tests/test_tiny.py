@@ -1,0 +1,245 @@
+"""The tiny preset: oracle, data generation, and one real build (about 2 minutes, once per session)."""
+
+import json
+import random
+import time
+
+import pytest
+
+from selfie_lite.tiny import build as B
+from selfie_lite.tiny import build_tiny, data_hash, default_cache_dir, generate_data, sft_report
+from selfie_lite.tiny import task as T
+
+# ---------------------------------------------------------------------------------------------
+# Oracle on hand-written responses, one row per task kind
+
+CASES = [
+    # kind, prompt, true answer, a wrong answer
+    ("add", "Add 3 and 5.", "8", "9"),
+    ("add", "What is 7 plus 9?", "16", "15"),
+    ("larger", "Which is larger, 4 or 17?", "17", "4"),
+    ("sort", "Sort these digits: 4 1 3.", "1 3 4", "4 3 1"),
+    ("count", "How many words are in: cat dog sun?", "3", "2"),
+    ("reverse", "Reverse the order of: cat dog sun.", "sun dog cat", "cat dog sun"),
+    ("upper", "Write fish in capital letters.", "FISH", "Fish"),
+    ("repeat", "Repeat the word moon three times.", "moon moon moon", "moon moon"),
+]
+
+
+@pytest.mark.parametrize("kind,prompt,answer,wrong", CASES)
+def test_oracle_parses_each_kind(kind, prompt, answer, wrong):
+    task = T.parse_prompt(prompt)
+    assert (task.kind, task.answer) == (kind, answer)
+
+
+@pytest.mark.parametrize("kind,prompt,answer,wrong", CASES)
+def test_oracle_scores_hand_written_responses(kind, prompt, answer, wrong):
+    def verdict(response):
+        d = T.score_details(prompt, response)
+        return d["correct"], d["formatted"], d["concise"], d["score"]
+
+    assert verdict(f"The answer is {answer}.") == (True, True, True, 1.0)
+    assert verdict(f"The answer is {wrong}.") == (False, True, True, 0.4)
+    assert verdict(answer) == (True, False, True, 0.75)  # right but not in the required format
+    assert verdict(f"the answer is {answer}") == (True, False, True, 0.75)
+    assert verdict(f"Sure! The answer is {answer}.") == (True, True, False, 0.85)  # filler: still good
+    assert verdict(f"The answer is {answer}. Hope this helps!") == (True, False, False, 0.6)
+    rambling = f"Okay, let me see. I went through it slowly and carefully, so the result is {answer}."
+    assert verdict(rambling) == (True, False, False, 0.6)
+    assert verdict(f"Hmm, hard one. Well, maybe the result is {wrong}.") == (False, False, False, 0.0)
+    assert verdict("") == (False, False, False, 0.0)
+    assert T.score(prompt, f"The answer is {answer}.") >= T.GOOD_SCORE > T.score(prompt, answer)
+
+
+def test_oracle_edge_cases():
+    p = "Add 3 and 5."
+    assert T.score_details(p, "The answer is 8. The answer is 8.")["formatted"] is False  # one answer only
+    assert T.score_details(p, "The answer is 7. The answer is 8.")["correct"] is True  # the last one counts
+    assert T.score_details(p, "Answer: 8")["correct"] is True
+    assert T.score_details(p, "  The answer is 8.\n")["score"] == 1.0
+    assert T.score("Write cat in capital letters.", "The answer is cat.") == 0.4  # case matters
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["Tell me a joke.", "Add 3 and 5", "add 3 and 5.", "Which is larger, 4 or 4?", "Reverse this list: cat cat.", ""],
+)
+def test_oracle_rejects_unknown_prompts(prompt):
+    with pytest.raises(ValueError, match="not a tiny-preset prompt"):
+        T.score(prompt, "The answer is 8.")
+
+
+def test_generators_hit_the_intended_quality():
+    rng = random.Random(1)
+    expected = {"canonical": (True, True), "filler": (True, False), "bare": (False, True), "loose": (False, True)}
+    expected |= {"trailing": (False, False), "ramble": (False, False)}
+    kinds = set()
+    for _ in range(300):
+        prompt = T.make_prompt(rng)
+        kinds.add(T.parse_prompt(prompt).kind)
+        for style, (formatted, concise) in expected.items():
+            for correct in (True, False):
+                d = T.score_details(prompt, T.make_response(prompt, rng, style, correct))
+                assert (d["correct"], d["formatted"]) == (correct, formatted), (prompt, style)
+                if correct:  # a wrong answer may also be too long (e.g. a word said three times, not two)
+                    assert d["concise"] == concise, (prompt, style)
+    assert kinds == set(T.KINDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@pytest.fixture(scope="module")
+def data():
+    return generate_data()
+
+
+def test_generate_data_is_deterministic(data):
+    assert data_hash(generate_data()) == data_hash(data)
+    assert data_hash(generate_data(seed=1)) != data_hash(data)
+    assert {k: len(v) for k, v in data.items()} == {
+        "preferences": B.N_PREFERENCES,
+        "eval_prompts": B.N_EVAL,
+        "val_prompts": B.N_VAL,
+        "sft": B.N_SFT,
+    }
+
+
+def test_preference_rows_are_well_formed(data):
+    keys = {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
+    for row in data["preferences"]:
+        assert set(row) == keys
+        assert all(isinstance(row[k], str) and row[k] for k in ("prompt", "chosen", "rejected"))
+        assert row["score_chosen"] == T.score(row["prompt"], row["chosen"])
+        assert row["score_rejected"] == T.score(row["prompt"], row["rejected"])
+        assert row["score_chosen"] > row["score_rejected"]
+    kinds = {T.parse_prompt(r["prompt"]).kind for r in data["preferences"]}
+    assert kinds == set(T.KINDS)
+    good_chosen = sum(r["score_chosen"] >= T.GOOD_SCORE for r in data["preferences"]) / len(data["preferences"])
+    assert 0.3 < good_chosen < 0.9  # gold labels carry signal, and not every pair is trivial
+
+
+def test_held_out_prompts_are_disjoint(data):
+    eval_p = [r["prompt"] for r in data["eval_prompts"]]
+    val_p = [r["prompt"] for r in data["val_prompts"]]
+    train_p = {r["prompt"] for r in data["preferences"]} | {r["prompt"] for r in data["sft"]}
+    assert len(set(eval_p)) == len(eval_p) and len(set(val_p)) == len(val_p)
+    assert not set(eval_p) & set(val_p)
+    assert not (set(eval_p) | set(val_p)) & train_p
+    for p in eval_p + val_p:
+        T.parse_prompt(p)  # every held-out prompt is one the oracle can score
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("SELFIE_LITE_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "tiny-v1"
+    monkeypatch.delenv("SELFIE_LITE_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "selfie-lite" / "tiny-v1"
+
+
+def test_tokenizer_round_trips_with_chat_template(data, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = B.train_tokenizer(B.tokenizer_corpus(data))
+    assert len(tok) == B.VOCAB_SIZE
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "Add 3 and 5."}, {"role": "assistant", "content": "The answer is 8."}]
+    text = again.apply_chat_template(messages, tokenize=False)
+    assert text == "<s><|user|>Add 3 and 5.<|assistant|>The answer is 8.</s>"
+    full = B.chat_ids(again, "Add 3 and 5.", "The answer is 8.")
+    prompt = B.chat_ids(again, "Add 3 and 5.")
+    assert full == B.chat_ids(tok, "Add 3 and 5.", "The answer is 8.")
+    assert full[: len(prompt)] == prompt and prompt[-1] == again.convert_tokens_to_ids("<|assistant|>")
+    assert full[-1] == again.eos_token_id and again.pad_token_id not in (again.eos_token_id, None)
+    assert again.decode(full[len(prompt) :], skip_special_tokens=True) == "The answer is 8."
+    assert len(again(" " + " ".join(T.WORDS))["input_ids"]) == len(T.WORDS)  # one token per task word
+
+
+def test_interrupted_build_leaves_nothing(tmp_path):
+    target = tmp_path / "tiny-v1"
+    stale = tmp_path / ".tiny-v1.tmp-999999999-abc"  # left by a build whose process died
+    stale.mkdir()
+
+    def stop(stage, fraction):
+        if stage == "sft":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_tiny(target, progress=stop)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# One real build for the session (about 2 minutes on 2 cores)
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory):
+    stages = []
+    root = tmp_path_factory.mktemp("cache") / "tiny-v1"
+    built = build_tiny(root, progress=lambda stage, frac: stages.append((stage, frac)))
+    return built, stages
+
+
+def test_build_writes_a_complete_preset(preset, data):
+    built, stages = preset
+    assert built.model_dir == built.root / "sft-model"
+    assert built.manifest == json.loads((built.root / "manifest.json").read_text())
+    assert built.manifest["data_sha256"] == data_hash(data)
+    for name in ("preferences", "eval_prompts", "val_prompts", "sft"):
+        assert B.read_jsonl(built.root / f"{name}.jsonl") == data[name]
+        assert built.manifest["files"][f"{name}.jsonl"]["rows"] == len(data[name])
+    assert (built.preferences, built.eval_prompts, built.val_prompts) == tuple(
+        built.root / f"{n}.jsonl" for n in ("preferences", "eval_prompts", "val_prompts")
+    )
+    assert [p.name for p in built.root.parent.iterdir()] == ["tiny-v1"]  # no temp folder left behind
+    fractions = [f for _, f in stages]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert {s for s, _ in stages} >= {"data", "tokenizer", "sft", "done"}
+    assert built.manifest["build_seconds"]["total"] > 0 and built.manifest["versions"]["torch"]
+
+    t0 = time.perf_counter()
+    again = build_tiny(built.root)  # already built: returns at once
+    assert time.perf_counter() - t0 < 1.0 and again == built
+
+
+def test_built_model_loads_and_chats(preset):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    built, _ = preset
+    assert (built.model_dir / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(built.model_dir)
+    tok = AutoTokenizer.from_pretrained(built.model_dir)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == built.manifest["model"]["params"] and 2e5 < n_params < 5e6
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    assert model.generation_config.pad_token_id == tok.pad_token_id
+
+    messages = [{"role": "user", "content": "Add 3 and 5."}]
+    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=32)
+    new = out[0, len(ids) :].tolist()
+    assert tok.eos_token_id in new  # the assistant turn ends
+    reply = tok.decode(new, skip_special_tokens=True)
+    assert T.score_details("Add 3 and 5.", reply)["formatted"]  # greedy follows the dominant format
+
+
+def test_sft_model_quality_is_in_the_band(preset):
+    built, _ = preset
+    report = sft_report(built, n_prompts=200)
+    assert 1 / 3 <= report["frac_good"] <= 2 / 3, report
+    assert report["frac_correct"] > report["frac_good"] + 0.05  # formatting leaves room for DPO
+    assert report["frac_formatted"] < 0.9 and report["frac_concise"] < 0.95
+    assert 0 < report["mean_score"] < 1 and report["frac_finished"] > 0.95
+    assert 2 < report["mean_length_tokens"] < 30 and report["tokens_per_s"] > 0
+    assert set(report["frac_good_by_kind"]) == set(T.KINDS)
+    again = sft_report(built, n_prompts=200)
+    assert {k: v for k, v in again.items() if k != "tokens_per_s"} == {
+        k: v for k, v in report.items() if k != "tokens_per_s"
+    }
