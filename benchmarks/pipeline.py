@@ -33,7 +33,7 @@ def bare_generate(model, tok, prompt_ids, batch_size, max_new_tokens, temperatur
         batch = prompt_ids[s : s + batch_size]
         enc = tok.pad({"input_ids": batch}, padding=True, return_tensors="pt", padding_side="left")
         with torch.inference_mode():
-            out = model.generate(**enc.to(model.device), do_sample=True, temperature=temperature, top_p=top_p,
+            out = model.generate(**enc.to(model.device), do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                                  max_new_tokens=max_new_tokens, num_return_sequences=k, pad_token_id=tok.pad_token_id)
         for row in out[:, enc["input_ids"].shape[1] :].tolist():
             tokens += next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
