@@ -172,6 +172,16 @@ def test_interrupted_build_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_unwritable_cache_is_a_run_error(tmp_path):
+    from selfie_lite.errors import RunError
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with pytest.raises(RunError, match="could not build the tiny preset") as err:
+        build_tiny(blocker / "tiny-v1")
+    assert "SELFIE_LITE_CACHE" in err.value.hint
+
+
 # ---------------------------------------------------------------------------------------------
 # One real build for the session (about 2 minutes on 2 cores)
 

@@ -21,9 +21,11 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfie_lite.errors import RunError
 from selfie_lite.tiny import task as T
 
 PRESET_NAME = "tiny-v1"
@@ -37,8 +39,10 @@ N_SFT = 12000
 # temperature 0.7 are "good" (correct and formatted) about half the time (see sft_report).
 SFT_STYLE_WEIGHTS = {"canonical": 0.30, "filler": 0.12, "bare": 0.14, "loose": 0.14, "trailing": 0.15, "ramble": 0.15}
 SFT_P_CORRECT = 0.8
-# Gold pairs come from other "models": uniform styles, 60% right, like UltraFeedback's mixed sources.
+# Gold pairs are binarized like UltraFeedback's: PREF_CANDIDATES responses from other "models" (uniform
+# styles, PREF_P_CORRECT right), chosen = the best, rejected = a random one scored strictly lower.
 PREF_P_CORRECT = 0.6
+PREF_CANDIDATES = 4
 
 SPECIAL_TOKENS = {
     "pad": "<pad>",
@@ -69,9 +73,9 @@ MODEL_CONFIG = {
     "max_position_embeddings": 256,
     "tie_word_embeddings": True,
 }
-# Two thin layers and many small steps beat a deeper or wider model per CPU-second here (0.49M params,
-# about 60-70 s of one core; a 4th epoch adds ~3 points of frac_good for 25% more time).
-SFT_TRAIN = {"epochs": 3, "batch_size": 32, "learning_rate": 4e-3, "warmup_steps": 50, "weight_decay": 0.0, "seed": 0}
+# Two thin layers and many small steps beat a deeper or wider model per CPU-second here (0.49M params, about
+# 80 s of one core). Three epochs were not enough: frac_good then swung 0.35-0.50 with the data seed.
+SFT_TRAIN = {"epochs": 4, "batch_size": 32, "learning_rate": 5e-3, "warmup_steps": 50, "weight_decay": 0.0, "seed": 0}
 MAX_SEQ_TOKENS = 64
 
 
@@ -109,50 +113,49 @@ def _preset_at(root: Path) -> TinyPreset:
 
 def generate_data(seed: int = DATA_SEED) -> dict[str, list[dict]]:
     """Eval, val, preference and SFT rows; eval and val prompts appear nowhere else."""
-    rng = random.Random(seed)
+    # One random stream per part, so that changing how one part is drawn leaves the others as they were.
+    held_rng, pref_rng, sft_rng = (random.Random(f"{seed}/{part}") for part in ("held-out", "preferences", "sft"))
+    held_out: list[str] = []
+    while len(held_out) < N_EVAL + N_VAL:
+        p = T.make_prompt(held_rng)
+        if p not in held_out:
+            held_out.append(p)
+    held_set = set(held_out)
 
-    def fresh(n: int, taken: set[str]) -> list[str]:
-        out: list[str] = []
-        while len(out) < n:
-            p = T.make_prompt(rng)
-            if p not in taken:
-                taken.add(p)
-                out.append(p)
-        return out
-
-    held_out: set[str] = set()
-    eval_prompts = fresh(N_EVAL, held_out)
-    val_prompts = fresh(N_VAL, held_out)
-
-    def train_prompt() -> str:  # any prompt but the held-out ones (repeats allowed)
-        while (p := T.make_prompt(rng)) in held_out:
+    def train_prompt(rng: random.Random) -> str:  # any prompt but the held-out ones (repeats allowed)
+        while (p := T.make_prompt(rng)) in held_set:
             pass
         return p
 
-    preferences = []
-    for _ in range(N_PREFERENCES):
-        prompt = train_prompt()
-        a = T.random_response(prompt, rng, p_correct=PREF_P_CORRECT)
-        for _ in range(100):
-            b = T.random_response(prompt, rng, p_correct=PREF_P_CORRECT)
-            if T.score(prompt, b) != T.score(prompt, a):
-                break
-        sa, sb = T.score(prompt, a), T.score(prompt, b)
-        (chosen, sc), (rejected, sr) = sorted([(a, sa), (b, sb)], key=lambda x: -x[1])
-        preferences.append(
-            {"prompt": prompt, "chosen": chosen, "rejected": rejected, "score_chosen": sc, "score_rejected": sr}
-        )
-
+    preferences = [_gold_pair(train_prompt(pref_rng), pref_rng) for _ in range(N_PREFERENCES)]
     sft = []
     for _ in range(N_SFT):
-        prompt = train_prompt()
-        sft.append({"prompt": prompt, "response": T.random_response(prompt, rng, SFT_STYLE_WEIGHTS, SFT_P_CORRECT)})
-
+        prompt = train_prompt(sft_rng)
+        sft.append({"prompt": prompt, "response": T.random_response(prompt, sft_rng, SFT_STYLE_WEIGHTS, SFT_P_CORRECT)})
     return {
         "preferences": preferences,
-        "eval_prompts": [{"prompt": p} for p in eval_prompts],
-        "val_prompts": [{"prompt": p} for p in val_prompts],
+        "eval_prompts": [{"prompt": p} for p in held_out[:N_EVAL]],
+        "val_prompts": [{"prompt": p} for p in held_out[N_EVAL:]],
         "sft": sft,
+    }
+
+
+def _gold_pair(prompt: str, rng: random.Random) -> dict:
+    while True:
+        candidates = [T.random_response(prompt, rng, p_correct=PREF_P_CORRECT) for _ in range(PREF_CANDIDATES)]
+        scored = [(r, T.score(prompt, r)) for r in candidates]
+        best = max(sc for _, sc in scored)
+        worse = [(r, sc) for r, sc in scored if sc < best]
+        if worse:  # else every candidate ties: draw again
+            break
+    chosen, score_chosen = next((r, sc) for r, sc in scored if sc == best)
+    rejected, score_rejected = rng.choice(worse)
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "score_chosen": score_chosen,
+        "score_rejected": score_rejected,
     }
 
 
@@ -347,26 +350,22 @@ def sample_responses(
     return out
 
 
-class _quiet_one_thread:
+@contextmanager
+def _one_quiet_thread():
     """Train and sample on one thread: the result no longer depends on the core count, and on a shared
     2-core machine one thread ran 2-3x faster than two (measured). Also hides transformers' tqdm bars,
     which would break the CLI's own progress bar."""
+    import torch
+    from transformers.utils import logging as hf_logging
 
-    def __enter__(self):
-        import torch
-        from transformers.utils import logging as hf_logging
-
-        self.threads = torch.get_num_threads()
-        self.bars = hf_logging.is_progress_bar_enabled()
-        torch.set_num_threads(1)
-        hf_logging.disable_progress_bar()
-
-    def __exit__(self, *exc):
-        import torch
-        from transformers.utils import logging as hf_logging
-
-        torch.set_num_threads(self.threads)
-        if self.bars:
+    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
+    torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if bars:
             hf_logging.enable_progress_bar()
 
 
@@ -385,15 +384,21 @@ def build_tiny(
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if not force and (root / "manifest.json").is_file():
         return _preset_at(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the preset is ordinary cache data
     try:
-        _build_into(tmp, progress or (lambda stage, frac: None))
-        _move_into_place(tmp, root, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
+        root.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the preset is ordinary cache data
+        try:
+            _build_into(tmp, progress or (lambda stage, frac: None))
+            _move_into_place(tmp, root, force)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
+    except OSError as e:
+        raise RunError(
+            f"could not build the tiny preset in {root}: {e}",
+            hint="free some disk space (it needs ~5 MB), or point SELFIE_LITE_CACHE at a writable folder",
+        ) from e
     return _preset_at(root)
 
 
@@ -448,7 +453,7 @@ def _build_into(out: Path, progress: Callable[[str, float], None]) -> None:
     t_tok = time.perf_counter()
 
     progress("sft", 0.05)
-    with _quiet_one_thread():
+    with _one_quiet_thread():
         model, sft_info = train_sft(tokenizer, data["sft"], progress=lambda f: progress("sft", 0.05 + 0.92 * f))
         t_sft = time.perf_counter()
 
@@ -519,7 +524,7 @@ def sft_report(preset: TinyPreset, n_prompts: int = 200, seed: int = 0) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     prompts = [row["prompt"] for row in read_jsonl(preset.eval_prompts)[:n_prompts]]
-    with _quiet_one_thread():
+    with _one_quiet_thread():
         tokenizer = AutoTokenizer.from_pretrained(preset.model_dir)
         model = AutoModelForCausalLM.from_pretrained(preset.model_dir, dtype=torch.float32).eval()
         t0 = time.perf_counter()
@@ -540,6 +545,5 @@ def sft_report(preset: TinyPreset, n_prompts: int = 200, seed: int = 0) -> dict:
         "mean_length_tokens": sum(s["n_tokens"] for s in samples) / n,
         "frac_finished": sum(s["finished"] for s in samples) / n,
         "tokens_per_s": sum(s["n_tokens"] + s["finished"] for s in samples) / seconds,
-        "frac_good_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
-        "examples": [{"prompt": p, "response": s["text"]} for p, s in list(zip(prompts, samples, strict=True))[:5]],
+        "frac_good_by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())},
     }

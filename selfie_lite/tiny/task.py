@@ -154,7 +154,7 @@ def make_prompt(rng: random.Random, kind: str | None = None) -> str:
     elif kind == "count":
         args = {"ws": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))}
     elif kind == "reverse":
-        args = {"ws": " ".join(rng.sample(WORDS, rng.randint(2, 4)))}
+        args = {"ws": " ".join(rng.sample(WORDS, rng.randint(2, 3)))}
     elif kind == "upper":
         args = {"w": rng.choice(WORDS)}
     elif kind == "repeat":
