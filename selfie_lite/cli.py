@@ -302,11 +302,30 @@ def tiny_info(
     t = Table(title=f"tiny preset: {preset.root}", title_justify="left", show_header=False)
     t.add_column(style="dim")
     t.add_column()
-    for k, v in m.items():
-        t.add_row(k, json.dumps(v) if not isinstance(v, str) else v)
+    files = m.get("files", {})
+    for name in ("preferences.jsonl", "eval_prompts.jsonl", "val_prompts.jsonl", "sft.jsonl"):
+        if name in files:
+            t.add_row(name, f"{files[name]['rows']:,} rows")
+    model = m.get("model", {})
+    if model:
+        c = model.get("config", {})
+        t.add_row("SFT model", f"Llama, {model['params']:,} parameters ({model['bytes'] / 1e6:.1f} MB), "
+                  f"{c.get('num_hidden_layers')} layers x {c.get('hidden_size')}, vocabulary {model.get('vocab_size')}")
+    if "oracle" in m:
+        w = m["oracle"]["weights"]
+        t.add_row("oracle", " + ".join(f"{v} {k}" for k, v in w.items()) + f"; good = score >= {m['oracle']['good_score']}")
+    t.add_row("data sha256", str(m.get("data_sha256", m.get("data_hash", "?")))[:16] + "...")
+    if "build_seconds" in m:
+        t.add_row("build time", f"{m['build_seconds']['total']:.0f} s")
     rep = sft_report(preset, n_prompts=prompts)
-    for k, v in rep.items():
-        t.add_row(f"SFT {k}", f"{v:.3f}" if isinstance(v, float) else str(v))
+    t.add_row("", "")
+    t.add_row(f"SFT on {rep.get('n_prompts', prompts)} held-out prompts", "(temperature 0.7, one sample each)")
+    for k in ("mean_score", "frac_good", "frac_correct", "frac_formatted", "frac_concise", "mean_length_tokens"):
+        if k in rep:
+            t.add_row(f"  {k}", f"{rep[k]:.3f}")
+    by_kind = rep.get("frac_good_by_kind", {})
+    if by_kind:
+        t.add_row("  frac_good by task", ", ".join(f"{k} {v:.2f}" for k, v in sorted(by_kind.items())))
     console.print(t)
 
 

@@ -66,3 +66,10 @@ def test_unknown_key_in_a_config_file(tmp_path):
     cfg.write_text("[sample]\ntemprature = 0.5\n")
     r = invoke("run", "--config", cfg)
     assert r.exit_code == 2 and "unknown config key sample.temprature" in r.output and "temperature" in r.output
+
+
+def test_tiny_info_prints_the_sft_figures(tiny_preset):
+    r = invoke("tiny", "info", "--prompts", "30")
+    assert r.exit_code == 0, r.output
+    for key in ("preferences.jsonl", "6,000 rows", "SFT model", "frac_good", "mean_score", "oracle"):
+        assert key in r.output
