@@ -94,16 +94,9 @@ PAPER_SCHEDULE = dict(seed_pairs=2000, seed_epochs=3, pools=[8000, 20000, 30000]
 # scale per 256 absmax blocks.
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}<|system|>{{ message['content'] }}"
-    "{%- elif message['role'] == 'user' -%}<|user|>{{ message['content'] }}"
-    "{%- elif message['role'] == 'assistant' -%}<|assistant|>{{ message['content'] }}{{ eos_token }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
-)
+# The tiny preset's template: the same <s><|user|>...<|assistant|>...</s> layout, whatever the model size.
+from selfie_lite.tiny.build import CHAT_TEMPLATE  # noqa: E402
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 PROMPT_OVERHEAD = 3  # <s><|user|>...<|assistant|>
 PAIR_OVERHEAD = 4  # the prompt's 3 and </s> after the response

@@ -133,13 +133,7 @@ class HFBackend:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        targets = [t for t in lora.target_modules if t in present]
-        if not targets:
-            raise UserError(
-                f"none of the LoRA targets {lora.target_modules} exist in this model",
-                hint=f"set lora.target_modules to some of: {', '.join(sorted(p for p in present if 'proj' in p)[:12])}",
-            )
+        targets = lora_targets(model, lora)
         torch.manual_seed(seed)  # LoRA A is random: fix it so a resumed stage starts from the same adapter
         pcfg = PeftLoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
@@ -253,6 +247,18 @@ class HFBackend:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def lora_targets(model, lora: LoraConfig) -> list[str]:
+    """The configured LoRA target names this model has (Llama/Mistral/Qwen names by default); none is an error."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in lora.target_modules if t in present]
+    if not targets:
+        raise UserError(
+            f"none of the LoRA targets {lora.target_modules} exist in this model",
+            hint=f"set lora.target_modules to some of: {', '.join(sorted(p for p in present if 'proj' in p)[:12])}",
+        )
+    return targets
 
 
 class _LogpRecorder:

@@ -41,6 +41,7 @@ from selfie_lite.backends.hf import (  # noqa: E402
     HFBackend,
     _drop_quantization_config,
     check_model_source,
+    lora_targets,
     merge_peft_16bit,
     merged_folder_problem,
 )
@@ -110,13 +111,7 @@ class UnslothBackend(HFBackend):
         return model, tok
 
     def add_lora(self, model, lora: LoraConfig, seed: int):
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        targets = [t for t in lora.target_modules if t in present]
-        if not targets:
-            raise UserError(
-                f"none of the LoRA targets {lora.target_modules} exist in this model",
-                hint=f"set lora.target_modules to some of: {', '.join(sorted(p for p in present if 'proj' in p)[:12])}",
-            )
+        targets = lora_targets(model, lora)
         torch.manual_seed(seed)
         model = FastLanguageModel.get_peft_model(
             model,
