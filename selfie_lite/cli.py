@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from selfie_lite import __version__, doctor
+from selfie_lite import __version__, cli_eval, doctor
 from selfie_lite.console import STATE, console, err_console, friendly_errors
 from selfie_lite.errors import RunError, UserError
 
@@ -32,7 +32,6 @@ app = typer.Typer(
 )
 tiny_app = typer.Typer(help="The built-in tiny preset: a small model, task and oracle that run on a CPU.", no_args_is_help=True)
 app.add_typer(tiny_app, name="tiny")
-app.command("doctor")(doctor.doctor_cmd)
 
 def _version(value: bool):
     if value:
@@ -327,6 +326,12 @@ def tiny_info(
     if by_kind:
         t.add_row("  frac_good by task", ", ".join(f"{k} {v:.2f}" for k, v in sorted(by_kind.items())))
     console.print(t)
+
+
+# Registered here, after run and judge, so --help lists the commands in the order a user reaches for them.
+app.command("eval")(cli_eval.eval_cmd)
+app.command("report")(cli_eval.report_cmd)
+app.command("doctor")(doctor.doctor_cmd)
 
 
 def main():

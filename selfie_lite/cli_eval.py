@@ -190,6 +190,8 @@ def eval_cmd(
     for name, rows in outputs.items():
         atomic_write_jsonl(out_dir / "eval" / "outputs" / f"{name}.jsonl", rows)
     atomic_write_json(out_dir / "eval.json", result)
+    from selfie_lite.report import eval_table
+
     console.print(eval_table(result))
     if export == "alpaca-eval":
         paths = export_alpaca_eval(outputs, prompt_rows, out_dir / "eval" / "alpaca-eval",
@@ -197,41 +199,6 @@ def eval_cmd(
         console.print(f"AlpacaEval outputs: {paths[0].parent}/ ({len(paths)} files). Score one with:\n"
                       f"  alpaca_eval --model_outputs {paths[-1]}")
     console.print(f"wrote {out_dir / 'eval.json'}")
-
-
-def _f(v, spec=".3f"):
-    return "-" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
-
-
-def eval_table(result: dict):
-    from rich.table import Table
-
-    s = result["settings"]
-    title = f"eval: {s['prompts']} prompts, judge {s['judge'] or 'none'}, baseline {Path(s['baseline']).name}"
-    t = Table(title=title, title_justify="left")
-    t.add_column("model")
-    if s["judge"]:
-        t.add_column("win rate", justify="right")
-        t.add_column("W/T/L", justify="right")
-        t.add_column("mean score", justify="right")
-    if s.get("labelled_pairs"):
-        t.add_column("seed-pair acc", justify="right")
-    has_gold = any("self_label_gold_agreement" in m for m in result["models"].values())
-    if has_gold:
-        t.add_column("self-label gold agr", justify="right")
-    t.add_column("length (tokens)", justify="right")
-    t.add_column("length (words)", justify="right")
-    for name, m in result["models"].items():
-        row = [name]
-        if s["judge"]:
-            row += [_f(m.get("win_rate")), f"{m['wins']}/{m['ties']}/{m['losses']}", _f(m.get("mean_score"))]
-        if s.get("labelled_pairs"):
-            row.append(_f(m.get("seed_pair_accuracy")))
-        if has_gold:
-            row.append(_f(m.get("self_label_gold_agreement")))
-        row += [_f(m.get("mean_response_tokens"), ".1f"), _f(m.get("mean_response_words"), ".1f")]
-        t.add_row(*row)
-    return t
 
 
 @friendly_errors
@@ -249,7 +216,7 @@ def report_cmd(
 
       selfie-lite report runs/tiny --png report.png
     """
-    from selfie_lite.report import collect, plot_report, report_table
+    from selfie_lite.report import collect, eval_table, plot_report, report_table
 
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} does not exist")
@@ -259,7 +226,9 @@ def report_cmd(
     if not data["rounds"]:
         raise UserError(f"{run_dir} has no round with metrics yet", hint=f"continue it: selfie-lite run --resume {run_dir}")
     console.print(report_table(data))
-    if data.get("eval") is None:
+    if data.get("eval") is not None:
+        console.print(eval_table(data["eval"]))
+    else:
         console.print("[dim]no eval.json: run `selfie-lite eval " + str(run_dir) + "` for win rates[/dim]")
     if no_plot:
         return

@@ -195,9 +195,11 @@ def split_rows(rows: list[dict], cfg: DataConfig, rounds: int, random_seed: int,
     """One fixed shuffle: [seed pairs | pool 1 | ... | pool T | (unused) | test pairs]."""
     n = len(rows)
     n_seed = parse_seed(cfg.seed, n)
-    if n_seed + cfg.test_size >= n and rounds > 0:
+    # Seed and test pairs must never overlap; with rounds > 0 the pools need at least one row between them too.
+    if n_seed + cfg.test_size > n or (n_seed + cfg.test_size == n and rounds > 0):
         raise UserError(
-            f"{n} rows cannot hold {n_seed} seed pairs, a {cfg.test_size}-row test split and prompt pools",
+            f"{n} rows cannot hold {n_seed} seed pairs, a {cfg.test_size}-row test split"
+            + (" and prompt pools" if rounds > 0 else ""),
             hint="lower --seed or data.test_size",
         )
     order = list(range(n))

@@ -382,8 +382,8 @@ def evaluate_models(
             if s is not None:
                 r["scores"] = s
         results[name] = m
-    if any(d == Path(baseline) for n, d in models.items()):
-        results.pop("baseline")
+    if any(_key(d) == base_key for d in models.values()):
+        results.pop("baseline")  # the baseline is also one of the named models: one row, under its name
     return {
         "settings": {**asdict(settings), "judge": judge.name if judge else None, "prompts": len(prompts),
                      "baseline": str(baseline), "reference": str(reference), "labelled_pairs": len(pairs or []),

@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
 
 from selfie_lite.rundir import read_json, read_jsonl, stage_metrics
@@ -59,50 +60,60 @@ def _f(v, spec=".3f"):
     return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 
-def _eval_row(data: dict, name: str) -> dict:
-    ev = data.get("eval") or {}
-    return ev.get("models", {}).get(name, {})
-
-
 def report_table(data: dict) -> Table:
-    """One row per round (and one for the SFT model when eval.json has it)."""
-    ev = data.get("eval")
-    judge = (ev or {}).get("settings", {}).get("judge")
-    t = Table(title=f"run {data['run_dir']}", title_justify="left")
-    cols = ["round", "pairs", "gold agr", "p(chosen)", "smoothed", "loss", "margin", "reward acc", "sample len"]
-    if ev:
-        if judge:
-            cols += ["win rate", "score"]
-        cols += ["seed-pair acc", "eval len"]
-    for c in cols:
-        t.add_column(c, justify="left" if c == "round" else "right")
-
-    def eval_cells(name):
-        if not ev:
-            return []
-        m = _eval_row(data, name)
-        cells = [_f(m.get("win_rate")), _f(m.get("mean_score"))] if judge else []
-        return cells + [_f(m.get("seed_pair_accuracy")), _f(m.get("mean_response_tokens"), ".1f")]
-
-    if ev and "sft" in ev.get("models", {}):
-        t.add_row("SFT", *["-"] * 8, *eval_cells("sft"))
+    """Training, one row per round: what the judge labelled and how the round's DPO went."""
+    t = Table(title=f"run {data['run_dir']}: per round", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+              caption="gold: self-labels agreeing with the oracle (tiny preset); p(ch): mean judge confidence; "
+                      "smooth: share of pairs smoothed after warm-up; loss: first -> last step; margin: mean DPO margin "
+                      "z; acc: share of pairs with z > 0; len: mean tokens of the round's samples",
+              caption_justify="left")
+    for c in ("round", "pairs", "gold", "p(ch)", "smooth", "loss", "margin", "acc", "len"):
+        t.add_column(c, justify="left" if c == "round" else "right", no_wrap=True)
     for r in data["rounds"]:
         m = r["metrics"]
         s, j, tr = m.get("sample", {}), m.get("judge", {}), m.get("train", {})
-        label = f"{r['round']} (seed DPO)" if r["round"] == 0 else str(r["round"])
-        loss = f"{_f(tr.get('loss_start'))} -> {_f(tr.get('loss_end'))}" if tr else "-"
         t.add_row(
-            label,
+            f"{r['round']} seed" if r["round"] == 0 else str(r["round"]),
             _f(tr.get("pairs", j.get("pairs")), "d") if (tr or j) else "-",
             _f(j.get("gold_agreement")),
             _f(j.get("mean_p_chosen")),
             _f(tr.get("frac_smoothed"), ".2f") if r["round"] > 0 else "-",
-            loss,
+            f"{_f(tr.get('loss_start'))}→{_f(tr.get('loss_end'))}" if tr else "-",
             _f(tr.get("mean_margin")),
             _f(tr.get("reward_accuracy"), ".2f"),
             _f(s.get("mean_response_tokens"), ".1f"),
-            *eval_cells(f"round-{r['round']}"),
         )
+    return t
+
+
+def eval_table(result: dict) -> Table:
+    """Evaluation, one row per model (eval.json as `selfie-lite eval` writes it)."""
+    s = result["settings"]
+    title = f"eval: {s['prompts']} prompts, judge {s['judge'] or 'none'}, baseline {Path(s['baseline']).name}"
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("model", no_wrap=True)
+    if s["judge"]:
+        t.add_column("win rate", justify="right", no_wrap=True)
+        t.add_column("W/T/L", justify="right", no_wrap=True)
+        t.add_column("score", justify="right", no_wrap=True)
+    if s.get("labelled_pairs"):
+        t.add_column("seed-pair acc", justify="right", no_wrap=True)
+    has_gold = any("self_label_gold_agreement" in m for m in result["models"].values())
+    if has_gold:
+        t.add_column("self-label agr", justify="right", no_wrap=True)
+    t.add_column("tokens", justify="right", no_wrap=True)
+    t.add_column("words", justify="right", no_wrap=True)
+    for name, m in result["models"].items():
+        row = [name]
+        if s["judge"]:
+            row += [_f(m.get("win_rate")), f"{m.get('wins', '-')}/{m.get('ties', '-')}/{m.get('losses', '-')}",
+                    _f(m.get("mean_score"))]
+        if s.get("labelled_pairs"):
+            row.append(_f(m.get("seed_pair_accuracy")))
+        if has_gold:
+            row.append(_f(m.get("self_label_gold_agreement")))
+        row += [_f(m.get("mean_response_tokens"), ".1f"), _f(m.get("mean_response_words"), ".1f")]
+        t.add_row(*row)
     return t
 
 
@@ -171,8 +182,8 @@ def plot_report(data: dict, path: Path) -> Path:
     ax_win.set_title("Win rate and label quality per round")
     ax_win.set_ylabel("fraction (0.5 = coin flip / tie with SFT)")
     setup_x(ax_win)
-    if ax_win.get_legend_handles_labels()[0]:
-        ax_win.legend(loc="best", fontsize=8, framealpha=0.9)
+    if ax_win.get_legend_handles_labels()[0]:  # below the axes: inside, it hides points whatever corner it takes
+        ax_win.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, ncol=1, frameon=False)
     if not ev_models:
         ax_win.text(0.5, 0.5, "no eval.json yet:\nrun `selfie-lite eval RUN_DIR`", transform=ax_win.transAxes,
                     ha="center", va="center", color="grey")
@@ -208,7 +219,8 @@ def plot_report(data: dict, path: Path) -> Path:
                     label="training samples drawn from it")
     ax_len.set_title("Mean response length")
     ax_len.set_ylabel("tokens")
-    ax_len.set_ylim(bottom=0)
+    tops = [y for _, y in le + samp]
+    ax_len.set_ylim(0, max(tops) * 1.15 if tops else 1)
     setup_x(ax_len)
     if le or samp:
         ax_len.legend(loc="lower right", fontsize=8)
@@ -227,16 +239,29 @@ def plot_report(data: dict, path: Path) -> Path:
         if not values:
             ax.text(0.5, 0.5, "no per-pair margins", ha="center", va="center", transform=ax.transAxes)
             continue
-        lo, hi = min(values), max(values)
-        bins = [lo + (hi - lo) * k / 40 for k in range(41)] if hi > lo else 10
-        ax.hist(kept, bins=bins, color="tab:blue", alpha=0.6, label=f"kept ({len(kept)})")
-        ax.hist(smoothed, bins=bins, color="tab:orange", alpha=0.9, label=f"smoothed ({len(smoothed)})")
+        # x range: the 1st..99th percentile, so a few far outliers do not squeeze the bulk into one bar;
+        # values outside are clipped into the edge bins (and counted in the legend).
+        ordered = sorted(values)
+        lo, hi = ordered[int(0.01 * (len(ordered) - 1))], ordered[int(0.99 * (len(ordered) - 1))]
+        lo, hi = min(lo, min(smoothed, default=lo)), max(hi, 0.0)
+        if hi <= lo:
+            lo, hi = lo - 0.5, hi + 0.5
+        bins = [lo + (hi - lo) * k / 40 for k in range(41)]
+        outside = sum(v < lo or v > hi for v in values)
+
+        def clip(vs, lo=lo, hi=hi):
+            return [min(max(v, lo), hi) for v in vs]
+
+        ax.hist(clip(kept), bins=bins, color="tab:blue", alpha=0.6, label=f"kept ({len(kept)})")
+        ax.hist(clip(smoothed), bins=bins, color="tab:orange", alpha=0.9, label=f"smoothed ({len(smoothed)})")
+        if outside:
+            ax.plot([], [], " ", label=f"{outside} outliers (in the edge bars)")
         ax.axvline(0, color="black", lw=0.8)
         lam = r["metrics"].get("train", {}).get("lam")
         ax.set_title(f"round {r['round']}: margins" + (f" (lambda = {lam:g})" if lam is not None else ""))
         ax.set_xlabel("extrapolated margin z_g (decides smoothing)" if key == PICK_KEY else "DPO margin z")
         ax.set_ylabel("pairs")
-        ax.legend(fontsize=8)
+        ax.legend(loc="upper right", fontsize=7.5)  # the bulk sits near 0, the right tail is low
         ax.grid(alpha=0.3)
 
     fig.suptitle(f"selfie-lite run {Path(data['run_dir']).name}", fontsize=13)

@@ -126,6 +126,11 @@ def test_explicit_pool_sizes_and_too_small_data():
         split_rows(rows, DataConfig(seed="10", test_size=50, pool_sizes=[100, 100, 100]), rounds=3, random_seed=0)
     with pytest.raises(UserError, match="cannot hold"):
         split_rows(rows, DataConfig(seed="280", test_size=50), rounds=3, random_seed=0)
+    # Seed-only DPO (rounds = 0) may use every row, but seed and test pairs still never overlap.
+    s = split_rows(rows, DataConfig(seed="250", test_size=50), rounds=0, random_seed=0)
+    assert len(s.seed_pairs) == 250 and len(s.test_pairs) == 50 and s.pools == []
+    with pytest.raises(UserError, match="cannot hold 280 seed pairs, a 50-row test split$"):
+        split_rows(rows, DataConfig(seed="280", test_size=50), rounds=0, random_seed=0)
 
 
 def test_load_split_end_to_end(tmp_path):

@@ -3,6 +3,7 @@ end to end on small random models built here (no tiny-preset build, no hub)."""
 
 import json
 import random
+import statistics
 from pathlib import Path
 
 import pytest
@@ -86,11 +87,17 @@ class FakeBackend:
         pass
 
 
+def _answer(prompt: str) -> str:
+    return T.parse_prompt(prompt).answer
+
+
 def test_evaluate_models_on_canned_outputs(monkeypatch):
-    prompts = ["Add 2 and 3.", "Reverse the word cat."]
+    rng = random.Random(0)
+    prompts = [T.make_prompt(rng) for _ in range(2)]
+    wrong = T.wrong_answer(T.parse_prompt(prompts[0]), rng)
     answers = {
-        "sft": {prompts[0]: "The answer is 6.", prompts[1]: "The answer is tac."},
-        "good": {prompts[0]: "The answer is 5.", prompts[1]: "The answer is tac."},
+        "sft": {prompts[0]: f"The answer is {wrong}.", prompts[1]: f"The answer is {_answer(prompts[1])}."},
+        "good": {prompts[0]: f"The answer is {_answer(prompts[0])}.", prompts[1]: f"The answer is {_answer(prompts[1])}."},
     }
     pairs = [{"prompt": prompts[0], "chosen": "c1", "rejected": "r1"}, {"prompt": prompts[1], "chosen": "c2", "rejected": "r2"}]
     # "Token ids" stand for the response text so the fake backend can look the log-prob up.
@@ -110,7 +117,7 @@ def test_evaluate_models_on_canned_outputs(monkeypatch):
     assert (good["wins"], good["ties"], good["losses"]) == (1, 1, 0) and good["win_rate"] == 0.75
     assert good["mean_score"] == pytest.approx(1.0) and good["baseline_mean_score"] == pytest.approx((0.4 + 1.0) / 2)
     assert good["seed_pair_accuracy"] == 0.5
-    assert good["mean_response_words"] == 4.0
+    assert good["mean_response_words"] == statistics.mean(len(a.split()) for a in answers["good"].values())
     assert res["outputs"]["good"][0]["scores"] == [1.0]
 
 
@@ -120,8 +127,10 @@ def test_evaluate_models_on_canned_outputs(monkeypatch):
 
 def test_oracle_judge_scores_and_refuses_foreign_prompts():
     j = OracleJudge()
-    p = "What is 4 plus 5?"
-    assert j.score([p, p, p], ["The answer is 9.", "9", "The answer is 8."]) == [1.0, 0.75, 0.4]
+    p = T.make_prompt(random.Random(3))
+    a, wrong = _answer(p), T.wrong_answer(T.parse_prompt(p), random.Random(4))
+    # The oracle's weights: 0.60 correct + 0.25 formatted ("The answer is X.") + 0.15 concise.
+    assert j.score([p, p, p], [f"The answer is {a}.", a, f"The answer is {wrong}."]) == [1.0, 0.75, 0.4]
     j.check([p])
     with pytest.raises(UserError, match="oracle judge scores only"):
         j.check(["Write a poem about the sea."])
@@ -314,9 +323,42 @@ def test_self_label_agreement_reads_the_judge_metrics_or_recomputes(tmp_path):
     for i, m in ((1, {"pairs": 2, "gold_agreement": 0.75}), (2, {"pairs": 2})):
         (tmp_path / f"round-{i}" / "done").mkdir(parents=True)
         (tmp_path / f"round-{i}" / "done" / "judge.json").write_text(json.dumps(m))
-    p = "What is 4 plus 5?"
+    p = T.make_prompt(random.Random(3))
+    a, wrong = _answer(p), T.wrong_answer(T.parse_prompt(p), random.Random(4))
     (tmp_path / "round-2" / "judged.jsonl").write_text(
-        json.dumps({"prompt": p, "chosen": "The answer is 9.", "rejected": "9"}) + "\n"
-        + json.dumps({"prompt": p, "chosen": "The answer is 8.", "rejected": "The answer is 9."}) + "\n")
+        json.dumps({"prompt": p, "chosen": f"The answer is {a}.", "rejected": a}) + "\n"
+        + json.dumps({"prompt": p, "chosen": f"The answer is {wrong}.", "rejected": f"The answer is {a}."}) + "\n")
     assert self_label_agreement(tmp_path, T.score) == {"round-1": 0.75, "round-2": 0.5}
     assert self_label_agreement(tmp_path) == {"round-1": 0.75}
+
+
+def test_eval_command_on_a_run_folder(small_models, tmp_path):
+    """A run folder as the loop leaves it (here with the small random models): SFT plus every merged round."""
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": str(small_models["lm-a"]), "data": {"source": "prefs.jsonl"},
+                                                 "sample": {"max_new_tokens": 6, "batch_size": 4}}))
+    shutil.copy(_pair_file(tmp_path), run / "data" / "test.jsonl")
+    for i in (0, 1):
+        shutil.copytree(small_models["lm-b"], run / f"round-{i}" / "model")
+        (run / f"round-{i}" / "done").mkdir()
+        (run / f"round-{i}" / "done" / "merge.json").write_text("{}")
+    (run / "round-1" / "done" / "judge.json").write_text(json.dumps({"pairs": 3, "gold_agreement": 0.625}))
+    (run / "round-2" / "done").mkdir(parents=True)  # unfinished: not evaluated
+    r = invoke("eval", run, "--judge", "oracle", "--prompts", _prompt_file(tmp_path, 4), "--export", "alpaca-eval")
+    assert r.exit_code == 0, r.output
+    res = json.loads((run / "eval.json").read_text())
+    assert list(res["models"]) == ["sft", "round-0", "round-1"]
+    assert res["settings"]["max_new_tokens"] == 6 and res["settings"]["labelled_pairs"] == 8
+    assert res["models"]["sft"]["win_rate"] == 0.5 and res["models"]["sft"]["seed_pair_accuracy"] == 0.5
+    # round-0 and round-1 hold the same weights: the same answers (same seed) and the same accuracy
+    assert res["models"]["round-0"]["win_rate"] == res["models"]["round-1"]["win_rate"]
+    assert res["models"]["round-0"]["seed_pair_accuracy"] == res["models"]["round-1"]["seed_pair_accuracy"]
+    assert res["self_label_gold_agreement"] == {"round-1": 0.625}
+    assert res["models"]["round-1"]["self_label_gold_agreement"] == 0.625
+    ae = json.loads((run / "eval" / "alpaca-eval" / "round-1.json").read_text())
+    assert ae[0]["generator"] == "run-round-1" and len(ae) == 4
+    r = invoke("eval", run, "--rounds", "1", "--judge", "oracle", "--prompts", _prompt_file(tmp_path, 4))
+    assert r.exit_code == 0 and list(json.loads((run / "eval.json").read_text())["models"]) == ["sft", "round-1"]

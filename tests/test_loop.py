@@ -104,7 +104,8 @@ def test_resume_with_other_settings_refuses_and_names_them(reference_run):
     out, _ = reference_run
     r = CliRunner().invoke(app, ["run", "--resume", str(out), *SMALL, "--set", "train.learning_rate=0.5"])
     assert r.exit_code == 2
-    assert "train.learning_rate: 0.0002 -> 0.5" in r.output and "--force" in r.output
+    lr = json.loads((out / "config.json").read_text())["train"]["learning_rate"]
+    assert f"train.learning_rate: {lr} -> 0.5" in r.output and "--force" in r.output
 
 
 def test_second_run_on_a_locked_folder_refuses(reference_run):

@@ -47,11 +47,14 @@ def make_run(root, rounds=3, with_eval=True):
                          "extrapolated_margin": 1.3 * z, "smoothed": i > 0 and z < 0.0, "low_confidence": z < 0.0})
         (d / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if with_eval:
-        models = {"sft": {"win_rate": 0.5, "mean_score": 0.6, "seed_pair_accuracy": 0.5, "mean_response_tokens": 9.0}}
+        models = {"sft": {"win_rate": 0.5, "wins": 0, "ties": 300, "losses": 0, "mean_score": 0.6,
+                          "seed_pair_accuracy": 0.5, "mean_response_tokens": 9.0, "mean_response_words": 6.0}}
         for i in range(rounds + 1):
-            models[f"round-{i}"] = {"win_rate": 0.55 + 0.05 * i, "mean_score": 0.65 + 0.05 * i,
-                                    "seed_pair_accuracy": 0.6 + 0.02 * i, "mean_response_tokens": 9.0 + i}
-        _write_json(root / "eval.json", {"settings": {"judge": "oracle"}, "models": models})
+            models[f"round-{i}"] = {"win_rate": 0.55 + 0.05 * i, "wins": 100, "ties": 100, "losses": 100,
+                                    "mean_score": 0.65 + 0.05 * i, "seed_pair_accuracy": 0.6 + 0.02 * i,
+                                    "mean_response_tokens": 9.0 + i, "mean_response_words": 6.0}
+        _write_json(root / "eval.json", {"settings": {"judge": "oracle", "prompts": 300, "baseline": "/x/sft-model",
+                                                      "labelled_pairs": 500}, "models": models})
     return root
 
 
@@ -60,11 +63,14 @@ def test_report_table_and_png(tmp_path):
     run = make_run(tmp_path / "run")
     r = invoke("report", run)
     assert r.exit_code == 0, r.output
-    lines = r.output.splitlines()
-    row3 = next(x for x in lines if x.lstrip("│| ").startswith("3 "))
-    assert "0.750" in row3 and "0.10" in row3 and "0.700" in row3  # gold agreement, smoothed, win rate
-    assert any(x.lstrip("│| ").startswith("0 (seed DPO)") for x in lines)
-    assert any(x.lstrip("│| ").startswith("SFT") for x in lines)
+    lines = [x.strip() for x in r.output.splitlines()]
+    row3 = next(x for x in lines if x.startswith("3 ")).split()
+    assert row3[:5] == ["3", "90", "0.750", "0.550", "0.10"]  # round, pairs, gold agreement, p(chosen), smoothed
+    assert row3[5] == "0.693→0.350" and row3[-1] == "13.0"  # loss first -> last, sample length
+    assert any(x.startswith("0 seed") for x in lines)
+    eval3 = next(x for x in lines if x.startswith("round-3")).split()
+    assert eval3[1] == "0.700" and eval3[-3] == "0.660"  # win rate, seed-pair accuracy
+    assert next(x for x in lines if x.startswith("sft")).split()[1] == "0.500"
     png = run / "report.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
