@@ -264,7 +264,7 @@ def judge(
 @friendly_errors
 def tiny_build(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a build is cached.")] = False,
-    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Where to build (default: ~/.cache/selfie-lite/tiny-v1 or $SELFIE_LITE_CACHE).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Where to build (default: $SELFIE_LITE_CACHE/tiny-v1, else ~/.cache/selfie-lite/tiny-v1, honouring $XDG_CACHE_HOME).")] = None,
 ):
     """Build the tiny preset (tokenizer, SFT model, gold preference set) into the cache. Runs once, offline.
 

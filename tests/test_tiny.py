@@ -135,8 +135,11 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("SELFIE_LITE_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path / "tiny-v1"
     monkeypatch.delenv("SELFIE_LITE_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "selfie-lite" / "tiny-v1"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "selfie-lite" / "tiny-v1"
 
 
 def test_tokenizer_round_trips_with_chat_template(data, tmp_path):

@@ -90,9 +90,13 @@ class TinyPreset:
 
 
 def default_cache_dir() -> Path:
-    """Where build_tiny puts the preset by default: $SELFIE_LITE_CACHE/tiny-v1 or ~/.cache/selfie-lite/tiny-v1."""
+    """Where build_tiny puts the preset by default: $SELFIE_LITE_CACHE/tiny-v1, else the XDG cache folder
+    ($XDG_CACHE_HOME or ~/.cache)/selfie-lite/tiny-v1."""
     base = os.environ.get("SELFIE_LITE_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "selfie-lite") / PRESET_NAME
+    if base:
+        return Path(base) / PRESET_NAME
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "selfie-lite" / PRESET_NAME
 
 
 def _preset_at(root: Path) -> TinyPreset:
