@@ -7,10 +7,9 @@ import statistics
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from selfie_lite import cli_eval
+from selfie_lite.cli import app
 from selfie_lite.errors import UserError
 from selfie_lite.evaluate import (
     EvalSettings,
@@ -28,10 +27,7 @@ from selfie_lite.evaluate import (
 )
 from selfie_lite.tiny import task as T
 
-app = typer.Typer()
-app.command("eval")(cli_eval.eval_cmd)
-app.command("report")(cli_eval.report_cmd)
-runner = CliRunner()
+runner = CliRunner()  # drives the real `selfie-lite` app, as a user would
 
 
 def invoke(*args):

@@ -4,16 +4,12 @@ import json
 import random
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from selfie_lite import cli_eval
+from selfie_lite.cli import app
 from selfie_lite.report import collect, report_table
 
-app = typer.Typer()
-app.command("eval")(cli_eval.eval_cmd)
-app.command("report")(cli_eval.report_cmd)
-runner = CliRunner()
+runner = CliRunner()  # drives the real `selfie-lite` app, as a user would
 
 
 def invoke(*args):
