@@ -110,7 +110,7 @@ def run(
       selfie-lite run --resume runs/zephyr
     """
     from selfie_lite.config import diff_configs, from_dict, to_dict, validate
-    from selfie_lite.rundir import RunLock, atomic_write_json, read_json
+    from selfie_lite.rundir import RunLock, atomic_write_json, ctrl_c_noted, read_json
 
     given = any(v is not None for v in (seed, preset, config_file, model, data, rounds, random_seed, backend, beta,
                                         chat_template, sampler)) \
@@ -154,12 +154,12 @@ def run(
     inputs = resolve_inputs(cfg, err_console)
     # Bad input stops here, before any weights load and before the run folder is written.
     split = None if resume is not None else preflight(cfg, be, inputs)
-    with RunLock(run_dir):
-        atomic_write_json(run_dir / "config.json", to_dict(cfg))
-        _print_config(cfg, run_dir, resumed=resume is not None)
-        err_console.print(f"backend: [bold]{be.name}[/bold] ({why}), device: {getattr(be, 'device', '?')}; "
-                          f"sampler: [bold]{cfg.sample.sampler}[/bold] ({sampler_why})")
+    with RunLock(run_dir), ctrl_c_noted():
         try:
+            atomic_write_json(run_dir / "config.json", to_dict(cfg))
+            _print_config(cfg, run_dir, resumed=resume is not None)
+            err_console.print(f"backend: [bold]{be.name}[/bold] ({why}), device: {getattr(be, 'device', '?')}; "
+                              f"sampler: [bold]{cfg.sample.sampler}[/bold] ({sampler_why})")
             with Reporter(err_console) as progress:
                 summary = run_rounds(cfg, run_dir, be, inputs, console, progress, split)
         except KeyboardInterrupt:

@@ -14,6 +14,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 from selfie_lite.errors import RunError, UserError
@@ -154,14 +155,50 @@ class RunLock:
         return False
 
 
+# -- Ctrl-C that is never lost ------------------------------------------------------------------------
+
+_interrupted = False
+
+
+@contextmanager
+def ctrl_c_noted():
+    """Ctrl-C raises KeyboardInterrupt at once, as usual, and is also noted, so that maybe_kill (called after every
+    finished item of every stage) raises it again. Python drops a KeyboardInterrupt that lands in a weakref callback
+    or a __del__ (e.g. inside a lazy import: "Exception ignored in ... _get_module_lock"); without the note the run
+    would carry on to the end as if nothing was pressed."""
+    global _interrupted
+
+    def handler(signum, frame):
+        global _interrupted
+        _interrupted = True
+        raise KeyboardInterrupt
+
+    # Keep SIGINT ignored where the parent ignored it (a shell's background job); signal() only works in the main thread.
+    install = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        old = signal.signal(signal.SIGINT, handler) if install else None
+    except ValueError:
+        old = None
+    _interrupted = False
+    try:
+        yield
+    finally:
+        _interrupted = False
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+
+
 # -- fault injection (tests and the curious): SELFIE_LITE_KILL_AT="<stage>:<items>" ------------------
 
 
 def maybe_kill(stage: str, items_done: int) -> None:
     """Simulate a crash (SIGKILL, no clean-up) once `items_done` items of `stage` are finished.
 
-    Used by the resume tests to prove that a kill at any point loses no work and changes no result.
+    Used by the resume tests to prove that a kill at any point loses no work and changes no result. Also the place
+    where a Ctrl-C that Python swallowed (see ctrl_c_noted) stops the run, at the next item boundary.
     """
+    if _interrupted:
+        raise KeyboardInterrupt
     spec = os.environ.get("SELFIE_LITE_KILL_AT", "")
     if not spec:
         return
