@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from selfie_lite.errors import UserError
+from selfie_lite.rundir import read_jsonl
 
 # ---------------------------------------------------------------------------------------------
 # Arithmetic
@@ -438,7 +439,7 @@ def self_label_agreement(run_dir: Path, gold=None) -> dict[str, float]:
         if "gold_agreement" in m:
             out[d.name] = m["gold_agreement"]
         elif gold is not None and (d / "judged.jsonl").is_file():
-            rows = [json.loads(x) for x in (d / "judged.jsonl").read_text().splitlines() if x.strip()]
+            rows = read_jsonl(d / "judged.jsonl")
             if rows:
                 cs = [gold(r["prompt"], r["chosen"]) for r in rows]
                 rs = [gold(r["prompt"], r["rejected"]) for r in rows]
