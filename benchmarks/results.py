@@ -167,6 +167,8 @@ def evaluate_seed(seed: int, folders: dict[str, Path], args, timings: dict) -> d
     from selfie_lite.backends import get_backend
     from selfie_lite.config import from_dict
     from selfie_lite.evaluate import EvalSettings, OracleJudge, evaluate_models, load_pairs, self_label_agreement
+    from selfie_lite.loop import sft_model_of
+    from selfie_lite.rundir import read_jsonl
     from selfie_lite.tiny.build import build_tiny
     from selfie_lite.tiny.task import score
 
@@ -178,8 +180,9 @@ def evaluate_seed(seed: int, folders: dict[str, Path], args, timings: dict) -> d
     preset = build_tiny()
     cfg = from_dict(json.loads((folders["spa"] / "config.json").read_text()))
     prompts_file = preset.eval_prompts if args.split == "eval" else preset.val_prompts
-    prompts = [json.loads(x)["prompt"] for x in prompts_file.read_text().splitlines() if x.strip()]
-    models = {"sft": Path(preset.model_dir), "dpo-seed": folders["spa"] / "round-0" / "model",
+    prompts = [r["prompt"] for r in read_jsonl(prompts_file)]
+    sft = Path(sft_model_of(folders["spa"]) or preset.model_dir)  # the SFT model the runs really started from
+    models = {"sft": sft, "dpo-seed": folders["spa"] / "round-0" / "model",
               "dpo-100": folders["dpo-100"] / "round-0" / "model"}
     for name in ["spa", *[a for a in ABLATIONS if a in folders]]:
         for i in range(1, cfg.rounds + 1):
@@ -191,7 +194,7 @@ def evaluate_seed(seed: int, folders: dict[str, Path], args, timings: dict) -> d
     backend, _ = get_backend(cfg)
     log(f"seed {seed}: evaluating {len(models)} models on {len(prompts)} {args.split} prompts")
     t0 = time.perf_counter()
-    res = evaluate_models(backend, models, Path(preset.model_dir), prompts, OracleJudge(), settings,
+    res = evaluate_models(backend, models, sft, prompts, OracleJudge(), settings,
                           pairs=load_pairs(folders["spa"] / "data" / "test.jsonl"))
     timings[key] = time.perf_counter() - t0
     res.pop("outputs")
@@ -206,11 +209,12 @@ def evaluate_seed(seed: int, folders: dict[str, Path], args, timings: dict) -> d
 
 def label_breakdown(judged: Path) -> dict:
     """What the self-judge preferred, by the oracle's parts: correct / formatted / concise, and length."""
+    from selfie_lite.rundir import read_jsonl
     from selfie_lite.tiny.task import score_details
 
     if not judged.is_file():
         return {}
-    rows = [json.loads(x) for x in judged.read_text().splitlines() if x.strip()]
+    rows = read_jsonl(judged)
     if not rows:
         return {}
     c = [score_details(r["prompt"], r["chosen"]) for r in rows]

@@ -118,6 +118,12 @@ def eval_cmd(
     if cfg is None:
         cfg = load_config("tiny") if baseline is None else from_dict({})
     sft = Path(cfg.model) if (run_dir is not None and cfg.model) else (tiny.model_dir if tiny else None)
+    if run_dir is not None:
+        from selfie_lite.loop import sft_model_of
+
+        started_from = sft_model_of(run_dir)
+        if started_from is not None and Path(started_from).exists():
+            sft = Path(started_from)
     base = baseline or sft
     if base is None:
         raise UserError("no baseline to compare against", hint="pass --baseline MODEL_DIR (usually the SFT model)")

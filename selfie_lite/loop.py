@@ -88,11 +88,13 @@ def preflight(cfg: RunConfig, backend, inputs: Inputs):
     return load_split(cfg.data, cfg.rounds, cfg.random_seed, inputs.data_source)
 
 
-def prepare_data(cfg: RunConfig, run_dir: Path, source: str, split=None) -> dict:
-    """Split once and keep the split in the run folder: a resume never re-reads (or re-shuffles) the dataset."""
+def prepare_data(cfg: RunConfig, run_dir: Path, inputs: Inputs, split=None) -> dict:
+    """Split once and keep the split in the run folder: a resume never re-reads (or re-shuffles) the dataset.
+    split.json also names the SFT model the run started from, for `selfie-lite eval` to compare against."""
     folder = run_dir / "data"
     if (folder / "split.json").is_file():
         return read_json(folder / "split.json")
+    source = inputs.data_source
     split = split or load_split(cfg.data, cfg.rounds, cfg.random_seed, source)
     atomic_write_jsonl(folder / "seed.jsonl", [dict(r, pair_id=i) for i, r in enumerate(split.seed_pairs)])
     atomic_write_jsonl(folder / "test.jsonl", split.test_pairs)
@@ -100,6 +102,7 @@ def prepare_data(cfg: RunConfig, run_dir: Path, source: str, split=None) -> dict
         atomic_write_jsonl(folder / f"pool-{i}.jsonl", [{"prompt": p} for p in pool])
     info = {
         "source": source,
+        "sft_model": str(inputs.model_dir),
         "valid_rows": split.n_rows,
         "skipped_bad_rows": split.n_bad,
         "seed_pairs": len(split.seed_pairs),
@@ -108,6 +111,13 @@ def prepare_data(cfg: RunConfig, run_dir: Path, source: str, split=None) -> dict
     }
     atomic_write_json(folder / "split.json", info)  # last: its presence means the split is complete
     return info
+
+
+def sft_model_of(run_dir: Path) -> str | None:
+    """The SFT model (pi_init) a run started from. The tiny preset's cache can be rebuilt or moved (its SFT weights
+    are not bit-identical across builds), so a run is compared with the model it really started from."""
+    p = run_dir / "data" / "split.json"
+    return read_json(p).get("sft_model") if p.is_file() else None
 
 
 def train_stage(cfg: RunConfig, round_dir: Path, backend, base_dir: Path, pairs: list[dict], round_idx: int,
@@ -161,7 +171,7 @@ def gold_agreement(pairs: list[dict], gold) -> dict:
 def run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console: Console, progress=None,
                split=None) -> dict:
     t_start = time.perf_counter()
-    split = prepare_data(cfg, run_dir, inputs.data_source, split)
+    split = prepare_data(cfg, run_dir, inputs, split)
     init_dir = Path(inputs.model_dir)
     prev = init_dir
     history = []

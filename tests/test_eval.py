@@ -358,3 +358,23 @@ def test_eval_command_on_a_run_folder(small_models, tmp_path):
     assert ae[0]["generator"] == "run-round-1" and len(ae) == 4
     r = invoke("eval", run, "--rounds", "1", "--judge", "oracle", "--prompts", _prompt_file(tmp_path, 4))
     assert r.exit_code == 0 and list(json.loads((run / "eval.json").read_text())["models"]) == ["sft", "round-1"]
+
+
+def test_eval_of_a_tiny_run_compares_with_the_sft_model_it_started_from(small_models, tiny_preset, tmp_path):
+    """A tiny-preset run records its SFT model in data/split.json; a rebuilt or moved preset cache must not change
+    the baseline that eval compares the run with."""
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"data": {"source": "prefs.jsonl"},
+                                                 "sample": {"max_new_tokens": 6, "batch_size": 4}}))
+    (run / "data" / "split.json").write_text(json.dumps({"sft_model": str(small_models["lm-a"])}))
+    shutil.copytree(small_models["lm-b"], run / "round-0" / "model")
+    (run / "round-0" / "done").mkdir()
+    (run / "round-0" / "done" / "merge.json").write_text("{}")
+    r = invoke("eval", run, "--judge", "oracle", "--prompts", _prompt_file(tmp_path, 4))
+    assert r.exit_code == 0, r.output
+    res = json.loads((run / "eval.json").read_text())
+    assert res["settings"]["baseline"] == str(small_models["lm-a"]) != str(tiny_preset.model_dir)
+    assert res["settings"]["reference"] == str(small_models["lm-a"])

@@ -61,7 +61,11 @@ def test_full_loop_writes_every_artifact(reference_run):
     assert "done." in output and "round 2" in output
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["seed"] == "48" and config["rounds"] == 2
-    assert json.loads((out / "data" / "split.json").read_text())["seed_pairs"] == 48
+    split = json.loads((out / "data" / "split.json").read_text())
+    assert split["seed_pairs"] == 48
+    from selfie_lite.tiny import build_tiny
+
+    assert split["sft_model"] == str(build_tiny().model_dir)  # what eval compares the run with
     for f in ("done/train.json", "done/merge.json", "pairs.jsonl", "model/model.safetensors", "metrics.json"):
         assert (out / "round-0" / f).exists(), f
     for i in (1, 2):
