@@ -182,7 +182,9 @@ def eval_cmd(
         f"(temperature {settings.temperature}, {settings.samples_per_prompt} sample(s) per prompt, seed "
         f"{settings.random_seed}); judge: {judge_obj.name if judge_obj else 'none'}"
     )
-    with Reporter(err_console) as progress:
+    from selfie_lite.numerics import resolve_threads, torch_threads
+
+    with Reporter(err_console) as progress, torch_threads(resolve_threads(cfg.threads, base, backend.device)):
         result = evaluate_models(backend, models, base, prompt_texts, judge_obj, settings, pairs=labelled,
                                  reference=sft if run_dir is not None and sft is not None else base, progress=progress)
     outputs = result.pop("outputs")

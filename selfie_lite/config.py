@@ -96,6 +96,7 @@ class RunConfig:
     rounds: int = 3  # T (paper 3)
     beta: float = 0.1  # DPO temperature, for the judge and the loss (paper 0.1)
     random_seed: int = 42  # NOT the labelled share: that is data.seed
+    threads: int = 0  # torch CPU threads; 0 = auto (1 for a small model on a CPU, else torch's default): numerics.py
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
@@ -285,6 +286,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.precision must be auto, bf16, fp16 or fp32, got {cfg.train.precision!r}")
     if cfg.train.max_prompt_length >= cfg.train.max_length:
         raise UserError("train.max_prompt_length must be smaller than train.max_length")
+    if cfg.threads < 0:
+        raise UserError(f"threads must be >= 0 (0 = auto), got {cfg.threads}")
     for name in ("learning_rate",):
         if getattr(cfg.train, name) <= 0:
             raise UserError(f"train.{name} must be > 0")

@@ -23,6 +23,7 @@ from selfie_lite.config import RunConfig
 from selfie_lite.data import load_split
 from selfie_lite.judge import judge_round
 from selfie_lite.merge import merge_round
+from selfie_lite.numerics import resolve_threads, torch_threads
 from selfie_lite.rundir import (
     atomic_write_json,
     atomic_write_jsonl,
@@ -170,6 +171,13 @@ def gold_agreement(pairs: list[dict], gold) -> dict:
 
 def run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console: Console, progress=None,
                split=None) -> dict:
+    threads = resolve_threads(cfg.threads, inputs.model_dir, getattr(backend, "device", "cpu"))
+    with torch_threads(threads) as n_threads:
+        return _run_rounds(cfg, run_dir, backend, inputs, console, progress, split, n_threads)
+
+
+def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console: Console, progress, split,
+                n_threads: int) -> dict:
     t_start = time.perf_counter()
     split = prepare_data(cfg, run_dir, inputs, split)
     init_dir = Path(inputs.model_dir)
@@ -212,6 +220,7 @@ def run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console: 
         "rounds": cfg.rounds,
         "data": split,
         "seconds_this_session": round(time.perf_counter() - t_start, 1),
+        "torch_threads": n_threads,
         "per_round": history,
     }
     atomic_write_json(run_dir / "summary.json", summary)

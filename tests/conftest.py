@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+import selfie_lite  # noqa: F401  first: it pins MKL's reproducible mode before torch computes anything
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -15,6 +17,18 @@ os.environ["NO_COLOR"] = "1"
 os.environ["COLUMNS"] = "200"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.pop("SELFIE_LITE_KILL_AT", None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """The whole session on one torch thread, whatever order the files run in (2 shared cores: two threads that
+    wait for each other at every op made single tests 10x slower). Restored at the end; runs pick their own."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

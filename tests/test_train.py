@@ -20,9 +20,6 @@ from selfie_lite.config import RefineConfig, TrainConfig
 from selfie_lite.errors import RunError
 from selfie_lite.train import PairCollator, SPADPOTrainer, TrainResult, _to_conversation, train_dpo
 
-# Two cores shared with other jobs: one intra-op thread avoids oversubscription (10x faster here).
-torch.set_num_threads(1)
-
 WORDS = "the a cat dog sat ran on under mat log red blue big small why how what is are you we good bad".split()
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
