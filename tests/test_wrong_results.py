@@ -96,6 +96,19 @@ def _flip_last_byte(path):
     path.write_bytes(bytes(data))
 
 
+def test_fingerprint_of_big_weights_samples_them(tiny_preset, tmp_path, monkeypatch):
+    """Over FULL_HASH_BYTES the hash reads the header and sampled blocks: copies match, another model does not."""
+    from selfie_lite import loop
+
+    monkeypatch.setattr(loop, "FULL_HASH_BYTES", 1000)  # the tiny model (2 MB) takes the big-model path
+    shutil.copytree(tiny_preset.model_dir, tmp_path / "a")
+    shutil.copytree(tiny_preset.model_dir, tmp_path / "b")
+    assert loop.model_fingerprint(tmp_path / "a") == loop.model_fingerprint(tiny_preset.model_dir)
+    _flip_last_byte(tmp_path / "b" / "model.safetensors")
+    assert loop.model_fingerprint(tmp_path / "b") != loop.model_fingerprint(tmp_path / "a")
+    assert loop.model_fingerprint("org/hub-model") is None
+
+
 def test_resume_refuses_a_different_sft_model(tiny_preset, stub_rounds, tmp_path, monkeypatch):
     work, other = tmp_path / "work", tmp_path / "other"
     shutil.copytree(tiny_preset.model_dir, work / "sft")
