@@ -53,7 +53,7 @@ def main_callback(
 
 def build_config(preset, config_file, seed, model, data, rounds, random_seed, backend, load_in_4bit, beta,
                  chat_template, trust_remote_code, sets, sampler=None):
-    from selfie_lite.config import load_config, parse_override
+    from selfie_lite.config import absolute_paths, load_config, parse_override
 
     overrides = [parse_override(s) for s in sets or []]
     flat = {
@@ -75,7 +75,7 @@ def build_config(preset, config_file, seed, model, data, rounds, random_seed, ba
     # No model anywhere: the built-in tiny preset, whatever the machine.
     if preset is None and config_file is None and model is None and not any("model" in o for o in overrides):
         preset = "tiny"
-    return load_config(preset, config_file, overrides + [direct]), preset
+    return absolute_paths(load_config(preset, config_file, overrides + [direct])), preset
 
 
 @app.command()
@@ -115,6 +115,7 @@ def run(
     given = any(v is not None for v in (seed, preset, config_file, model, data, rounds, random_seed, backend, beta,
                                         chat_template, sampler)) \
         or load_in_4bit or trust_remote_code or bool(sets)
+    forced: list[str] = []  # settings a --force resume changes: the old ones are kept as config.<rev>.json
     if resume is not None:
         if out is not None:
             raise UserError("--resume and --out both name a run folder; give one", hint="--resume DIR continues DIR")
@@ -132,7 +133,7 @@ def run(
                     f"{run_dir} was made with other settings: {'; '.join(diffs[:6])}" + (" ..." if len(diffs) > 6 else ""),
                     hint="drop those flags to resume as it was, or add --force to continue with the new settings",
                 )
-            cfg = new_cfg
+            cfg, forced = new_cfg, diffs
         validate(cfg)
     else:
         cfg, preset = build_config(preset, config_file, seed, model, data, rounds, random_seed, backend, load_in_4bit,
@@ -141,7 +142,7 @@ def run(
         if (run_dir / "config.json").is_file():
             raise UserError(f"{run_dir} already holds a run", hint=f"continue it with --resume {run_dir}, or pick another --out")
     from selfie_lite.backends import get_backend
-    from selfie_lite.loop import preflight, resolve_inputs, run_rounds
+    from selfie_lite.loop import check_resume_sft, preflight, resolve_inputs, run_rounds
     from selfie_lite.progress import Reporter
 
     if not cfg.model:
@@ -151,11 +152,20 @@ def run(
     from selfie_lite.sampler_vllm import get_sampler
 
     _, sampler_why = get_sampler(cfg.sample.sampler, be, cfg)
+    if resume is not None:
+        check_resume_sft(run_dir, cfg.model or None)  # the SFT model the run started from, before anything resolves
     inputs = resolve_inputs(cfg, err_console)
+    if resume is not None and not cfg.model:
+        check_resume_sft(run_dir, inputs.model_dir)  # the tiny preset's model, known once resolved
     # Bad input stops here, before any weights load and before the run folder is written.
     split = None if resume is not None else preflight(cfg, be, inputs)
+    if split is not None and split.n_identical:
+        err_console.print(f"[yellow]warning:[/yellow] {split.n_identical} of {split.n_rows + split.n_identical} rows "
+                          "have chosen identical to rejected (no preference): dropped", highlight=False)
     with RunLock(run_dir), ctrl_c_noted():
         try:
+            if forced:
+                _save_forced_settings(run_dir, saved, forced)
             atomic_write_json(run_dir / "config.json", to_dict(cfg))
             _print_config(cfg, run_dir, resumed=resume is not None)
             err_console.print(f"backend: [bold]{be.name}[/bold] ({why}), device: {getattr(be, 'device', '?')}; "
@@ -171,6 +181,19 @@ def run(
             raise
     console.print(f"[bold green]done.[/bold green] final model: {summary['final_model']}  "
                   f"summary: {run_dir / 'summary.json'}")
+
+
+def _save_forced_settings(run_dir: Path, saved: dict, changes: list[str]) -> None:
+    """--resume --force with other settings: keep the old config, then say which finished stages ran under which
+    settings, since from here on the run mixes them."""
+    from selfie_lite.rundir import save_config_revision, stages_by_rev
+
+    rev = save_config_revision(run_dir, saved, changes)
+    err_console.print(f"[yellow]settings changed (--force):[/yellow] config rev {rev - 1} -> {rev}: {'; '.join(changes)}. "
+                      f"The old settings are kept in {run_dir / f'config.{rev - 1}.json'}.", highlight=False, soft_wrap=True)
+    for r, stages in stages_by_rev(run_dir).items():
+        err_console.print(f"  ran under config rev {r}: {', '.join(stages)}", highlight=False, soft_wrap=True)
+    err_console.print(f"  unfinished stages run under config rev {rev}", highlight=False)
 
 
 def _print_config(cfg, run_dir: Path, resumed: bool):
@@ -214,8 +237,11 @@ def judge(
 
       selfie-lite judge responses.jsonl --policy runs/x/round-1/model --reference my-sft-model -o pairs.jsonl
     """
+    from selfie_lite.config import RunConfig, check_range
+
+    check_range("beta", beta, "--beta")  # beta <= 0 would invert (or zero) every label and still exit 0
+    check_range("judge.batch_size", batch_size, "--batch-size")
     from selfie_lite.backends.hf import HFBackend, chat_prompt_ids, chat_response_ids
-    from selfie_lite.config import RunConfig
     from selfie_lite.judge import flat_sequences, judge_pairs, score_with
     from selfie_lite.progress import Reporter
     from selfie_lite.rundir import atomic_write_jsonl

@@ -37,6 +37,40 @@ def _model_names(folders: list[Path]) -> dict[str, Path]:
     return names
 
 
+def _check_rounds_exist(run_dir: Path, round_list: list[int], text: str) -> None:
+    """--rounds naming a round that has no merged model is a typo, not a request for an SFT-only eval."""
+    from selfie_lite.evaluate import run_models
+
+    finished = [int(name.split("-")[1]) for name in run_models(run_dir)]
+    missing = [r for r in round_list if r not in finished]
+    if missing:
+        have = ", ".join(map(str, finished)) if finished else "none yet"
+        raise UserError(f"--rounds {text}: {run_dir} has no finished round {', '.join(map(str, missing))} "
+                        f"(finished rounds: {have})",
+                        hint=f"pick from {have}" if finished else f"finish it first: selfie-lite run --resume {run_dir}")
+
+
+def _previous_eval(path: Path, record: dict) -> dict | None:
+    """The eval.json a partial eval merges into, checked before any model loads: rows made with other settings
+    (prompts, judge, temperature, baseline...) are not comparable, so mixing them into one table is refused."""
+    from selfie_lite.rundir import read_json
+
+    if not path.is_file():
+        return None
+    try:
+        old = read_json(path)
+    except (OSError, ValueError):
+        raise UserError(f"{path} is not readable JSON, so a partial eval cannot merge into it",
+                        hint="move it away, or evaluate every round (drop --rounds)") from None
+    was = old.get("settings", {})
+    differs = [f"{k}: {was[k]!r} -> {v!r}" for k, v in record.items() if k in was and was[k] != v]
+    if differs:
+        raise UserError(f"{path} holds an eval made with other settings ({'; '.join(differs)}); "
+                        "--rounds would mix them in one table",
+                        hint="evaluate every round again (drop --rounds), or write elsewhere with --out")
+    return old
+
+
 @friendly_errors
 def eval_cmd(
     targets: Annotated[list[Path], typer.Argument(help="A run folder (evaluates the SFT model and every round's model) or one or more model folders.")],
@@ -65,15 +99,17 @@ def eval_cmd(
 
       selfie-lite eval runs/zephyr --export alpaca-eval --prompts alpaca_eval.json
     """
-    from selfie_lite.config import from_dict, load_config
+    from selfie_lite.config import check_range, from_dict, load_config
     from selfie_lite.evaluate import (
         EvalSettings,
         export_alpaca_eval,
         load_pairs,
         load_prompts,
+        merge_eval,
         parse_judge,
         run_models,
         self_label_agreement,
+        settings_record,
     )
     from selfie_lite.rundir import atomic_write_json, atomic_write_jsonl, read_json
 
@@ -85,6 +121,12 @@ def eval_cmd(
         raise UserError(f"--temperature must be > 0 (evaluation samples), got {temperature}")
     if limit is not None and limit < 1:
         raise UserError("--limit must be at least 1")
+    # 0 would silently fall back to the run's setting (`or` below); negative values reach the sampler.
+    if max_new_tokens is not None:
+        check_range("sample.max_new_tokens", max_new_tokens, "--max-new-tokens")
+    if batch_size is not None:
+        check_range("sample.batch_size", batch_size, "--batch-size")
+    check_range("random_seed", random_seed, "--random-seed")
     for t in targets:
         if not t.exists():
             raise UserError(f"{t} does not exist")
@@ -98,6 +140,8 @@ def eval_cmd(
     round_list = _parse_rounds(rounds)
     if round_list is not None and run_dir is None:
         raise UserError("--rounds applies to a run folder only")
+    if round_list is not None:
+        _check_rounds_exist(run_dir, round_list, rounds)
 
     # Settings and models, all before any weights load.
     tiny = None
@@ -171,6 +215,11 @@ def eval_cmd(
         beta=cfg.beta,
     )
     out_dir = out or (run_dir if run_dir is not None else Path("eval"))
+    reference = sft if run_dir is not None and sft is not None else base
+    record = settings_record(settings, judge_obj, len(prompt_texts), base, reference, len(labelled or []))
+    record["prompts_file"] = str(prompts) if prompts else ("tiny eval prompts" if tiny else "test split")
+    partial = run_dir is not None and round_list is not None
+    previous = _previous_eval(out_dir / "eval.json", record) if partial else None
 
     from selfie_lite.backends import get_backend
     from selfie_lite.evaluate import evaluate_models
@@ -186,7 +235,7 @@ def eval_cmd(
 
     with Reporter(err_console) as progress, torch_threads(resolve_threads(cfg.threads, base, backend.device)):
         result = evaluate_models(backend, models, base, prompt_texts, judge_obj, settings, pairs=labelled,
-                                 reference=sft if run_dir is not None and sft is not None else base, progress=progress)
+                                 reference=reference, progress=progress)
     outputs = result.pop("outputs")
     if run_dir is not None:
         agreement = self_label_agreement(run_dir, gold)
@@ -194,7 +243,9 @@ def eval_cmd(
         for name, m in result["models"].items():
             if name in agreement:
                 m["self_label_gold_agreement"] = agreement[name]
-    result["settings"]["prompts_file"] = str(prompts) if prompts else ("tiny eval prompts" if tiny else "test split")
+    result["settings"]["prompts_file"] = record["prompts_file"]
+    if previous is not None:
+        result = merge_eval(previous, result)
     for name, rows in outputs.items():
         atomic_write_jsonl(out_dir / "eval" / "outputs" / f"{name}.jsonl", rows)
     atomic_write_json(out_dir / "eval.json", result)

@@ -244,15 +244,129 @@ def load_config(preset: str | None = None, config_file: Path | None = None, over
     return cfg
 
 
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Local paths (model, data source, chat template) made absolute, as config.json must store them: a path kept
+    as typed (./sft) means another folder when `--resume` runs from another working directory, and there it may
+    even exist and be another model. Hub ids (org/name) with no such local path are left alone."""
+
+    def local(p: str) -> str:
+        path = Path(p).expanduser()
+        return str(path.resolve()) if p and path.exists() else p
+
+    return dataclasses.replace(cfg, model=local(cfg.model), chat_template=local(cfg.chat_template),
+                               data=dataclasses.replace(cfg.data, source=local(cfg.data.source)))
+
+
 def from_dict(data: dict) -> RunConfig:
     return _build(RunConfig, data)
 
 
+# ---------------------------------------------------------------------------------------------
+# Valid ranges: ONE table for every numeric setting
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: lo/hi bounds (None = unbounded), open or closed on each side.
+
+    `says` replaces the generated wording where an older message is part of the interface (tests, docs)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # True: the value must be > lo, not >= lo
+    hi_open: bool = False  # True: the value must be < hi, not <= hi
+    says: str = ""
+
+    def ok(self, v: float) -> bool:
+        if v != v:  # NaN passes no comparison below, so name it explicitly
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def describe(self) -> str:
+        if self.says:
+            return self.says
+        if self.lo is not None and self.hi is not None:
+            return f"must be in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"must be {'>' if self.lo_open else '>='} {_num(self.lo)}"
+        return f"must be {'<' if self.hi_open else '<='} {_num(self.hi)}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+POSITIVE = Range(0, lo_open=True)
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1)
+# Seeds reach numpy (which wants < 2**32) after + round index and other small offsets; 2**31 - 1 leaves room.
+SEED = Range(0, 2**31 - 1)
+
+# Every int and float setting (list settings: each item), dotted as in --set. A field without an entry fails
+# tests/test_config.py::test_every_numeric_setting_has_a_range, so a new knob cannot skip its bounds.
+RANGES: dict[str, Range] = {
+    "rounds": NON_NEGATIVE,
+    "beta": POSITIVE,  # <= 0 inverts (or zeroes) every self-label and the DPO loss
+    "random_seed": SEED,
+    "threads": Range(0, 1024),  # 0 = auto
+    "data.test_size": NON_NEGATIVE,
+    "data.pool_ratio": POSITIVE,
+    "data.pool_sizes": AT_LEAST_1,
+    "data.max_bad_rows": FRACTION,
+    "sample.num_samples": Range(2, says="must be at least 2 to form a pair"),
+    "sample.temperature": Range(0, lo_open=True, says="must be > 0 (sampling needs it)"),
+    "sample.top_p": Range(0, 1, lo_open=True),
+    "sample.max_new_tokens": AT_LEAST_1,
+    "sample.batch_size": AT_LEAST_1,
+    "sample.chunk_size": AT_LEAST_1,
+    "judge.batch_size": AT_LEAST_1,
+    "train.learning_rate": POSITIVE,
+    "train.warmup_ratio": Range(0, 1, hi_open=True),  # 1 would warm up for the whole run: the LR never peaks
+    "train.batch_size": AT_LEAST_1,
+    "train.grad_accum": AT_LEAST_1,
+    "train.seed_epochs": AT_LEAST_1,
+    "train.round_epochs": AT_LEAST_1,
+    "train.max_length": AT_LEAST_1,
+    "train.max_prompt_length": AT_LEAST_1,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.max_grad_norm": NON_NEGATIVE,  # 0 = no clipping (the Trainer's convention)
+    "refine.alpha": Range(0, 0.5, hi_open=True),  # 0.5 would make chosen and rejected equally likely targets
+    "refine.low_conf_frac": FRACTION,
+    "refine.warmup_frac": FRACTION,
+    "refine.lambdas": NON_NEGATIVE,
+    "refine.window_pairs": AT_LEAST_1,
+    "refine.vocab_chunk": AT_LEAST_1,
+    "lora.r": AT_LEAST_1,
+    "lora.alpha": POSITIVE,
+    "lora.dropout": Range(0, 1, hi_open=True),
+}
+
+
+def check_range(key: str, value, name: str | None = None) -> None:
+    """Refuse a value outside RANGES[key]; `name` is how the user wrote it (a flag such as --beta), default the key."""
+    rng = RANGES[key]
+    values = value if isinstance(value, list) else [value]
+    for i, v in enumerate(values):
+        if not rng.ok(v):
+            where = (name or key) + (f"[{i}]" if isinstance(value, list) else "")
+            raise UserError(f"{where} {rng.describe()}, got {v}")
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that the types alone cannot express."""
+    """Every numeric setting against RANGES first (one message per key), then the cross-field checks that the
+    types and ranges alone cannot express."""
     parse_seed(cfg.data.seed)
-    if cfg.rounds < 0:
-        raise UserError(f"rounds must be >= 0, got {cfg.rounds}")
+    for key in RANGES:
+        check_range(key, _get(cfg, key))
     pools = cfg.data.pool_sizes or cfg.data.pool_ratio
     if len(pools) < cfg.rounds:
         raise UserError(
@@ -260,20 +374,6 @@ def validate(cfg: RunConfig) -> None:
             f"has {len(pools)}",
             hint="give one pool per round, or lower --rounds",
         )
-    if any(p <= 0 for p in pools):
-        raise UserError("every prompt pool must be larger than zero")
-    if cfg.sample.num_samples < 2:
-        raise UserError(f"sample.num_samples must be at least 2 to form a pair, got {cfg.sample.num_samples}")
-    if not 0 < cfg.sample.top_p <= 1:
-        raise UserError(f"sample.top_p must be in (0, 1], got {cfg.sample.top_p}")
-    if cfg.sample.temperature <= 0:
-        raise UserError(f"sample.temperature must be > 0 (sampling needs it), got {cfg.sample.temperature}")
-    if cfg.beta <= 0:
-        raise UserError(f"beta must be > 0, got {cfg.beta}")
-    if not 0 <= cfg.refine.alpha < 0.5:
-        raise UserError(f"refine.alpha must be in [0, 0.5), got {cfg.refine.alpha}")
-    if not 0 <= cfg.refine.low_conf_frac <= 1:
-        raise UserError(f"refine.low_conf_frac must be in [0, 1], got {cfg.refine.low_conf_frac}")
     if len(cfg.refine.lambdas) < cfg.rounds:
         raise UserError(f"refine.lambdas needs one value per round ({cfg.rounds}), got {len(cfg.refine.lambdas)}")
     if cfg.sample.sampler not in ("generate", "vllm", "auto"):
@@ -286,14 +386,6 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.precision must be auto, bf16, fp16 or fp32, got {cfg.train.precision!r}")
     if cfg.train.max_prompt_length >= cfg.train.max_length:
         raise UserError("train.max_prompt_length must be smaller than train.max_length")
-    if cfg.threads < 0:
-        raise UserError(f"threads must be >= 0 (0 = auto), got {cfg.threads}")
-    for name in ("learning_rate",):
-        if getattr(cfg.train, name) <= 0:
-            raise UserError(f"train.{name} must be > 0")
-    for name in ("batch_size", "grad_accum", "seed_epochs", "round_epochs"):
-        if getattr(cfg.train, name) < 1:
-            raise UserError(f"train.{name} must be >= 1")
 
 
 def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -18,6 +18,7 @@ from selfie_lite.config import DataConfig, parse_seed
 from selfie_lite.errors import UserError
 
 REQUIRED = ("chosen", "rejected")
+MAX_IDENTICAL = 0.5  # share of rows with chosen == rejected above which the data set is refused, not cleaned
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Split:
     test_pairs: list[dict]
     n_rows: int  # valid rows before splitting
     n_bad: int  # rows skipped as invalid
+    n_identical: int = 0  # valid rows dropped because chosen == rejected (no preference to learn)
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -172,6 +174,21 @@ def validate_rows(rows: list[dict], max_bad: float, source: str = "dataset") -> 
     return good, bad
 
 
+def drop_identical(rows: list[dict], source: str = "dataset") -> tuple[list[dict], int]:
+    """Rows whose chosen text equals the rejected text carry no preference: DPO's margin on them is 0 whatever the
+    model does, so they only dilute the seed (and count as coin flips in the test split). Drop them and return how
+    many; refuse a set where most rows are like that, since that is a broken export (both columns filled from one
+    field), not noise."""
+    kept = [r for r in rows if r["chosen"].strip() != r["rejected"].strip()]
+    n = len(rows) - len(kept)
+    if n > MAX_IDENTICAL * len(rows):
+        raise UserError(
+            f"{n} of {len(rows)} rows in {source} have chosen identical to rejected: nothing to learn from",
+            hint="check the chosen/rejected columns (were both filled from the same field?)",
+        )
+    return kept, n
+
+
 def pool_sizes(n_available: int, cfg: DataConfig, rounds: int) -> list[int]:
     if cfg.pool_sizes:
         sizes = list(cfg.pool_sizes[:rounds])
@@ -191,7 +208,8 @@ def pool_sizes(n_available: int, cfg: DataConfig, rounds: int) -> list[int]:
     return sizes
 
 
-def split_rows(rows: list[dict], cfg: DataConfig, rounds: int, random_seed: int, n_bad: int = 0) -> Split:
+def split_rows(rows: list[dict], cfg: DataConfig, rounds: int, random_seed: int, n_bad: int = 0,
+               n_identical: int = 0) -> Split:
     """One fixed shuffle: [seed pairs | pool 1 | ... | pool T | (unused) | test pairs]."""
     n = len(rows)
     n_seed = parse_seed(cfg.seed, n)
@@ -213,10 +231,12 @@ def split_rows(rows: list[dict], cfg: DataConfig, rounds: int, random_seed: int,
     for s in sizes:
         pools.append([r["prompt"] for r in middle[start : start + s]])
         start += s
-    return Split(seed_pairs=seed_pairs, pools=pools, test_pairs=test_pairs, n_rows=n, n_bad=n_bad)
+    return Split(seed_pairs=seed_pairs, pools=pools, test_pairs=test_pairs, n_rows=n, n_bad=n_bad,
+                 n_identical=n_identical)
 
 
 def load_split(cfg: DataConfig, rounds: int, random_seed: int, source: str | None = None) -> Split:
     source = source or cfg.source
     rows, bad = validate_rows(load_rows(source, cfg.split), cfg.max_bad_rows, source)
-    return split_rows(rows, cfg, rounds, random_seed, n_bad=len(bad))
+    rows, n_identical = drop_identical(rows, source)
+    return split_rows(rows, cfg, rounds, random_seed, n_bad=len(bad), n_identical=n_identical)

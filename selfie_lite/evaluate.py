@@ -294,6 +294,26 @@ def _pair_logps(backend, model, sequences, batch_size) -> tuple[list[float], lis
     return logps[:half], logps[half:]
 
 
+def settings_record(settings: EvalSettings, judge, n_prompts: int, baseline, reference, n_pairs: int) -> dict:
+    """The settings eval.json records; a partial eval (--rounds) must match them to merge into that file."""
+    return {**asdict(settings), "judge": judge.name if judge else None, "prompts": n_prompts,
+            "baseline": str(baseline), "reference": str(reference), "labelled_pairs": n_pairs}
+
+
+def _model_order(name: str) -> tuple:
+    if name == "sft":
+        return (0, 0, "")
+    idx = name.split("-", 1)[1] if name.startswith("round-") else ""
+    return (1, int(idx), "") if idx.isdigit() else (2, 0, name)
+
+
+def merge_eval(old: dict, new: dict) -> dict:
+    """A partial eval folded into the run's eval.json: its models replace their old rows, every other row stays
+    (sft first, then rounds in order), so `eval RUN --rounds 3` never clobbers the other rounds' results."""
+    models = {**old.get("models", {}), **new["models"]}
+    return {**old, **new, "models": {k: models[k] for k in sorted(models, key=_model_order)}}
+
+
 def evaluate_models(
     backend,
     models: dict[str, Path],
@@ -386,8 +406,7 @@ def evaluate_models(
     if any(_key(d) == base_key for d in models.values()):
         results.pop("baseline")  # the baseline is also one of the named models: one row, under its name
     return {
-        "settings": {**asdict(settings), "judge": judge.name if judge else None, "prompts": len(prompts),
-                     "baseline": str(baseline), "reference": str(reference), "labelled_pairs": len(pairs or []),
+        "settings": {**settings_record(settings, judge, len(prompts), baseline, reference, len(pairs or [])),
                      "judge_seconds": round(judge_seconds, 2)},
         "models": results,
         "outputs": {name: outputs[_key(d)] for name, d in order if name in results},

@@ -21,12 +21,14 @@ from rich.table import Table
 
 from selfie_lite.config import RunConfig
 from selfie_lite.data import load_split
+from selfie_lite.errors import UserError
 from selfie_lite.judge import judge_round
 from selfie_lite.merge import merge_round
 from selfie_lite.numerics import resolve_threads, torch_threads
 from selfie_lite.rundir import (
     atomic_write_json,
     atomic_write_jsonl,
+    config_rev,
     fresh_tmp_dir,
     is_done,
     mark_done,
@@ -104,8 +106,10 @@ def prepare_data(cfg: RunConfig, run_dir: Path, inputs: Inputs, split=None) -> d
     info = {
         "source": source,
         "sft_model": str(inputs.model_dir),
+        "sft_model_hash": model_fingerprint(inputs.model_dir),
         "valid_rows": split.n_rows,
         "skipped_bad_rows": split.n_bad,
+        "dropped_identical_pairs": split.n_identical,
         "seed_pairs": len(split.seed_pairs),
         "pools": [len(p) for p in split.pools],
         "test_pairs": len(split.test_pairs),
@@ -119,6 +123,73 @@ def sft_model_of(run_dir: Path) -> str | None:
     are not bit-identical across builds), so a run is compared with the model it really started from."""
     p = run_dir / "data" / "split.json"
     return read_json(p).get("sft_model") if p.is_file() else None
+
+
+FULL_HASH_BYTES = 64 * 2**20  # weight files up to this size are hashed whole
+SAMPLE_BLOCKS, BLOCK_BYTES = 64, 64 * 2**10
+
+
+def model_fingerprint(model_dir) -> str | None:
+    """A content hash of a local model folder: config.json plus every *.safetensors file; None for a hub id.
+
+    Small files (the tiny preset, test models) are hashed whole. A 7B model is ~15 GB: reading it all would add
+    a minute to every resume, so for files over FULL_HASH_BYTES we hash the safetensors header (names, dtypes,
+    shapes, offsets) and 64 blocks of 64 KiB spread evenly over the file (4 MB read per file). Two fine-tunes of
+    one base differ in nearly every weight, so a sampled block tells them apart; sizes and mtimes would not do,
+    since a plain `cp` changes mtimes and a fine-tune keeps the sizes."""
+    import hashlib
+
+    folder = Path(model_dir).expanduser()
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in [folder / "config.json", *sorted(folder.glob("*.safetensors"))]:
+        if not f.is_file():
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}\n".encode())
+        with open(f, "rb") as fh:
+            if size <= FULL_HASH_BYTES:
+                for block in iter(lambda: fh.read(2**20), b""):
+                    h.update(block)
+                continue
+            header_len = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(header_len, size - 8)))
+            for k in range(SAMPLE_BLOCKS):
+                fh.seek(k * (size - BLOCK_BYTES) // (SAMPLE_BLOCKS - 1))
+                h.update(fh.read(BLOCK_BYTES))
+    return "sha256:" + h.hexdigest()
+
+
+def check_resume_sft(run_dir: Path, model_dir=None) -> None:
+    """On --resume: the SFT model must be the one the run started from (data/split.json), or the resumed rounds
+    would train and judge against another pi_init without a word. model_dir is the model this resume would use
+    (None: not known yet, the tiny preset's); the same weights moved elsewhere (--force --model NEW) pass, since
+    the content hash is compared, not the path."""
+    p = Path(run_dir) / "data" / "split.json"
+    info = read_json(p) if p.is_file() else {}
+    recorded, want = info.get("sft_model"), info.get("sft_model_hash")
+    if not recorded:
+        return  # no split yet: nothing has trained, any model is fine
+    # A hash means it was a local folder. Checked before the model resolves, so the message names the run's model
+    # rather than only "model folder ... does not exist".
+    if want and not Path(recorded).exists() and not (model_dir and Path(model_dir).expanduser().exists()):
+        raise UserError(
+            f"{run_dir} started from the SFT model {recorded}, which is missing now"
+            + (f" (this resume would use {model_dir})" if model_dir else ""),
+            hint="put that model back where it was, or pass a copy of it with --model PATH --force; "
+            "a different SFT model would mix two runs",
+        )
+    if model_dir is None or not want:
+        return  # a hub model, or a run made before hashes were recorded: nothing to compare
+    have = model_fingerprint(model_dir)
+    if have != want:
+        raise UserError(
+            f"{run_dir} started from the SFT model {recorded} ({want[:19]}...), but this resume would use "
+            f"{model_dir} ({(have or 'no local folder')[:19]}...)",
+            hint="resume from the folder the run was started in, or restore that model; "
+            "a different SFT model would mix two runs",
+        )
 
 
 def train_stage(cfg: RunConfig, round_dir: Path, backend, base_dir: Path, pairs: list[dict], round_idx: int,
@@ -218,6 +289,7 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console:
     summary = {
         "final_model": str(prev),
         "rounds": cfg.rounds,
+        "config_rev": config_rev(run_dir),  # each stage's own revision is in per_round (see config-history.jsonl)
         "data": split,
         "seconds_this_session": round(time.perf_counter() - t_start, 1),
         "torch_threads": n_threads,

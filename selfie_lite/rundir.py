@@ -75,7 +75,9 @@ def is_done(round_dir: Path, stage: str) -> bool:
 
 
 def mark_done(round_dir: Path, stage: str, metrics: dict) -> None:
-    atomic_write_json(marker(round_dir, stage), metrics)
+    """The stage's metrics plus the config revision it ran under (round_dir's parent is the run folder), so that
+    after a `--resume --force` every finished stage still names the settings that made it."""
+    atomic_write_json(marker(round_dir, stage), {**metrics, "config_rev": config_rev(Path(round_dir).parent)})
 
 
 def stage_metrics(round_dir: Path) -> dict:
@@ -85,6 +87,44 @@ def stage_metrics(round_dir: Path) -> dict:
         return {}
     files = sorted(done.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
     return {p.stem: read_json(p) for p in files}
+
+
+# -- config revisions ----------------------------------------------------------------------------
+# config.json always holds the settings in force now. A `--resume --force` that changes them first keeps the old
+# file as config.<rev>.json and appends a line to config-history.jsonl, so stages finished under old settings can
+# still be traced to them (their done-markers carry "config_rev").
+
+HISTORY = "config-history.jsonl"
+
+
+def config_rev(run_dir: Path) -> int:
+    """The revision of run_dir/config.json: 0 as first written, +1 per forced resume that changed it."""
+    p = Path(run_dir) / HISTORY
+    return len(read_jsonl(p)) if p.is_file() else 0
+
+
+def save_config_revision(run_dir: Path, old: dict, changes: list[str]) -> int:
+    """Keep the settings about to be replaced (as config.<rev>.json) and log what changed; returns the new revision.
+    Called before config.json is overwritten, so a kill in between loses nothing (the old file is still there)."""
+    run_dir = Path(run_dir)
+    rev = config_rev(run_dir)
+    atomic_write_json(run_dir / f"config.{rev}.json", old)
+    rows = read_jsonl(run_dir / HISTORY) if (run_dir / HISTORY).is_file() else []
+    rows.append({"rev": rev + 1, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "previous": f"config.{rev}.json",
+                 "changes": changes})
+    atomic_write_jsonl(run_dir / HISTORY, rows)
+    return rev + 1
+
+
+def stages_by_rev(run_dir: Path) -> dict[int, list[str]]:
+    """Finished stages grouped by the config revision they ran under ("round-0 train", ...); markers written
+    before revisions were recorded count as revision 0."""
+    out: dict[int, list[str]] = {}
+    rounds = [d for d in Path(run_dir).glob("round-*") if d.name[6:].isdigit()]
+    for d in sorted(rounds, key=lambda d: int(d.name[6:])):
+        for name, m in stage_metrics(d).items():
+            out.setdefault(int(m.get("config_rev", 0)), []).append(f"{d.name} {name}")
+    return dict(sorted(out.items()))
 
 
 # -- disk space ---------------------------------------------------------------------------------

@@ -93,3 +93,49 @@ def test_override_parsing():
 def test_diff_names_changed_keys():
     a, b = to_dict(load_config()), to_dict(load_config(None, None, [parse_override("train.batch_size=3")]))
     assert diff_configs(a, b) == ["train.batch_size: 8 -> 3"]
+
+
+def _numeric_keys(cls, prefix=""):
+    """Dotted keys of every int/float field (and list of ints/floats) of cls and its nested dataclasses."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_keys(tp, f"{prefix}{f.name}.")
+        elif tp in (int, float) or (typing.get_origin(tp) is list and typing.get_args(tp)[0] in (int, float)):
+            yield prefix + f.name
+
+
+def test_every_numeric_setting_has_a_range():
+    """A new int/float knob cannot be added without its valid range in config.RANGES (and no stale entries)."""
+    from selfie_lite.config import RANGES, RunConfig
+
+    keys = set(_numeric_keys(RunConfig))
+    assert "sample.chunk_size" in keys and "refine.lambdas" in keys and "lora.alpha" in keys
+    assert keys - set(RANGES) == set(), "numeric settings without a range entry"
+    assert set(RANGES) - keys == set(), "range entries for settings that do not exist"
+
+
+def test_defaults_and_presets_are_in_range():
+    from selfie_lite.config import PACKAGED_PRESETS
+
+    load_config()
+    for p in PACKAGED_PRESETS.glob("*.toml"):
+        load_config(p.stem)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("sample.chunk_size=0", "sample.chunk_size must be >= 1, got 0"),
+     ("train.warmup_ratio=1", "train.warmup_ratio must be in [0, 1), got 1.0"),
+     ("refine.lambdas=[0.5, -1, 0.1]", "refine.lambdas[1] must be >= 0, got -1.0"),
+     ("beta=nan", "beta must be > 0, got nan"),
+     ("lora.dropout=1", "lora.dropout must be in [0, 1), got 1.0")],
+)
+def test_ranges_name_the_key_and_the_value(override, message):
+    with pytest.raises(UserError) as e:
+        load_config(None, None, [parse_override(override)])
+    assert str(e.value) == message

@@ -148,3 +148,18 @@ def test_jsonl_with_mixed_shapes_and_a_broken_line(tmp_path):
     good, bad = validate_rows(load_rows(str(tmp_path / "mixed.jsonl")), max_bad=0.01)
     assert len(good) == 299 and bad == [(7, "line is not valid JSON")]
     assert good[0]["chosen"] == "good answer 0" and good[1]["chosen"] == "good answer 1"
+
+
+def test_identical_pairs_are_dropped_and_counted(tmp_path):
+    rows = make_rows(100)
+    for r in rows[:7]:
+        r["rejected"] = r["chosen"]
+    s = load_split(DataConfig(source=str(write_jsonl(tmp_path / "d.jsonl", rows)), seed="10", test_size=20,
+                              pool_sizes=[30]), 1, 0)
+    assert s.n_identical == 7 and s.n_rows == 93
+    assert all(p["chosen"] != p["rejected"] for p in s.seed_pairs + s.test_pairs)
+    for r in rows[:60]:
+        r["rejected"] = r["chosen"]
+    with pytest.raises(UserError, match="60 of 100 rows in .* have chosen identical to rejected"):
+        load_split(DataConfig(source=str(write_jsonl(tmp_path / "d.jsonl", rows)), seed="10", test_size=20,
+                              pool_sizes=[30]), 1, 0)

@@ -356,8 +356,24 @@ def test_eval_command_on_a_run_folder(small_models, tmp_path):
     assert res["models"]["round-1"]["self_label_gold_agreement"] == 0.625
     ae = json.loads((run / "eval" / "alpaca-eval" / "round-1.json").read_text())
     assert ae[0]["generator"] == "run-round-1" and len(ae) == 4
+    # A partial eval merges into eval.json: round-1 is evaluated again, round-0's row stays as it was.
     r = invoke("eval", run, "--rounds", "1", "--judge", "oracle", "--prompts", _prompt_file(tmp_path, 4))
-    assert r.exit_code == 0 and list(json.loads((run / "eval.json").read_text())["models"]) == ["sft", "round-1"]
+    assert r.exit_code == 0, r.output
+    merged = json.loads((run / "eval.json").read_text())
+    assert list(merged["models"]) == ["sft", "round-0", "round-1"]
+    assert merged["models"]["round-0"] == res["models"]["round-0"]
+
+    # A round that does not exist is an error that names the ones that do; eval.json is left alone.
+    before = (run / "eval.json").read_text()
+    r = invoke("eval", run, "--rounds", "9", "--judge", "oracle", "--prompts", _prompt_file(tmp_path, 4))
+    assert r.exit_code == 2 and "has no finished round 9 (finished rounds: 0, 1)" in r.output, r.output
+    r = invoke("eval", run, "--rounds", "1,2", "--judge", "oracle", "--prompts", _prompt_file(tmp_path, 4))
+    assert r.exit_code == 2 and "has no finished round 2 (finished rounds: 0, 1)" in r.output, r.output
+    # Rows made with other settings are not merged into one table.
+    r = invoke("eval", run, "--rounds", "1", "--judge", "oracle", "--prompts", _prompt_file(tmp_path, 4),
+               "--temperature", "0.3")
+    assert r.exit_code == 2 and "holds an eval made with other settings (temperature: 0.7 -> 0.3)" in r.output, r.output
+    assert (run / "eval.json").read_text() == before
 
 
 def test_eval_of_a_tiny_run_compares_with_the_sft_model_it_started_from(small_models, tiny_preset, tmp_path):
