@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -213,17 +214,30 @@ def ctrl_c_noted():
         _interrupted = True
         raise KeyboardInterrupt
 
+    def unraisable(args):
+        # Python prints "Exception ignored in ... Traceback ... KeyboardInterrupt" when Ctrl-C lands in a __del__ or a
+        # weakref callback (seen inside the regex package's clean-up). The press is noted above and stops the run at
+        # the next item: the user should see our one line, not a traceback.
+        if issubclass(args.exc_type, KeyboardInterrupt):
+            global _interrupted
+            _interrupted = True
+            return
+        previous_hook(args)
+
     # Keep SIGINT ignored where the parent ignored it (a shell's background job); signal() only works in the main thread.
     install = signal.getsignal(signal.SIGINT) is signal.default_int_handler
     try:
         old = signal.signal(signal.SIGINT, handler) if install else None
     except ValueError:
         old = None
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable
     _interrupted = False
     try:
         yield
     finally:
         _interrupted = False
+        sys.unraisablehook = previous_hook
         if old is not None:
             signal.signal(signal.SIGINT, old)
 

@@ -246,6 +246,25 @@ def test_a_swallowed_ctrl_c_still_stops_the_run_at_the_next_item():
         signal.signal(signal.SIGINT, before)
 
 
+def test_a_ctrl_c_inside_a_destructor_prints_no_traceback_and_still_stops(capsys):
+    import gc
+
+    from selfie_lite.rundir import ctrl_c_noted, maybe_kill
+
+    class Interrupted:
+        def __del__(self):
+            raise KeyboardInterrupt  # what Python does when Ctrl-C lands while a __del__ runs
+
+    hook = sys.unraisablehook
+    with ctrl_c_noted():
+        Interrupted()  # collected at once: Python can only report the exception through sys.unraisablehook
+        gc.collect()
+        with pytest.raises(KeyboardInterrupt):
+            maybe_kill("sample", 1)
+    assert "Traceback" not in capsys.readouterr().err
+    assert sys.unraisablehook is hook  # the caller's hook is back
+
+
 def test_ctrl_c_noted_keeps_an_ignored_sigint_ignored():
     from selfie_lite.rundir import ctrl_c_noted, maybe_kill
 
