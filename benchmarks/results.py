@@ -313,6 +313,18 @@ def tables(results: dict[int, dict], rounds: int, ablations: list[str]) -> str:
     return "\n".join(out)
 
 
+def calibration_table(summary: dict) -> str:
+    from selfie_lite.tiny.calibration import target_text
+
+    out = ["### Calibration against the paper's baselines (the bench, not SPA)", "",
+           "| figure | target | " + " | ".join(f"seed {s}" for s in summary["seeds"]) + " | mean ± sd | holds |",
+           "|---|---|" + "---:|" * (len(summary["seeds"]) + 1) + "---|"]
+    for f in summary["figures"].values():
+        out.append(f"| {f['what']} | {target_text(*f['target'])} | " + " | ".join(f"{v:.3f}" for v in f["per_seed"])
+                   + f" | {f['mean']:.3f} ± {f['sd']:.3f} | {'yes' if f['holds'] else '**no**'} |")
+    return "\n".join(out)
+
+
 def write_markdown(md: Path, body: str) -> None:
     head = ("# Results on the tiny preset\n\nThe tables between the markers are written by "
             "`python benchmarks/results.py`; the text around them is written by people.\n\n")
@@ -361,6 +373,13 @@ def main():
         rounds = json.loads((folders["spa"] / "config.json").read_text())["rounds"]
         log(f"seed {seed}: done ({time.perf_counter() - t_start:.0f} s so far)")
     total = time.perf_counter() - t_start
+    from selfie_lite.tiny import calibration
+
+    per_seed = {s: calibration.figures_of_seed(results[s]["models"], json.loads(
+        (args.out / f"seed-{s}" / "spa" / "round-1" / "done" / "judge.json").read_text())) for s in args.seeds}
+    calib = calibration.summarise(per_seed, source=f"{args.split} prompts, " + " ".join(["benchmarks/results.py", *sys.argv[1:]]))
+    if args.split == "eval" and not args.sets and not args.quick and len(args.seeds) >= 3:
+        calibration.save(calib)  # what `selfie-lite tiny info` prints: only from the full, untuned benchmark
     cfg = json.loads((args.out / f"seed-{args.seeds[0]}" / "spa" / "config.json").read_text())
     settings = results[args.seeds[0]]["settings"]
     body = [
@@ -379,6 +398,8 @@ def main():
         f"{os.cpu_count()} CPU cores ({platform.machine()}), shared with other work"
         + (f"; this invocation took {total / 60:.1f} min, reusing finished stages" if total < 0.8 * sum(timings.values()) else "")
         + f". Per seed: {per_part(timings)}.",
+        "",
+        calibration_table(calib),
         "",
         tables(results, rounds, [a for a in ABLATIONS if a in args.ablations]),
     ]

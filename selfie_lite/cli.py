@@ -352,6 +352,28 @@ def tiny_info(
     if by_kind:
         t.add_row("  frac_good by task", ", ".join(f"{k} {v:.2f}" for k, v in sorted(by_kind.items())))
     console.print(t)
+    _print_calibration()
+
+
+def _print_calibration():
+    """The bench's calibration against the paper's baselines, as benchmarks/results.py last measured it."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from selfie_lite.tiny import calibration
+
+    calib = calibration.load()
+    if calib is None:
+        console.print("[dim]no calibration figures shipped: run python benchmarks/results.py[/dim]")
+        return
+    t = Table(title=f"calibration against the paper's baselines ({len(calib['seeds'])} random seeds; "
+              f"{escape(calib['source'])})", title_justify="left")
+    for col in ("figure", "target", "mean ± sd", "holds"):
+        t.add_column(col)
+    for f in calib["figures"].values():
+        t.add_row(f["what"], calibration.target_text(*f["target"]), f"{f['mean']:.3f} ± {f['sd']:.3f}",
+                  "yes" if f["holds"] else "[red]no[/red]")
+    console.print(t)
 
 
 # Registered here, after run and judge, so --help lists the commands in the order a user reaches for them.

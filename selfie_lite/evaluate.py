@@ -89,6 +89,12 @@ class OracleJudge:
 
     name = "oracle"
 
+    @property
+    def good_score(self) -> float:  # "good" = correct and formatted (tiny/task.py)
+        from selfie_lite.tiny.task import GOOD_SCORE
+
+        return GOOD_SCORE
+
     def check(self, prompts: list[str]) -> None:
         from selfie_lite.tiny.task import parse_prompt
 
@@ -392,6 +398,8 @@ def evaluate_models(
         if judge is not None:
             m.update(win_rate(scores[key], scores[base_key]))
             m["mean_score"] = mean(scores[key])
+            if getattr(judge, "good_score", None) is not None:  # judges with a notion of "good" (the oracle)
+                m["frac_good"] = mean([float(x >= judge.good_score) for x in scores[key]])
             m["baseline_mean_score"] = mean(scores[base_key])
         if pairs:
             (pc, pr), (rc, rr) = pair_logps[key], pair_logps[ref_key]

@@ -230,14 +230,16 @@ def train_stage(cfg: RunConfig, round_dir: Path, backend, base_dir: Path, pairs:
 
 
 def gold_agreement(pairs: list[dict], gold) -> dict:
-    """How often the self-labels agree with the oracle (ties count half); the tiny preset only."""
+    """How often the self-labels agree with the oracle: over all pairs (ties count half), and over the pairs the
+    oracle does not tie (the judge's accuracy where there is something to get right); the tiny preset only."""
     agree = tie = 0
     for p in pairs:
         c, r = gold(p["prompt"], p["chosen"]), gold(p["prompt"], p["rejected"])
         agree += c > r
         tie += c == r
     n = max(1, len(pairs))
-    return {"gold_agreement": (agree + 0.5 * tie) / n, "gold_ties": tie / n}
+    return {"gold_agreement": (agree + 0.5 * tie) / n, "gold_ties": tie / n,
+            "gold_agreement_untied": agree / (n - tie) if n > tie else None}
 
 
 def run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console: Console, progress=None,

@@ -120,6 +120,24 @@ def test_preference_rows_are_well_formed(data):
     assert 0.3 < good_chosen < 0.9  # gold labels carry signal, and not every pair is trivial
 
 
+def test_quality_is_a_property_of_who_answers(data):
+    """Bench v2's premise: the SFT answers come from responders whose care differs by style, so the SFT model holds
+    a mixture that the seed DPO can shift, and correctness travels with form (as in UltraFeedback)."""
+    by_style: dict[str, list[bool]] = {}
+    for row in data["sft"]:
+        d = T.score_details(row["prompt"], row["response"])
+        r = row["response"]
+        style = ("canonical" if r.startswith("The answer is") and r.endswith(".") and "answer" not in r[13:] else
+                 "loose" if r.startswith("the answer is") else "trailing" if r.startswith("The answer is") else None)
+        if style:
+            by_style.setdefault(style, []).append(d["correct"])
+    rate = {k: sum(v) / len(v) for k, v in by_style.items()}
+    assert rate["canonical"] > 0.9 > rate["trailing"] > rate["loose"] > 0.45
+    assert abs(rate["canonical"] - B.RESPONDERS["canonical"]) < 0.03
+    good = sum(T.is_good(r["prompt"], r["response"]) for r in data["sft"]) / len(data["sft"])
+    assert 1 / 3 < good < 2 / 3  # something to prefer, something to avoid
+
+
 def test_held_out_prompts_are_disjoint(data):
     eval_p = [r["prompt"] for r in data["eval_prompts"]]
     val_p = [r["prompt"] for r in data["val_prompts"]]
@@ -133,13 +151,13 @@ def test_held_out_prompts_are_disjoint(data):
 
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("SELFIE_LITE_CACHE", str(tmp_path))
-    assert default_cache_dir() == tmp_path / "tiny-v1"
+    assert default_cache_dir() == tmp_path / "tiny-v2"
     monkeypatch.delenv("SELFIE_LITE_CACHE")
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert default_cache_dir() == tmp_path / "home" / ".cache" / "selfie-lite" / "tiny-v1"
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "selfie-lite" / "tiny-v2"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert default_cache_dir() == tmp_path / "xdg" / "selfie-lite" / "tiny-v1"
+    assert default_cache_dir() == tmp_path / "xdg" / "selfie-lite" / "tiny-v2"
 
 
 def test_tokenizer_round_trips_with_chat_template(data, tmp_path):
@@ -162,8 +180,8 @@ def test_tokenizer_round_trips_with_chat_template(data, tmp_path):
 
 
 def test_interrupted_build_leaves_nothing(tmp_path):
-    target = tmp_path / "tiny-v1"
-    stale = tmp_path / ".tiny-v1.tmp-999999999-abc"  # left by a build whose process died
+    target = tmp_path / "tiny-v2"
+    stale = tmp_path / ".tiny-v2.tmp-999999999-abc"  # left by a build whose process died
     stale.mkdir()
 
     def stop(stage, fraction):
@@ -181,7 +199,7 @@ def test_unwritable_cache_is_a_run_error(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     with pytest.raises(RunError, match="could not build the tiny preset") as err:
-        build_tiny(blocker / "tiny-v1")
+        build_tiny(blocker / "tiny-v2")
     assert "SELFIE_LITE_CACHE" in err.value.hint
 
 
@@ -192,7 +210,7 @@ def test_unwritable_cache_is_a_run_error(tmp_path):
 @pytest.fixture(scope="module")
 def preset(tmp_path_factory):
     stages = []
-    root = tmp_path_factory.mktemp("cache") / "tiny-v1"
+    root = tmp_path_factory.mktemp("cache") / "tiny-v2"
     built = build_tiny(root, progress=lambda stage, frac: stages.append((stage, frac)))
     return built, stages
 
@@ -208,7 +226,7 @@ def test_build_writes_a_complete_preset(preset, data):
     assert (built.preferences, built.eval_prompts, built.val_prompts) == tuple(
         built.root / f"{n}.jsonl" for n in ("preferences", "eval_prompts", "val_prompts")
     )
-    assert [p.name for p in built.root.parent.iterdir()] == ["tiny-v1"]  # no temp folder left behind
+    assert [p.name for p in built.root.parent.iterdir()] == ["tiny-v2"]  # no temp folder left behind
     fractions = [f for _, f in stages]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert {s for s, _ in stages} >= {"data", "tokenizer", "sft", "done"}

@@ -28,20 +28,25 @@ from pathlib import Path
 from selfie_lite.errors import RunError
 from selfie_lite.tiny import task as T
 
-PRESET_NAME = "tiny-v1"
+PRESET_NAME = "tiny-v2"
 DATA_SEED = 0
 N_PREFERENCES = 6000
 N_EVAL = 300
 N_VAL = 300
 N_SFT = 12000
 
-# The SFT mix: style weights and the share of right answers. Tuned so that the SFT model's samples at
-# temperature 0.7 are "good" (correct and formatted) about half the time (see sft_report).
-SFT_STYLE_WEIGHTS = {"canonical": 0.30, "filler": 0.12, "bare": 0.14, "loose": 0.14, "trailing": 0.15, "ramble": 0.15}
-SFT_P_CORRECT = 0.8
-# Gold pairs are binarized like UltraFeedback's: PREF_CANDIDATES responses from other "models" (uniform
-# styles, PREF_P_CORRECT right), chosen = the best, rejected = a random one scored strictly lower.
-PREF_P_CORRECT = 0.6
+# The world (bench v2, docs/results.md "The bench"): answers are written by six "responders", one per style, each
+# with its own care: the canonical writer is almost always right, the rambler often wrong. As in UltraFeedback,
+# where stronger models write both better content and better form, quality is a property of WHO answers, and the
+# SFT model learns that mixture. Aligning it means moving its mass to the careful responder: a direction the seed
+# DPO can find from a few hundred pairs, and that its implicit reward can then spread (the paper's premise).
+# v1 drew correctness independently of style (p = 0.8 for every style): the judge then learned form only.
+RESPONDERS = {"canonical": 0.95, "filler": 0.85, "trailing": 0.75, "loose": 0.55, "bare": 0.55, "ramble": 0.45}
+# The SFT mix: how often each responder wrote an SFT answer. Tuned (validation prompts) so that about half of the
+# SFT model's samples at temperature 0.7 are "good" (correct and formatted), see sft_report.
+SFT_STYLE_WEIGHTS = {"canonical": 0.30, "filler": 0.14, "trailing": 0.14, "loose": 0.14, "bare": 0.14, "ramble": 0.14}
+# Gold pairs are binarized like UltraFeedback's: PREF_CANDIDATES answers from responders drawn uniformly,
+# chosen = the best by the oracle, rejected = a random one scored strictly lower.
 PREF_CANDIDATES = 4
 
 SPECIAL_TOKENS = {
@@ -90,8 +95,8 @@ class TinyPreset:
 
 
 def default_cache_dir() -> Path:
-    """Where build_tiny puts the preset by default: $SELFIE_LITE_CACHE/tiny-v1, else the XDG cache folder
-    ($XDG_CACHE_HOME or ~/.cache)/selfie-lite/tiny-v1."""
+    """Where build_tiny puts the preset by default: $SELFIE_LITE_CACHE/tiny-v2, else the XDG cache folder
+    ($XDG_CACHE_HOME or ~/.cache)/selfie-lite/tiny-v2."""
     base = os.environ.get("SELFIE_LITE_CACHE")
     if base:
         return Path(base) / PRESET_NAME
@@ -135,7 +140,7 @@ def generate_data(seed: int = DATA_SEED) -> dict[str, list[dict]]:
     sft = []
     for _ in range(N_SFT):
         prompt = train_prompt(sft_rng)
-        sft.append({"prompt": prompt, "response": T.random_response(prompt, sft_rng, SFT_STYLE_WEIGHTS, SFT_P_CORRECT)})
+        sft.append({"prompt": prompt, "response": T.random_response(prompt, sft_rng, SFT_STYLE_WEIGHTS, RESPONDERS)})
     return {
         "preferences": preferences,
         "eval_prompts": [{"prompt": p} for p in held_out[:N_EVAL]],
@@ -146,7 +151,7 @@ def generate_data(seed: int = DATA_SEED) -> dict[str, list[dict]]:
 
 def _gold_pair(prompt: str, rng: random.Random) -> dict:
     while True:
-        candidates = [T.random_response(prompt, rng, p_correct=PREF_P_CORRECT) for _ in range(PREF_CANDIDATES)]
+        candidates = [T.random_response(prompt, rng, p_correct=RESPONDERS) for _ in range(PREF_CANDIDATES)]
         scored = [(r, T.score(prompt, r)) for r in candidates]
         best = max(sc for _, sc in scored)
         worse = [(r, sc) for r, sc in scored if sc < best]
@@ -189,7 +194,8 @@ def tokenizer_corpus(data: dict) -> list[str]:
     texts = [r["prompt"] for r in data["sft"]] + [r["response"] for r in data["sft"]]
     for r in data["preferences"]:
         texts += [r["prompt"], r["chosen"], r["rejected"]]
-    return texts + [" " + " ".join(T.WORDS)] * 500
+    # Upper-case words too (v2): spelt letter by letter, "Write fish in capital letters." was out of the model's reach.
+    return texts + [" " + " ".join(T.WORDS)] * 500 + [" " + " ".join(w.upper() for w in T.WORDS)] * 500
 
 
 def train_tokenizer(texts: list[str]):
@@ -489,7 +495,7 @@ def _build_into(out: Path, progress: Callable[[str, float], None]) -> None:
             "config": MODEL_CONFIG,
         },
         "sft": sft_info,
-        "sft_mix": {"style_weights": SFT_STYLE_WEIGHTS, "p_correct": SFT_P_CORRECT},
+        "sft_mix": {"style_weights": SFT_STYLE_WEIGHTS, "p_correct_by_style": RESPONDERS},
         "oracle": {"weights": {"correct": 0.60, "formatted": 0.25, "concise": 0.15}, "good_score": T.GOOD_SCORE},
         "build_seconds": {
             "data": round(t_data - t0, 2),

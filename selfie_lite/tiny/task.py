@@ -150,7 +150,7 @@ def make_prompt(rng: random.Random, kind: str | None = None) -> str:
         a, b = rng.sample(range(21), 2)
         args = {"a": a, "b": b}
     elif kind == "sort":
-        args = {"d": " ".join(str(rng.randint(0, 9)) for _ in range(rng.randint(3, 4)))}
+        args = {"d": " ".join(str(rng.randint(0, 9)) for _ in range(3))}  # v1: 3-4 digits, out of the model's reach
     elif kind == "count":
         args = {"ws": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))}
     elif kind == "reverse":
@@ -272,10 +272,13 @@ def make_response(prompt: str, rng: random.Random, style: str, correct: bool) ->
 
 
 def random_response(
-    prompt: str, rng: random.Random, style_weights: dict[str, float] | None = None, p_correct: float = 0.6
+    prompt: str, rng: random.Random, style_weights: dict[str, float] | None = None,
+    p_correct: float | dict[str, float] = 0.6,
 ) -> str:
-    """A response from the mix: style drawn by weight (uniform if None), right with p_correct."""
+    """A response from the mix: style drawn by weight (uniform if None), right with p_correct, which is one number
+    or a number per style (a "responder": how careful the writer of that style is, see build.RESPONDERS)."""
     styles = list(style_weights) if style_weights else list(STYLES)
     weights = list(style_weights.values()) if style_weights else None
     style = rng.choices(styles, weights=weights)[0]
-    return make_response(prompt, rng, style, rng.random() < p_correct)
+    p = p_correct[style] if isinstance(p_correct, dict) else p_correct
+    return make_response(prompt, rng, style, rng.random() < p)
