@@ -39,10 +39,17 @@ def tiny_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_preset(tiny_cache):
+def tiny_build(tiny_cache):
+    """(preset, progress stages seen): the stages are empty when the cache held a build already."""
     from selfie_lite.tiny.build import build_tiny
 
-    return build_tiny()
+    stages: list[tuple[str, float]] = []
+    return build_tiny(progress=lambda stage, frac: stages.append((stage, frac))), stages
+
+
+@pytest.fixture(scope="session")
+def tiny_preset(tiny_build):
+    return tiny_build[0]
 
 
 @pytest.fixture(autouse=True)
