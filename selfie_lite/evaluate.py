@@ -221,7 +221,7 @@ class PythonJudge:
         if fn is None:
             raise UserError(f"--judge {self.name}: {module} has no function {func!r}")
         if not callable(fn):
-            raise UserError(f"--judge {self.name}: {module}.{func} is a {type(fn).__name__}, not a function")
+            raise UserError(f"--judge {self.name}: {module}.{func} is not callable (a {type(fn).__name__})")
         self._fn = fn
 
     def check(self, prompts: list[str]) -> None:

@@ -438,7 +438,7 @@ PY_BAD = [
     ("python:no_such_module_xyz:score", "module 'no_such_module_xyz' not found"),
     ("python:{tmp}/nope.py:score", "does not exist"),
     ("python:{f}:missing", "has no function 'missing'"),
-    ("python:{f}:NOT_A_FUNCTION", "is a int, not a function"),
+    ("python:{f}:NOT_A_FUNCTION", "NOT_A_FUNCTION is not callable (a int)"),
     ("python:{f}:boom", "on prompt 1 ("),
     ("python:{f}:words", "returned 'many'"),
     ("python:{broken}:score", "importing it failed: SyntaxError"),
