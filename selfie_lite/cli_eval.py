@@ -74,7 +74,7 @@ def _previous_eval(path: Path, record: dict) -> dict | None:
 @friendly_errors
 def eval_cmd(
     targets: Annotated[list[Path], typer.Argument(help="A run folder (evaluates the SFT model and every round's model) or one or more model folders.")],
-    judge: Annotated[str | None, typer.Option("--judge", help="oracle (tiny preset) or reward-model:PATH (a local sequence-classification reward model). Default: oracle on tiny-preset prompts, else none (no win rates).")] = None,
+    judge: Annotated[str | None, typer.Option("--judge", help="oracle (tiny preset), reward-model:PATH (a local sequence-classification reward model) or python:MODULE:FUNCTION (your scorer f(prompt, response) -> float; MODULE: a dotted module or a .py file). Default: oracle on tiny-preset prompts, else none (no win rates).")] = None,
     baseline: Annotated[Path | None, typer.Option("--baseline", help="Model folder to compare against. Default: the run's SFT model (the tiny preset's for model folders).")] = None,
     prompts: Annotated[Path | None, typer.Option("--prompts", help="Prompts (.jsonl or .json; a \"prompt\" or \"instruction\" field). Default: the tiny preset's held-out eval prompts, else the run's test-split prompts.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N prompts.")] = None,
@@ -98,6 +98,8 @@ def eval_cmd(
       selfie-lite eval runs/zephyr --judge reward-model:./Skywork-Reward-Llama-3.1-8B-v0.2 --limit 500
 
       selfie-lite eval runs/zephyr --export alpaca-eval --prompts alpaca_eval.json
+
+      selfie-lite eval runs/math --judge python:./checks.py:score   # checks.py: def score(prompt, response) -> float
     """
     from selfie_lite.config import check_range, from_dict, load_config
     from selfie_lite.evaluate import (

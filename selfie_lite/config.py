@@ -87,6 +87,26 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class RobustConfig:
+    """Counter-measures against late-round drift (docs/method.md, "Counter-measures against drift"). Every OFF value
+    is exactly the paper's loop (arXiv 2406.04412); they are hypotheses to measure, not fixes."""
+
+    # Share (0..1) of each round's (i >= 1) training pairs that are human seed pairs replayed from data/seed.jsonl
+    # (DICE's gamma; DICE uses 0.5). Replayed pairs are never smoothed. 0 = off = the paper (self-labels only).
+    gold_replay: float = 0.0
+    # Factor per round (dimensionless): round i >= 1 trains at train.learning_rate * lr_decay ** (i - 1).
+    # 1 = off = the paper (the same learning rate every round).
+    lr_decay: float = 1.0
+    # Judge picks chosen/rejected by reward - a * length (tokens), `a` (reward per token) fitted per round so that
+    # the mean chosen-minus-rejected length gap is about 0 (DICE). Stored rewards stay the true ones.
+    # False = off = the paper (chosen = highest reward).
+    length_debias: bool = False
+    # DPO reference in rounds >= 1: "previous" = off = the paper (pi_{i-1}: the merged model, adapter disabled) or
+    # "sft" (pi_init, a fixed anchor, as RLHFlow's iterative DPO), scored in a separate pass before training.
+    train_reference: str = "previous"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: str = ""  # SFT model: local folder or hub id; "" = the tiny preset's SFT model
     backend: str = "auto"  # "auto", "hf" or "unsloth"
@@ -103,6 +123,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,6 +363,10 @@ RANGES: dict[str, Range] = {
     "lora.r": AT_LEAST_1,
     "lora.alpha": POSITIVE,
     "lora.dropout": Range(0, 1, hi_open=True),
+    # 1 would replace every self-label with a seed pair: no self-labelling round left to speak of.
+    "robust.gold_replay": Range(0, 1, hi_open=True),
+    # A decay: 0 would stop learning after round 1; > 1 would raise the rate round after round.
+    "robust.lr_decay": Range(0, 1, lo_open=True),
 }
 
 
@@ -380,6 +405,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"sample.sampler must be generate, vllm or auto, got {cfg.sample.sampler!r}")
     if cfg.judge.reference not in ("init", "previous"):
         raise UserError(f"judge.reference must be 'init' or 'previous', got {cfg.judge.reference!r}")
+    if cfg.robust.train_reference not in ("previous", "sft"):
+        raise UserError(f"robust.train_reference must be 'previous' or 'sft', got {cfg.robust.train_reference!r}")
     if cfg.backend not in ("auto", "hf", "unsloth"):
         raise UserError(f"backend must be auto, hf or unsloth, got {cfg.backend!r}")
     if cfg.train.precision not in ("auto", "bf16", "fp16", "fp32"):

@@ -2,8 +2,9 @@
 
 Per model, on held-out prompts, one response per prompt (or n) sampled with a fixed seed, then:
 - win rate against the baseline's response to the same prompt under a judge (win = 1, tie = 1/2, loss = 0), and
-  the judge's mean score. Judges: `oracle` (the tiny preset's exact scorer) or `reward-model:PATH` (any local
-  sequence-classification reward model, e.g. the Skywork or RLHFlow ones, through transformers);
+  the judge's mean score. Judges: `oracle` (the tiny preset's exact scorer), `reward-model:PATH` (any local
+  sequence-classification reward model, e.g. the Skywork or RLHFlow ones, through transformers) or
+  `python:MODULE:FUNCTION` (a scorer of your own, f(prompt, response) -> float: a unit-test runner, a math checker);
 - always, at no extra cost: seed-pair accuracy (how often the implicit reward beta * (log pi - log pi_sft) ranks
   held-out human-labelled pairs correctly; ties count 1/2, so the SFT model itself scores exactly 0.5), the mean
   response length (tokens and words: the paper's raw win rate grew much faster than its length-controlled one),
@@ -203,8 +204,91 @@ class RewardModelJudge:
         gc.collect()
 
 
+class PythonJudge:
+    """A scorer function of your own, `f(prompt: str, response: str) -> float` (higher is better): a unit-test runner,
+    a math checker, an exact-match grader. Spec: python:MODULE:FUNCTION, where MODULE is a dotted module importable
+    from sys.path or the current folder, or a path to a .py file. Every problem (bad spec, no such module or
+    function, a scorer that raises or returns something that is not a number) is a one-line UserError."""
+
+    def __init__(self, target: str):
+        self.name = f"python:{target}"
+        module, sep, func = target.rpartition(":")  # rpartition: a Windows path may hold a colon
+        if not sep or not module or not func:
+            raise UserError(f"--judge python:{target}: expected python:MODULE:FUNCTION",
+                            hint="e.g. --judge python:checks.py:score or --judge python:mypkg.grading:score")
+        mod = _import_scorer_module(module)
+        fn = getattr(mod, func, None)
+        if fn is None:
+            raise UserError(f"--judge {self.name}: {module} has no function {func!r}")
+        if not callable(fn):
+            raise UserError(f"--judge {self.name}: {module}.{func} is not callable (a {type(fn).__name__})")
+        self._fn = fn
+
+    def check(self, prompts: list[str]) -> None:
+        pass  # nothing to check before the responses exist; score() names the first prompt that fails
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [self._one(i, p, r) for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
+
+    def _one(self, i: int, prompt: str, response: str) -> float:
+        where = f"the python judge {self.name.split(':', 1)[1]} on prompt {i + 1} ({prompt[:60]!r})"
+        try:
+            value = self._fn(prompt, response)
+        except Exception as e:  # the scorer is user code: any failure is reported, with the prompt it failed on
+            raise UserError(f"{where} raised {type(e).__name__}: {_first_line(e)}") from None
+        # bool is an int: a pass/fail checker returning True/False scores 1/0, which is what it means.
+        if not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
+            raise UserError(f"{where} returned {value!r}; a scorer returns a finite number (higher is better)")
+        return float(value)
+
+    def close(self) -> None:
+        pass
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _import_scorer_module(module: str):
+    """A .py path (or anything with a path separator) is loaded from that file; else a dotted module name, looked
+    up on sys.path with the current folder first (as `python -m` would), so a checks.py next to the run is found."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    is_path = module.endswith(".py") or os.sep in module or "/" in module
+    try:
+        if is_path:
+            path = Path(module).expanduser()
+            if not path.is_file():
+                raise UserError(f"--judge python:{module}:...: scorer file {module} does not exist")
+            spec = importlib.util.spec_from_file_location(f"selfie_lite_scorer_{path.stem}", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+        added = os.getcwd() not in sys.path
+        if added:
+            sys.path.insert(0, os.getcwd())
+        try:
+            return importlib.import_module(module)
+        finally:
+            if added:
+                sys.path.remove(os.getcwd())
+    except UserError:
+        raise
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name) and not is_path:
+            raise UserError(f"--judge python:{module}:...: module {module!r} not found on sys.path or in the "
+                            "current folder", hint="pass a path to the .py file instead, e.g. python:./checks.py:score") from None
+        raise UserError(f"--judge python:{module}:...: importing it failed: ModuleNotFoundError: {_first_line(e)}") from None
+    except Exception as e:  # a syntax error or an exception at import time, in user code
+        raise UserError(f"--judge python:{module}:...: importing it failed: {type(e).__name__}: {_first_line(e)}") from None
+
+
 def parse_judge(spec: str | None, batch_size: int = 8) -> Judge | None:
-    """"oracle" | "reward-model:PATH" | None/"none" (no win rates). Fails before any weights load."""
+    """"oracle" | "reward-model:PATH" | "python:MODULE:FUNCTION" | None/"none" (no win rates). Fails before any weights load."""
     if spec is None or spec == "none":
         return None
     if spec == "oracle":
@@ -214,7 +298,9 @@ def parse_judge(spec: str | None, batch_size: int = 8) -> Judge | None:
         if not path:
             raise UserError("--judge reward-model: needs a folder, e.g. --judge reward-model:./Skywork-Reward-V2")
         return RewardModelJudge(path, batch_size=batch_size)
-    raise UserError(f"unknown judge {spec!r}", hint="use oracle (tiny preset) or reward-model:PATH")
+    if spec.startswith("python:"):
+        return PythonJudge(spec.split(":", 1)[1])
+    raise UserError(f"unknown judge {spec!r}", hint="use oracle (tiny preset), reward-model:PATH or python:MODULE:FUNCTION")
 
 
 # ---------------------------------------------------------------------------------------------

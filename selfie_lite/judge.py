@@ -4,6 +4,7 @@
     p(y1 > y2 | x) = sigmoid(r1 - r2); chosen = highest reward, rejected = lowest (any K >= 2)
 
 pi_ref is pi_init (the SFT model) by default, the paper's choice; judge.reference = "previous" is the ablation.
+robust.length_debias (off by default) picks by reward - a * length instead, a fitted per round (fit_length_penalty).
 The two models are scored one after the other, each loaded alone, so judging needs the memory of ONE model
 (not two): the price is a second load from disk, seconds against the minutes of scoring.
 
@@ -26,11 +27,14 @@ def flat_sequences(rows: list[dict]) -> list[tuple[list[int], list[int]]]:
     return [(r["prompt_ids"], ids) for r in rows for ids in r["response_ids"]]
 
 
-def judge_pairs(rows: list[dict], policy_logps: list[float], ref_logps: list[float], beta: float) -> tuple[list[dict], dict]:
+def judge_pairs(rows: list[dict], policy_logps: list[float], ref_logps: list[float], beta: float,
+                length_penalty: float = 0.0) -> tuple[list[dict], dict]:
     """Pairs (best vs worst reward per prompt) and counts of what was dropped.
 
     Dropped: prompts whose best and worst responses are the same text (nothing to prefer), and pairs whose
     chosen response is empty (an empty answer is never a target worth learning; as `rejected` it is kept).
+    length_penalty a != 0 (robust.length_debias, see fit_length_penalty): best and worst are picked by
+    reward - a * length_in_tokens instead; the stored rewards stay the true implicit rewards. a = 0: the paper.
     """
     pairs, dropped_identical, dropped_empty = [], 0, 0
     k = 0
@@ -38,8 +42,9 @@ def judge_pairs(rows: list[dict], policy_logps: list[float], ref_logps: list[flo
         n = len(r["responses"])
         rewards = [beta * (policy_logps[k + j] - ref_logps[k + j]) for j in range(n)]
         k += n
-        best = max(range(n), key=lambda j: (rewards[j], -j))
-        worst = min(range(n), key=lambda j: (rewards[j], j))
+        key = _debiased(rewards, r, length_penalty) if length_penalty else rewards
+        best = max(range(n), key=lambda j: (key[j], -j))
+        worst = min(range(n), key=lambda j: (key[j], j))
         chosen, rejected = r["responses"][best], r["responses"][worst]
         if best == worst or chosen == rejected:
             dropped_identical += 1
@@ -59,6 +64,73 @@ def judge_pairs(rows: list[dict], policy_logps: list[float], ref_logps: list[flo
             "rewards": rewards,
         })
     return pairs, {"dropped_identical": dropped_identical, "dropped_empty_chosen": dropped_empty}
+
+
+def _debiased(rewards: list[float], row: dict, a: float) -> list[float]:
+    return [rw - a * len(ids) for rw, ids in zip(rewards, row["response_ids"], strict=True)]
+
+
+def length_gap(pairs: list[dict], rows: list[dict]) -> float:
+    """Mean chosen-minus-rejected length in tokens over the pairs (0.0 for no pairs)."""
+    lengths = {}
+    for r in rows:
+        for text, ids in zip(r["responses"], r["response_ids"], strict=True):
+            lengths[(r["id"], text)] = len(ids)
+    gaps = [lengths[(p["pair_id"], p["chosen"])] - lengths[(p["pair_id"], p["rejected"])] for p in pairs]
+    return sum(gaps) / len(gaps) if gaps else 0.0
+
+
+def fit_length_penalty(rows: list[dict], policy_logps: list[float], ref_logps: list[float], beta: float,
+                       max_iter: int = 64) -> tuple[float, float]:
+    """DICE's length-debiased choice: the `a` (reward per token) for which the pairs that judge_pairs picks by
+    reward - a * length have a mean chosen-minus-rejected length gap of about 0. Returns (a, that gap).
+
+    Procedure. Within a prompt, the order of two responses of different lengths flips only where
+    a = (r_j - r_k) / (len_j - len_k): these breakpoints cut the a axis into intervals on which every choice, and
+    so the gap, is constant. A larger a favours shorter chosen and longer rejected responses, so the gap does not
+    increase with a (up to the few pairs dropped as identical or empty). We bisect over the sorted breakpoints
+    for the interval where the gap crosses 0, take the interval (of the two around the crossing) with the smaller
+    |gap|, ties to the one nearer a = 0, and return its midpoint: a value away from every breakpoint, so no pair
+    is decided by rounding. A gap already 0 at a = 0, or no lengths to trade, gives a = 0 (the paper's choice).
+    """
+    rewards, k = [], 0
+    for r in rows:
+        n = len(r["responses"])
+        rewards.append([beta * (policy_logps[k + j] - ref_logps[k + j]) for j in range(n)])
+        k += n
+    breaks = set()
+    for r, rw in zip(rows, rewards, strict=True):
+        lens = [len(ids) for ids in r["response_ids"]]
+        for j in range(len(lens)):
+            for m in range(j + 1, len(lens)):
+                if lens[j] != lens[m]:
+                    breaks.add((rw[j] - rw[m]) / (lens[j] - lens[m]))
+
+    def gap(a: float) -> float:
+        return length_gap(judge_pairs(rows, policy_logps, ref_logps, beta, a)[0], rows)
+
+    g0 = gap(0.0)
+    if g0 == 0.0 or not breaks:
+        return 0.0, g0
+    b = sorted(breaks)
+    # One representative a per interval: below the first breakpoint, the midpoints, above the last.
+    reps = [b[0] - 1.0] + [(x + y) / 2 for x, y in zip(b, b[1:], strict=False)] + [b[-1] + 1.0]
+    lo, hi = 0, len(reps) - 1  # find the first interval whose gap is <= 0
+    if gap(reps[hi]) > 0:
+        return reps[hi], gap(reps[hi])
+    if gap(reps[lo]) <= 0:
+        return reps[lo], gap(reps[lo])
+    for _ in range(max_iter):
+        if hi - lo <= 1:
+            break
+        mid = (lo + hi) // 2
+        if gap(reps[mid]) <= 0:
+            hi = mid
+        else:
+            lo = mid
+    g_lo, g_hi = gap(reps[lo]), gap(reps[hi])
+    best = min((abs(g_lo), abs(reps[lo]), lo), (abs(g_hi), abs(reps[hi]), hi))[2]
+    return reps[best], gap(reps[best])
 
 
 def score_with(backend, model_dir: Path, sequences, batch_size: int, progress, label: str) -> tuple[list[float], float]:
@@ -97,7 +169,13 @@ def judge_round(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], poli
         )
         atomic_write_json(path, cached[name])
         maybe_kill("judge", len(cached))
-    pairs, drops = judge_pairs(rows, cached["policy"], cached["reference"], cfg.beta)
+    debias = {}
+    a = 0.0
+    if cfg.robust.length_debias:
+        a, gap = fit_length_penalty(rows, cached["policy"], cached["reference"], cfg.beta)
+        plain, _ = judge_pairs(rows, cached["policy"], cached["reference"], cfg.beta)
+        debias = {"length_penalty": a, "length_gap": gap, "length_gap_undebiased": length_gap(plain, rows)}
+    pairs, drops = judge_pairs(rows, cached["policy"], cached["reference"], cfg.beta, a)
     atomic_write_jsonl(round_dir / "judged.jsonl", pairs)
     total = sum(seconds.values())
     margins = [p["reward_chosen"] - p["reward_rejected"] for p in pairs]
@@ -111,4 +189,5 @@ def judge_round(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], poli
         "policy_from_sampling": seconds.get("policy") == 0.0,
         "mean_reward_gap": sum(margins) / max(1, len(margins)),
         "mean_p_chosen": sum(p["p_chosen"] for p in pairs) / max(1, len(pairs)),
+        **debias,  # robust.length_debias: the fitted a (reward per token) and the length gaps with and without it
     }

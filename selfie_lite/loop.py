@@ -194,7 +194,12 @@ def check_resume_sft(run_dir: Path, model_dir=None) -> None:
 
 def train_stage(cfg: RunConfig, round_dir: Path, backend, base_dir: Path, pairs: list[dict], round_idx: int,
                 progress=None) -> dict:
-    """LoRA DPO from base_dir with the adapter-disabled base as reference; writes adapter/ and pairs.jsonl."""
+    """LoRA DPO from base_dir with the adapter-disabled base as reference (or, with robust.train_reference =
+    "sft" in rounds >= 1, pi_init's precomputed log-probs from round-<i>/train_reference_logps.json); at the
+    round's learning rate (robust.lr_decay); writes adapter/ and pairs.jsonl."""
+    import dataclasses
+
+    from selfie_lite.robust import read_reference_table, round_learning_rate
     from selfie_lite.train import train_dpo
 
     model, tok = backend.load(base_dir, trainable=True)
@@ -208,13 +213,17 @@ def train_stage(cfg: RunConfig, round_dir: Path, backend, base_dir: Path, pairs:
             progress.advance(task, 1)
         maybe_kill("train", step)
 
+    lr = round_learning_rate(cfg.train.learning_rate, cfg.robust.lr_decay, round_idx)
+    train = cfg.train if lr == cfg.train.learning_rate else dataclasses.replace(cfg.train, learning_rate=lr)
+    sft_ref = not seed_round and cfg.robust.train_reference == "sft"
     result = train_dpo(
-        model, tok, [{k: p[k] for k in ("pair_id", "prompt", "chosen", "rejected")} for p in pairs],
-        beta=cfg.beta, train=cfg.train,
+        model, tok, [{k: p[k] for k in ("pair_id", "prompt", "chosen", "rejected", "gold") if k in p} for p in pairs],
+        beta=cfg.beta, train=train,
         refine=None if seed_round else cfg.refine,
         lam=0.0 if seed_round else cfg.refine.lambdas[round_idx - 1],
         epochs=cfg.train.seed_epochs if seed_round else cfg.train.round_epochs,
         out_dir=round_dir / "trainer", seed=cfg.random_seed + round_idx, on_step=on_step,
+        ref_logps=read_reference_table(round_dir) if sft_ref else None,
     )
     if progress:
         progress.finish(task)
@@ -227,6 +236,21 @@ def train_stage(cfg: RunConfig, round_dir: Path, backend, base_dir: Path, pairs:
     rows = [dict(p, **result.pair_stats.get(p["pair_id"], {})) for p in pairs]
     atomic_write_jsonl(round_dir / "pairs.jsonl", rows)
     return result.metrics
+
+
+def _robust_pairs(cfg: RunConfig, run_dir: Path, rd: Path, backend, init_dir: Path, pairs: list[dict], i: int,
+                  progress) -> list[dict]:
+    """Round i's training set with the robust counter-measures that act before training: replayed seed pairs
+    (robust.gold_replay, drawn the same on every resume) and, for robust.train_reference = "sft", the pi_init
+    reference pass (a stage of its own, skipped once done). Both off: `pairs` unchanged, the paper."""
+    from selfie_lite.robust import gold_replay, reference_stage
+
+    if cfg.robust.gold_replay > 0:
+        seed = read_jsonl(run_dir / "data" / "seed.jsonl")
+        pairs = gold_replay(pairs, seed, cfg.robust.gold_replay, cfg.random_seed, i)
+    if cfg.robust.train_reference == "sft" and not is_done(rd, "train") and not is_done(rd, "reference"):
+        mark_done(rd, "reference", reference_stage(cfg, rd, backend, init_dir, pairs, progress))
+    return pairs
 
 
 def gold_agreement(pairs: list[dict], gold) -> dict:
@@ -279,6 +303,8 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console:
                     f"round {i}: every sampled pair was identical or empty, nothing to train on",
                     hint="raise sample.temperature or sample.num_samples, then --resume",
                 )
+        if i >= 1:
+            pairs = _robust_pairs(cfg, run_dir, rd, backend, init_dir, pairs, i, progress)
         if not is_done(rd, "train"):
             mark_done(rd, "train", train_stage(cfg, rd, backend, prev, pairs, i, progress))
         if not is_done(rd, "merge"):

@@ -85,14 +85,17 @@ def extrapolated_margin(
     beta: float,
     lam: float,
     vocab_chunk: int = 8192,
+    ref_logps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """z_g = beta * ((g_c - ref_c) - (g_r - ref_r)) per pair. -> [B], no gradient.
 
     Rows come as TRL's preference collator stacks them: the first B rows are the chosen sequences, the
     last B the rejected ones (so the tensors have 2B rows). Shapes: logits [2B,T,V], labels/mask [2B,T].
+    ref_logps [2B]: the DPO reference's log-probs for the margin when they are not the ref_logits' own
+    (robust.train_reference = "sft": pi_init's, precomputed); h_ref in h_g stays ref_logits either way.
     """
     g = extrapolated_logps(policy_logits, ref_logits, labels, mask, lam, vocab_chunk)  # [2B]
-    ref = sequence_logps(ref_logits, labels, mask)  # [2B]
+    ref = sequence_logps(ref_logits, labels, mask) if ref_logps is None else ref_logps  # [2B]
     g_c, g_r = g.chunk(2)
     ref_c, ref_r = ref.chunk(2)
     return beta * ((g_c - ref_c) - (g_r - ref_r))
@@ -111,14 +114,20 @@ class LowConfidencePicker:
         self.frac = frac
         self.values: deque[float] = deque(maxlen=window)
 
-    def pick(self, z_g: torch.Tensor) -> torch.Tensor:
-        """Add this batch's z_g [B] to the window, then return a bool [B]: True where z_g <= the frac-quantile."""
+    def pick(self, z_g: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """Add this batch's z_g [B] to the window, then return a bool [B]: True where z_g <= the frac-quantile.
+
+        skip [B] bool: pairs that are never picked and stay out of the window (replayed human pairs,
+        robust.gold_replay: their labels are not noisy, and their margins would shift the self-labels' quantile).
+        """
         z_g = z_g.detach().float().cpu()
-        self.values.extend(z_g.tolist())
-        if self.frac <= 0:  # quantile(0) is the minimum, which "at or below" would still pick
+        keep = None if skip is None else ~skip.detach().cpu().bool()
+        self.values.extend((z_g if keep is None else z_g[keep]).tolist())
+        if self.frac <= 0 or not self.values:  # quantile(0) is the minimum, which "at or below" would still pick
             return torch.zeros(z_g.shape, dtype=torch.bool)
         threshold = torch.quantile(torch.tensor(list(self.values)), min(self.frac, 1.0))
-        return z_g <= threshold
+        picked = z_g <= threshold
+        return picked if keep is None else picked & keep
 
 
 def alpha_at(step: int, total_steps: int, alpha: float, warmup_frac: float) -> float:

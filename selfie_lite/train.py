@@ -7,7 +7,9 @@ is saved here (merging and saving belong to merge.py and the loop).
 
 Implements spa-method.md "Round 0" (plain sigmoid DPO) and "Round i", step 3 (self-refinement):
   - reference pi_ref = the same PeftModel with its adapter disabled (no second copy in memory), so the
-    caller must hand in a fresh adapter on top of merged pi_{i-1} weights;
+    caller must hand in a fresh adapter on top of merged pi_{i-1} weights; or, with robust.train_reference =
+    "sft", log-probs of pi_init precomputed per pair (training_sequences, reference_table);
+  - replayed human pairs (robust.gold_replay) are never smoothed;
   - z = the plain DPO margin, which the loss always uses;
   - z_g = the margin of the extrapolated model h_g = (1+lam) h_theta - lam h_ref (full-vocabulary
     normaliser), which only decides who is smoothed; lam == 0 picks by z itself;
@@ -73,10 +75,16 @@ class SPADPOTrainer(DPOTrainer):
     """DPOTrainer whose loss is spa-method.md's per-pair smoothed DPO with decoupled noise detection."""
 
     def __init__(self, *args, refine: RefineConfig | None = None, lam: float = 0.0,
-                 max_prompt_length: int | None = None, **kwargs):
+                 max_prompt_length: int | None = None, gold_pair_ids: set[int] | frozenset[int] = frozenset(),
+                 ref_logps: dict[int, dict] | None = None, **kwargs):
         self.refine = refine
         self.lam = lam
         self.max_prompt_length = max_prompt_length
+        # robust.gold_replay: human seed pairs in this round's set. Their labels are not noisy: never smoothed.
+        self.gold_pair_ids = frozenset(gold_pair_ids)
+        # robust.train_reference = "sft": pair_id -> {"chosen", "rejected" (log pi_init sums), "chosen_tokens",
+        # "rejected_tokens"}, used in the DPO margin instead of the adapter-off forward. None: the paper's reference.
+        self.ref_logps = ref_logps
         # Smoothing is on when there is a refine config with alpha > 0; then the picker runs from step 0 so
         # that its window is full of recent pairs when the warm-up ends.
         smoothing_on = refine is not None and refine.alpha > 0
@@ -122,12 +130,18 @@ class SPADPOTrainer(DPOTrainer):
 
         # Policy: adapter on, with gradient. Full logits [2B,T-1,V]: noise detection needs every vocab entry.
         policy_logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-        # Reference: the same weights with the adapter off, no gradient.
-        with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
-            ref_logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-
         policy_logps = sequence_logps(policy_logits, labels, mask)  # [2B] sums over response tokens
-        ref_logps = sequence_logps(ref_logits, labels, mask)  # [2B]
+        detect = self.refine is not None and self.lam > 0
+        ref_logits = None
+        if self.ref_logps is None or detect:
+            # The same weights with the adapter off (pi_{i-1}), no gradient: the paper's DPO reference, and h_ref
+            # of the extrapolation even when the margin's reference is pi_init (train_reference = "sft").
+            with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
+                ref_logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+        if self.ref_logps is None:
+            ref_logps = sequence_logps(ref_logits, labels, mask)  # [2B]
+        else:
+            ref_logps = self._given_ref_logps(inputs["pair_id"], mask, policy_logps)  # [2B] pi_init's, precomputed
         policy_chosen, policy_rejected = policy_logps.chunk(2)  # [B] each
         ref_chosen, ref_rejected = ref_logps.chunk(2)
 
@@ -137,6 +151,7 @@ class SPADPOTrainer(DPOTrainer):
             z_g = extrapolated_margin(
                 policy_logits.detach(), ref_logits, labels, mask,
                 beta=self.beta, lam=self.lam, vocab_chunk=self.refine.vocab_chunk,
+                ref_logps=None if self.ref_logps is None else ref_logps,
             )  # [B]
         else:
             z_g = z
@@ -144,7 +159,8 @@ class SPADPOTrainer(DPOTrainer):
         # Who gets smoothed, and how much, at this optimizer step.
         step, total = self.state.global_step, max(self.state.max_steps, 1)
         if self.picker is not None:
-            low_conf = self.picker.pick(z_g).to(z.device)  # [B] bool
+            gold = self._gold_mask(inputs["pair_id"]) if self.gold_pair_ids else None
+            low_conf = self.picker.pick(z_g, skip=gold).to(z.device)  # [B] bool, never a replayed human pair
             alpha = alpha_at(step, total, self.refine.alpha, self.refine.warmup_frac)
         else:
             low_conf = torch.zeros_like(z, dtype=torch.bool)
@@ -171,6 +187,28 @@ class SPADPOTrainer(DPOTrainer):
             after_warmup = self.refine is not None and step >= self.refine.warmup_frac * total
             self._record(inputs["pair_id"], per_pair, step, alpha, after_warmup)
         return (loss, {}) if return_outputs else loss
+
+    def _gold_mask(self, pair_ids: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([int(i) in self.gold_pair_ids for i in pair_ids.tolist()], dtype=torch.bool)
+
+    def _given_ref_logps(self, pair_ids: torch.Tensor, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """[2B] (chosen rows, then rejected rows) reference log-probs from the precomputed table. Each entry also
+        holds the token counts it was scored on: a pair the trainer sees with other tokens (another tokenisation,
+        a different truncation) would get a wrong margin without a word, so it stops the run instead."""
+        ids = [int(i) for i in pair_ids.tolist()]
+        missing = [i for i in ids if i not in self.ref_logps]
+        if missing:
+            raise RunError(f"no precomputed reference log-probs for pair(s) {missing[:5]}",
+                           hint="delete the round's train_reference_logps.json and done/reference.json, then --resume")
+        counts = mask.sum(-1).tolist()  # [2B] response tokens the trainer scores
+        rows = [self.ref_logps[i] for i in ids]
+        want = [r["chosen_tokens"] for r in rows] + [r["rejected_tokens"] for r in rows]
+        if counts != want:
+            bad = next(ids[j % len(ids)] for j in range(len(want)) if counts[j] != want[j])
+            raise RunError(f"pair {bad}: the precomputed reference log-probs cover other response tokens than the "
+                           "trainer sees", hint="a tokenizer or train.max_length changed since they were computed")
+        values = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+        return torch.tensor(values, dtype=like.dtype, device=like.device)
 
     def _record(self, pair_ids: torch.Tensor, per_pair: dict[str, torch.Tensor], step: int, alpha: float,
                 after_warmup: bool):
@@ -249,6 +287,49 @@ def _to_conversation(pair: dict) -> dict:
     }
 
 
+def training_sequences(tokenizer, pairs: list[dict], train: TrainConfig) -> list[tuple[list[int], list[int]]]:
+    """[(prompt_ids, chosen_ids)] * N + [(prompt_ids, rejected_ids)] * N: the tokens the trainer scores, for
+    reference log-probs computed outside it (robust.train_reference = "sft").
+
+    Mirrors what train_dpo feeds the model: TRL's conversational tokenisation (the completion starts where the
+    tokenised prompt and prompt + completion diverge), the prompt cut to its last max_prompt_length tokens
+    (SPADPOTrainer._prepare_dataset), then prompt + completion cut to max_length (the collator's keep_start).
+    tests/test_robust.py checks it against the trainer's own batches; the trainer also checks every pair's
+    token counts against it at run time.
+    """
+
+    def ids(messages, **kw) -> list[int]:
+        enc = tokenizer.apply_chat_template(messages, tokenize=True, **kw)
+        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+
+    def prefix(a: list[int], b: list[int]) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    chosen, rejected = [], []
+    for p in pairs:
+        conv = _to_conversation(p)
+        prompt = ids(conv["prompt"], add_generation_prompt=True)
+        with_c, with_r = ids(conv["prompt"] + conv["chosen"]), ids(conv["prompt"] + conv["rejected"])
+        cut = min(prefix(prompt, with_c), prefix(prompt, with_r))
+        head = prompt[:cut][-train.max_prompt_length:] if train.max_prompt_length else prompt[:cut]
+        room = max(0, train.max_length - len(head))
+        chosen.append((head, with_c[cut:][:room]))
+        rejected.append((head, with_r[cut:][:room]))
+    return chosen + rejected
+
+
+def reference_table(pairs: list[dict], logps: list[float], sequences) -> dict[int, dict]:
+    """pair_id -> {"chosen", "rejected", "chosen_tokens", "rejected_tokens"} from log-probs scored on
+    training_sequences(pairs) (chosen rows first, then rejected rows), as train_dpo's ref_logps wants it."""
+    n = len(pairs)
+    return {int(p["pair_id"]): {"chosen": logps[i], "rejected": logps[n + i],
+                                "chosen_tokens": len(sequences[i][1]), "rejected_tokens": len(sequences[n + i][1])}
+            for i, p in enumerate(pairs)}
+
+
 def train_dpo(
     model,
     tokenizer,
@@ -262,12 +343,16 @@ def train_dpo(
     out_dir: Path,
     seed: int,
     on_step: Callable[[int, int, dict], None] | None = None,
+    ref_logps: dict[int, dict] | None = None,
 ) -> TrainResult:
     """Train the LoRA adapter of `model` (a peft.PeftModel) with DPO on `pairs`, in place.
 
     refine=None or refine.alpha == 0: plain sigmoid DPO (round 0). Otherwise the low_conf_frac of pairs with
     the lowest extrapolated margin (lam > 0) or plain margin (lam == 0) get label smoothing refine.alpha after
-    the warm-up. out_dir is the Trainer's scratch folder: nothing is saved there (save_strategy="no").
+    the warm-up; pairs with a true "gold" field (replayed human pairs, robust.gold_replay) are never smoothed.
+    ref_logps (robust.train_reference = "sft"): pair_id -> precomputed reference log-probs (see
+    reference_table), used in the DPO margin instead of the adapter-off model; None = the paper's reference.
+    out_dir is the Trainer's scratch folder: nothing is saved there (save_strategy="no").
     Deterministic on CPU for a given seed, model and pairs. Raises RunError if the loss becomes NaN or inf.
     """
     if not pairs:
@@ -327,6 +412,8 @@ def train_dpo(
             refine=refine,
             lam=lam,
             max_prompt_length=train.max_prompt_length,
+            gold_pair_ids={int(p["pair_id"]) for p in pairs if p.get("gold")},
+            ref_logps=ref_logps,
         )
     trainer.remove_callback(PrinterCallback)  # disable_tqdm swaps the progress bar for print(logs)
 
@@ -361,5 +448,8 @@ def train_dpo(
         else 0.0,
         "lam": lam,
         "alpha": refine.alpha if refine is not None else 0.0,
+        "learning_rate": train.learning_rate,  # the round's peak rate (robust.lr_decay scales it per round)
+        "gold_pairs": len(trainer.gold_pair_ids),  # replayed human pairs (robust.gold_replay), never smoothed
+        "train_reference": "given" if ref_logps is not None else "adapter-off",
     }
     return TrainResult(metrics=metrics, pair_stats=dict(stats))

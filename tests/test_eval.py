@@ -394,3 +394,65 @@ def test_eval_of_a_tiny_run_compares_with_the_sft_model_it_started_from(small_mo
     res = json.loads((run / "eval.json").read_text())
     assert res["settings"]["baseline"] == str(small_models["lm-a"]) != str(tiny_preset.model_dir)
     assert res["settings"]["reference"] == str(small_models["lm-a"])
+
+
+# ---------------------------------------------------------------------------------------------
+# python:MODULE:FUNCTION judges
+
+
+SCORER = '''
+def score(prompt, response):
+    return float(len(response.split()))  # longer answers score higher: easy to check by hand
+
+def boom(prompt, response):
+    raise ValueError("no checker for this prompt")
+
+def words(prompt, response):
+    return "many"
+
+NOT_A_FUNCTION = 3
+'''
+
+
+def test_python_judge_through_the_command(small_models, tmp_path):
+    scorer = _write(tmp_path / "myscorer.py", SCORER)
+    out = tmp_path / "ev"
+    r = invoke("eval", small_models["lm-b"], "--baseline", small_models["lm-a"], "--prompts", _prompt_file(tmp_path),
+               "--judge", f"python:{scorer}:score", "--max-new-tokens", "6", "--temperature", "1.0", "--out", out)
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "eval.json").read_text())
+    assert res["settings"]["judge"] == f"python:{scorer}:score"
+    rows = [json.loads(x) for x in (out / "eval" / "outputs" / "lm-b.jsonl").read_text().splitlines()]
+    assert [x["scores"] for x in rows] == [[float(len(x["responses"][0].split()))] for x in rows]
+    assert res["models"]["lm-b"]["mean_score"] == pytest.approx(statistics.mean(s for x in rows for s in x["scores"]))
+
+    # A dotted module name, found in the current folder (the test's tmp_path, see conftest) like `python -m` would.
+    r = invoke("eval", small_models["lm-b"], "--baseline", small_models["lm-a"], "--prompts", _prompt_file(tmp_path),
+               "--judge", "python:myscorer:score", "--max-new-tokens", "6", "--temperature", "1.0", "--out", out)
+    assert r.exit_code == 0, r.output
+
+
+PY_BAD = [
+    ("python:score", "expected python:MODULE:FUNCTION"),
+    ("python:{f}:", "expected python:MODULE:FUNCTION"),
+    ("python:no_such_module_xyz:score", "module 'no_such_module_xyz' not found"),
+    ("python:{tmp}/nope.py:score", "does not exist"),
+    ("python:{f}:missing", "has no function 'missing'"),
+    ("python:{f}:NOT_A_FUNCTION", "NOT_A_FUNCTION is not callable (a int)"),
+    ("python:{f}:boom", "on prompt 1 ("),
+    ("python:{f}:words", "returned 'many'"),
+    ("python:{broken}:score", "importing it failed: SyntaxError"),
+]
+
+
+@pytest.mark.parametrize("spec,message", PY_BAD, ids=[s for s, _ in PY_BAD])
+def test_python_judge_bad_input_is_one_line_and_exit_2(spec, message, small_models, tmp_path):
+    f = _write(tmp_path / "myscorer.py", SCORER)
+    broken = _write(tmp_path / "broken.py", "def score(prompt, response):\n    return (\n")
+    spec = spec.replace("{f}", str(f)).replace("{tmp}", str(tmp_path)).replace("{broken}", str(broken))
+    r = invoke("eval", small_models["lm-b"], "--baseline", small_models["lm-a"], "--prompts", _prompt_file(tmp_path),
+               "--judge", spec, "--max-new-tokens", "4", "--out", tmp_path / "ev")
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+    if "on prompt" in message:
+        assert "raised ValueError: no checker for this prompt" in r.output
