@@ -10,6 +10,9 @@ oracle's mean score on the eval prompts (from the benchmark's eval, nothing re-s
     user has) as the humans did; one scoring pass per model;
   - train_acc: the DPO reward accuracy at the end of round i's training (round 0: the seed DPO);
   - tokens: mean length of pi_i's answers to held-out prompts (a probe a run can sample: no labels needed);
+  - anchor_agreement: how often round i's self-labels (judged by pi_{i-1}) agree with the seed-DPO judge pi_0
+    (beta * (log pi_0 - log pi_init)) on the same pairs; 1 in round 1, where the judge is pi_0 itself. Label
+    drift measured against the one judge a user can trust most, at the cost of one scoring pass of the pairs;
   - reward_gap / p_chosen: round i's judge, mean implicit-reward gap of its pairs and its mean sigmoid (this is
     about pi_{i-1}'s samples, judged by pi_{i-1}; no value for pi_0).
 A useful guard signal moves WITH the oracle: the table gives, per signal, the Spearman correlation of its change
@@ -57,6 +60,22 @@ def seed_retention(be, model_dir, seqs, ref_logps) -> float:
     return sum((d[2 * k] > d[2 * k + 1]) + 0.5 * (d[2 * k] == d[2 * k + 1]) for k in range(n)) / n
 
 
+def anchor_agreement(be, tok, pairs: list[dict], anchor_model, init_model) -> float:
+    """Share of pairs whose chosen response pi_0's implicit reward (against pi_init) also prefers; ties count 1/2."""
+    from selfie_lite.backends.hf import chat_prompt_ids, chat_response_ids
+
+    seqs = []
+    for p in pairs:
+        prompt_ids = chat_prompt_ids(tok, p["prompt"])
+        seqs += [(prompt_ids, chat_response_ids(tok, p["prompt"], p["chosen"])),
+                 (prompt_ids, chat_response_ids(tok, p["prompt"], p["rejected"]))]
+    a = be.sequence_logps(anchor_model, seqs, batch_size=64)
+    b = be.sequence_logps(init_model, seqs, batch_size=64)
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(pairs)
+    return sum((d[2 * k] > d[2 * k + 1]) + 0.5 * (d[2 * k] == d[2 * k + 1]) for k in range(n)) / max(1, n)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "results")
@@ -94,6 +113,7 @@ def main():
             def retention(model_dir, be=be, seqs=seqs, ref=ref):
                 return seed_retention(be, model_dir, seqs, ref)
 
+            anchor, _ = be.load(run_dir / "round-0" / "model")
             r0 = read_json(run_dir / "round-0" / "done" / "train.json")
             prev_score = models["dpo-seed"]["mean_score"]
             prev = {"seed_retention": retention(run_dir / "round-0" / "model"), "train_acc": r0.get("reward_accuracy"),
@@ -107,7 +127,9 @@ def main():
                 t = read_json(rd / "done" / "train.json")
                 cur = {"seed_retention": retention(rd / "model"), "train_acc": t.get("reward_accuracy"),
                        "tokens": models[key]["mean_response_tokens"],
-                       "reward_gap": j["mean_reward_gap"], "p_chosen": j["mean_p_chosen"]}
+                       "reward_gap": j["mean_reward_gap"], "p_chosen": j["mean_p_chosen"],
+                       "anchor_agreement": anchor_agreement(be, tok, read_jsonl(rd / "judged.jsonl"), anchor, model),
+                       "gold_agreement": j.get("gold_agreement_untied")}
                 score = models[key]["mean_score"]
                 rows.append({"seed": int(seed), "run": run, "round": i, "score": score, "d_score": score - prev_score,
                              "signals": cur, "prev": prev})
@@ -124,7 +146,7 @@ def print_table(rows: list[dict]) -> None:
     t = Table(title=f"guard signals vs the oracle's mean-score change ({len(rows)} rounds)")
     for col in ("signal", "about", "Spearman(change, oracle change)", "sign agrees on oracle drops", "drops"):
         t.add_column(col)
-    names = ["seed_retention", "train_acc", "tokens", "reward_gap", "p_chosen"]
+    names = ["seed_retention", "train_acc", "tokens", "reward_gap", "p_chosen", "anchor_agreement", "gold_agreement"]
     for name in names:
         xs, ys = [], []
         for r in rows:
@@ -137,9 +159,19 @@ def print_table(rows: list[dict]) -> None:
             continue
         drops = [(x, y) for x, y in zip(xs, ys, strict=True) if y < -0.005]
         agree = sum(x > 0 for x, _ in drops) if name == "tokens" else sum(x < 0 for x, _ in drops)
-        t.add_row(name, "judge of round i" if name in ("reward_gap", "p_chosen") else "pi_i",
+        t.add_row(name, "pi_i" if name in ("seed_retention", "train_acc", "tokens") else "round i's labels",
                   f"{spearman(xs, ys):+.2f}", f"{agree}/{len(drops)}", str(len(drops)))
     Console().print(t)
+    # Levels: for the label signals the level matters more than the change (round 1 has no "before").
+    t2 = Table(title="label signals per round (mean over seeds and runs) beside the oracle change of that round")
+    for col in ("round", "anchor_agreement", "gold_agreement (needs the oracle)", "oracle change", "rounds"):
+        t2.add_column(col)
+    for i in sorted({r["round"] for r in rows}):
+        rs = [r for r in rows if r["round"] == i]
+        avg = lambda k, rs=rs: sum(r["signals"][k] for r in rs if r["signals"].get(k) is not None) / len(rs)  # noqa: E731
+        t2.add_row(str(i), f"{avg('anchor_agreement'):.3f}", f"{avg('gold_agreement'):.3f}",
+                   f"{sum(r['d_score'] for r in rs) / len(rs):+.3f}", str(len(rs)))
+    Console().print(t2)
 
 
 if __name__ == "__main__":

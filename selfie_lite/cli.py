@@ -52,7 +52,9 @@ def main_callback(
 
 
 def build_config(preset, config_file, seed, model, data, rounds, random_seed, backend, load_in_4bit, beta,
-                 chat_template, trust_remote_code, sets, sampler=None):
+                 chat_template, trust_remote_code, sets, sampler=None, base: dict | None = None):
+    """The run's settings from the flags. base: the saved config.json of a resumed run, which the flags then change
+    (so `--resume DIR --set k=v --force` changes k alone, not every setting that the flags do not repeat)."""
     from selfie_lite.config import absolute_paths, load_config, parse_override
 
     overrides = [parse_override(s) for s in sets or []]
@@ -73,9 +75,10 @@ def build_config(preset, config_file, seed, model, data, rounds, random_seed, ba
     if chat_template and not Path(chat_template).is_file():
         raise UserError(f"--chat-template {chat_template}: no such file")
     # No model anywhere: the built-in tiny preset, whatever the machine.
-    if preset is None and config_file is None and model is None and not any("model" in o for o in overrides):
+    if base is None and preset is None and config_file is None and model is None \
+            and not any("model" in o for o in overrides):
         preset = "tiny"
-    return absolute_paths(load_config(preset, config_file, overrides + [direct])), preset
+    return absolute_paths(load_config(preset, config_file, overrides + [direct], base=base)), preset
 
 
 @app.command()
@@ -126,7 +129,7 @@ def run(
         cfg = from_dict(saved)
         if given:
             new_cfg, _ = build_config(preset, config_file, seed, model, data, rounds, random_seed, backend,
-                                      load_in_4bit, beta, chat_template, trust_remote_code, sets, sampler)
+                                      load_in_4bit, beta, chat_template, trust_remote_code, sets, sampler, base=saved)
             diffs = diff_configs(saved, to_dict(new_cfg))
             if diffs and not force:
                 raise UserError(
@@ -290,7 +293,7 @@ def judge(
 @friendly_errors
 def tiny_build(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a build is cached.")] = False,
-    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Where to build (default: $SELFIE_LITE_CACHE/tiny-v1, else ~/.cache/selfie-lite/tiny-v1, honouring $XDG_CACHE_HOME).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Where to build (default: $SELFIE_LITE_CACHE/tiny-v2, else ~/.cache/selfie-lite/tiny-v2, honouring $XDG_CACHE_HOME).")] = None,
 ):
     """Build the tiny preset (tokenizer, SFT model, gold preference set) into the cache. Runs once, offline.
 

@@ -107,6 +107,19 @@ class RobustConfig:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    """Which round `run` ships, and when the loop stops early (docs/method.md, "Round guard")."""
+
+    # "last" = the paper (ship the last round); "guard" = before round i >= 2 trains, compare its self-labels with
+    # the seed-DPO judge pi_0's and stop (shipping round i-1) when they agree on fewer than min_anchor_agreement of
+    # the pairs; or a judge ("oracle", "python:MODULE:FUNCTION", "reward-model:PATH"): ship the round whose
+    # answers to probe_prompts held-out prompts that judge scores best.
+    select: str = "last"
+    min_anchor_agreement: float = 0.75  # share of pairs (0..1); picked on the validation prompts (docs/results.md)
+    probe_prompts: int = 200  # held-out prompts (data/test.jsonl) answered per round when select is a judge
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: str = ""  # SFT model: local folder or hub id; "" = the tiny preset's SFT model
     backend: str = "auto"  # "auto", "hf" or "unsloth"
@@ -124,6 +137,7 @@ class RunConfig:
     refine: RefineConfig = field(default_factory=RefineConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,9 +265,11 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def load_config(preset: str | None = None, config_file: Path | None = None, overrides: list[dict] | None = None):
-    """Defaults < preset < file < overrides. Returns a validated RunConfig."""
-    data: dict = {}
+def load_config(preset: str | None = None, config_file: Path | None = None, overrides: list[dict] | None = None,
+                base: dict | None = None):
+    """Defaults (or `base`, a saved config.json on --resume) < preset < file < overrides. Returns a validated
+    RunConfig."""
+    data: dict = dict(base or {})
     if preset:
         data = _deep_merge(data, read_toml(preset_path(preset)))
     if config_file:
@@ -365,6 +381,8 @@ RANGES: dict[str, Range] = {
     "lora.dropout": Range(0, 1, hi_open=True),
     # 1 would replace every self-label with a seed pair: no self-labelling round left to speak of.
     "robust.gold_replay": Range(0, 1, hi_open=True),
+    "guard.min_anchor_agreement": FRACTION,
+    "guard.probe_prompts": AT_LEAST_1,
     # A decay: 0 would stop learning after round 1; > 1 would raise the rate round after round.
     "robust.lr_decay": Range(0, 1, lo_open=True),
 }
@@ -405,6 +423,9 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"sample.sampler must be generate, vllm or auto, got {cfg.sample.sampler!r}")
     if cfg.judge.reference not in ("init", "previous"):
         raise UserError(f"judge.reference must be 'init' or 'previous', got {cfg.judge.reference!r}")
+    if cfg.guard.select not in ("last", "guard", "oracle") and not cfg.guard.select.startswith(("python:", "reward-model:")):
+        raise UserError(f"guard.select must be last, guard, oracle, python:MODULE:FUNCTION or reward-model:PATH, "
+                        f"got {cfg.guard.select!r}")
     if cfg.robust.train_reference not in ("previous", "sft"):
         raise UserError(f"robust.train_reference must be 'previous' or 'sft', got {cfg.robust.train_reference!r}")
     if cfg.backend not in ("auto", "hf", "unsloth"):

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from selfie_lite.config import RunConfig
 from selfie_lite.data import load_split
 from selfie_lite.errors import UserError
+from selfie_lite.guard import guard_stage, select_by_judge, stop_reason
 from selfie_lite.judge import judge_round
 from selfie_lite.merge import merge_round
 from selfie_lite.numerics import resolve_threads, torch_threads
@@ -32,6 +34,7 @@ from selfie_lite.rundir import (
     fresh_tmp_dir,
     is_done,
     mark_done,
+    marker,
     maybe_kill,
     read_json,
     read_jsonl,
@@ -280,6 +283,7 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console:
     init_dir = Path(inputs.model_dir)
     prev = init_dir
     history = []
+    stopped = None
     for i in range(cfg.rounds + 1):
         rd = run_dir / f"round-{i}"
         rd.mkdir(parents=True, exist_ok=True)
@@ -303,6 +307,15 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console:
                     f"round {i}: every sampled pair was identical or empty, nothing to train on",
                     hint="raise sample.temperature or sample.num_samples, then --resume",
                 )
+        if i >= 2 and cfg.guard.select == "guard":
+            if not is_done(rd, "guard"):
+                mark_done(rd, "guard", guard_stage(cfg, rd, backend, load_samples(rd), pairs,
+                                                   run_dir / "round-0" / "model", init_dir, progress))
+            g = read_json(marker(rd, "guard"))
+            if g["stop"]:  # resumed runs stop at the same place: the verdict is on disk
+                stopped = stop_reason(i, g)
+                console.print(f"[yellow]guard:[/yellow] {escape(stopped)}")
+                break
         if i >= 1:
             pairs = _robust_pairs(cfg, run_dir, rd, backend, init_dir, pairs, i, progress)
         if not is_done(rd, "train"):
@@ -314,8 +327,24 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console:
         history.append({"round": i, **metrics})
         console.print(round_table(i, metrics))
         prev = rd / "model"
+    last = len(history) - 1
+    final, why = last, "the last round (guard.select = last: the paper's loop)"
+    if stopped:
+        why = stopped
+    elif cfg.guard.select == "guard":
+        why = "the last round: every round's self-labels passed the guard"
+    selection = None
+    if cfg.guard.select not in ("last", "guard"):
+        selection = select_by_judge(cfg, run_dir, backend, init_dir, last, progress)
+        final = selection["round"]
+        why = (f"round {final} scored best under {cfg.guard.select} on {selection['prompts']} held-out prompts ("
+               + ", ".join(f"round {k}: {v:.3f}" for k, v in selection["scores"].items()) + ")")
+    console.print(f"final model: round {final}, {escape(why)}")
     summary = {
-        "final_model": str(prev),
+        "final_model": str((run_dir / f"round-{final}" / "model").resolve()),
+        "final_round": final,
+        "final_why": why,
+        "selection": selection,
         "rounds": cfg.rounds,
         "config_rev": config_rev(run_dir),  # each stage's own revision is in per_round (see config-history.jsonl)
         "data": split,
@@ -343,6 +372,10 @@ def round_table(i: int, m: dict) -> Table:
         extra = f", gold agreement {j['gold_agreement']:.2f}" if "gold_agreement" in j else ""
         t.add_row("judge", f"{j['pairs']} pairs", _fmt(j.get("seconds"), ".1f"), f"{_fmt(j.get('sequences_per_s'), '.0f')} seq/s",
                   f"dropped {j['dropped_identical']} identical or tied{extra}")
+    g = m.get("guard", {})
+    if g:
+        t.add_row("guard", f"{j.get('pairs', '-')} pairs", _fmt(g.get("seconds"), ".1f"), "",
+                  f"anchor agreement {g['anchor_agreement']:.2f} (stop below {g['threshold']:.2f})")
     if tr:
         t.add_row("train", f"{tr.get('pairs', '-')} pairs", _fmt(tr.get("seconds"), ".1f"), f"{_fmt(tr.get('pairs_per_s'), '.1f')} pairs/s",
                   f"loss {_fmt(tr.get('loss_start'))} -> {_fmt(tr.get('loss_end'))}, margin {_fmt(tr.get('mean_margin'))}, "

@@ -187,3 +187,84 @@ def test_judge_command_with_policy_equal_to_reference_finds_no_preference(tiny_p
     model = str(tiny_preset.model_dir)
     r = CliRunner().invoke(app, ["judge", str(f), "--policy", model, "--reference", model, "-o", str(tmp_path / "o.jsonl")])
     assert r.exit_code == 0 and "wrote 0 pairs" in r.output and "dropped 1 identical or tied" in r.output
+
+
+# -- the round guard and the final model ------------------------------------------------------------
+
+
+def test_guard_agreement_counts_the_sampled_tokens_of_each_pair():
+    from selfie_lite.guard import agreement, pair_indices
+
+    rows = [{"id": 0, "responses": ["a", "b"]}, {"id": 5, "responses": ["c", "d", "e"]}]
+    pairs = [{"pair_id": 5, "chosen": "e", "rejected": "c"}, {"pair_id": 0, "chosen": "a", "rejected": "b"}]
+    idx = pair_indices(rows, pairs)
+    assert idx == [(4, 2), (0, 1)]  # flat positions: a b | c d e
+    rewards = [1.0, 2.0, 0.0, 9.0, 3.0]  # the anchor prefers e over c (agrees) and b over a (disagrees)
+    assert agreement(rewards, idx) == 0.5
+    assert agreement([1.0, 1.0, 0.0, 0.0, 0.0], idx) == 0.5  # ties count 1/2 each
+    assert agreement(rewards, []) == 1.0
+
+
+def _continue_from_round_1(ref: Path, dst: Path) -> Path:
+    """A copy of the reference run with round 2 judged but not trained: the guard decides before training."""
+    import shutil
+
+    shutil.copytree(ref, dst, ignore=shutil.ignore_patterns(".lock"))
+    rd = dst / "round-2"
+    for name in ("adapter", "model"):
+        shutil.rmtree(rd / name)
+    for name in ("done/train.json", "done/merge.json", "pairs.jsonl", "metrics.json"):
+        (rd / name).unlink()
+    (dst / "summary.json").unlink()
+    return dst
+
+
+def test_guard_stops_before_a_drifted_round_ships_the_round_before_and_resumes_the_same(reference_run, tmp_path):
+    ref, _ = reference_run
+    out = _continue_from_round_1(ref, tmp_path / "guarded")
+    guard = ["--set", "guard.select=guard", "--set", "guard.min_anchor_agreement=1.0"]  # any disagreement stops
+    r = CliRunner().invoke(app, ["run", "--resume", str(out), "--force", *guard])
+    assert r.exit_code == 0, r.output
+    g = json.loads((out / "round-2" / "done" / "guard.json").read_text())
+    assert g["stop"] and g["anchor_agreement"] < 1.0 and g["threshold"] == 1.0
+    assert "stopped before training it; shipping round 1" in " ".join(r.output.split())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_round"] == 1 and summary["final_model"] == str((out / "round-1" / "model").resolve())
+    assert "agree with the seed-DPO judge" in summary["final_why"]
+    assert not (out / "round-2" / "model").exists() and not (out / "round-2" / "done" / "train.json").exists()
+    # A resume reads the verdict from disk: it stops at the same place and trains nothing.
+    before = sorted(p.relative_to(out) for p in out.rglob("*") if ".lock" not in p.name)
+    r = CliRunner().invoke(app, ["run", "--resume", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "summary.json").read_text())["final_round"] == 1
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if ".lock" not in p.name) == before
+
+
+def test_guard_that_passes_trains_every_round(reference_run, tmp_path):
+    ref, _ = reference_run
+    out = _continue_from_round_1(ref, tmp_path / "passed")
+    r = CliRunner().invoke(app, ["run", "--resume", str(out), "--force", "--set", "guard.select=guard",
+                                 "--set", "guard.min_anchor_agreement=0.0"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_round"] == 2 and "passed the guard" in summary["final_why"]
+    # The guard only decides: with it passed, round 2 trains to the very weights of the unguarded run.
+    a, b = final_weights(out), final_weights(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_judge_picks_the_final_round(reference_run, tmp_path, monkeypatch):
+    """guard.select = python:MODULE:FUNCTION ships the round whose answers the scorer likes best."""
+    from selfie_lite.config import from_dict
+    from selfie_lite.guard import select_by_judge
+    from selfie_lite.loop import sft_model_of
+
+    ref, _ = reference_run
+    (tmp_path / "short_scorer.py").write_text("def score(prompt, response):\n    return -len(response)\n")
+    cfg = from_dict(json.loads((ref / "config.json").read_text()) | {
+        "guard": {"select": f"python:{tmp_path / 'short_scorer.py'}:score", "probe_prompts": 12}})
+    from selfie_lite.backends.hf import HFBackend
+
+    sel = select_by_judge(cfg, ref, HFBackend(cfg), Path(sft_model_of(ref)), last_round=2)
+    assert sorted(sel["scores"]) == [0, 1, 2] and sel["prompts"] == 12
+    assert sel["scores"][sel["round"]] == max(sel["scores"].values())

@@ -224,13 +224,15 @@ def test_forced_resume_keeps_the_old_settings_and_names_them(tiny_preset, stub_r
     old = json.loads((out / "config.json").read_text())
     assert json.loads((out / "round-0" / "done" / "train.json").read_text())["config_rev"] == 0
 
+    lr0 = old["train"]["learning_rate"]  # the preset's, as saved
+    change = f"train.learning_rate: {json.dumps(lr0)} -> 0.0001"
     r = invoke("run", "--resume", out, *SMALL, "--set", "train.learning_rate=1e-4")
-    assert_one_line_error(r, 2, "was made with other settings", "train.learning_rate: 0.0005 -> 0.0001", "--force")
+    assert_one_line_error(r, 2, "was made with other settings", change, "--force")
     assert not (out / "config.0.json").exists()
 
     r = invoke("run", "--resume", out, *SMALL, "--set", "train.learning_rate=1e-4", "--force")
     assert r.exit_code == 0, r.output
-    for line in ("settings changed (--force): config rev 0 -> 1: train.learning_rate: 0.0005 -> 0.0001",
+    for line in (f"settings changed (--force): config rev 0 -> 1: {change}",
                  f"The old settings are kept in {out / 'config.0.json'}",
                  "ran under config rev 0: round-0 train", "unfinished stages run under config rev 1"):
         assert line in r.output, (line, r.output)
@@ -238,9 +240,9 @@ def test_forced_resume_keeps_the_old_settings_and_names_them(tiny_preset, stub_r
     assert json.loads((out / "config.json").read_text())["train"]["learning_rate"] == 1e-4
     (hist,) = [json.loads(x) for x in (out / "config-history.jsonl").read_text().splitlines()]
     assert hist["rev"] == 1 and hist["previous"] == "config.0.json"
-    assert hist["changes"] == ["train.learning_rate: 0.0005 -> 0.0001"]
+    assert hist["changes"] == [change]
     train, merge = (json.loads((out / "round-0" / "done" / f"{s}.json").read_text()) for s in ("train", "merge"))
-    assert (train["config_rev"], train["learning_rate"]) == (0, 5e-4)
+    assert (train["config_rev"], train["learning_rate"]) == (0, lr0)
     assert (merge["config_rev"], merge["learning_rate"]) == (1, 1e-4)
 
     # A plain resume changes nothing: no new revision.

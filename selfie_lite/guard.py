@@ -1,0 +1,97 @@
+"""The round guard: which round `run` ships, and when the loop stops early (docs/method.md, "Round guard").
+
+Why: on every bench we measured, the last round is not the best; a self-labelling loop can train on labels that
+drifted from what the humans taught the seed judge, and the paper's loop ships that round anyway.
+
+Signal (guard.select = "guard"): anchor agreement. Before round i >= 2 trains, its self-labels (chosen/rejected as
+judged by pi_{i-1}) are compared with the labels of the seed-DPO judge pi_0 on the same pairs:
+    r_0(x, y) = beta * (log pi_0(y|x) - log pi_init(y|x))                      docs/method.md (E1) with pi_0
+    agreement = share of pairs with r_0(chosen) > r_0(rejected)  (ties count 1/2)
+pi_0 is the judge a user can trust most (it learnt from the human pairs only; round 1's labels are its own, so
+round 1 always agrees). When the agreement falls below guard.min_anchor_agreement the round is not trained and the
+run ships pi_{i-1}. benchmarks/guard_signals.py measured which cheap signals predict a drop of oracle quality;
+this one was the only one that did (docs/results.md, "The round guard").
+
+Reads: round-<i>/samples/ (token ids as sampled), judged.jsonl, reference_logps.json (pi_init's log-probs from the
+judge, when the judge's reference is pi_init), round-0/model. Writes: round-<i>/done/guard.json.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from selfie_lite.config import RunConfig
+from selfie_lite.evaluate import implicit_rewards, pair_accuracy
+from selfie_lite.judge import flat_sequences, score_with
+from selfie_lite.rundir import read_json
+
+
+def pair_indices(rows: list[dict], pairs: list[dict]) -> list[tuple[int, int]]:
+    """(chosen, rejected) positions in flat_sequences(rows) of every judged pair, so that the exact sampled tokens
+    are scored, not a re-tokenisation of the text."""
+    start, k = {}, 0
+    for r in rows:
+        start[r["id"]] = (k, r)
+        k += len(r["responses"])
+    out = []
+    for p in pairs:
+        k0, r = start[p["pair_id"]]
+        out.append((k0 + r["responses"].index(p["chosen"]), k0 + r["responses"].index(p["rejected"])))
+    return out
+
+
+def agreement(rewards: list[float], idx: list[tuple[int, int]]) -> float:
+    """Share of pairs whose chosen response the rewards also prefer; ties count 1/2. No pairs: nothing disagrees."""
+    if not idx:
+        return 1.0
+    return pair_accuracy([rewards[c] for c, _ in idx], [rewards[r] for _, r in idx])
+
+
+def guard_stage(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], pairs: list[dict], anchor_dir: Path,
+                init_dir: Path, progress=None) -> dict:
+    """Anchor agreement of round i's self-labels, and whether the loop stops before training the round."""
+    t0 = time.perf_counter()
+    sequences = flat_sequences(rows)
+    idx = pair_indices(rows, pairs)
+    anchor, _ = score_with(backend, anchor_dir, sequences, cfg.judge.batch_size, progress, "guard (pi_0)")
+    ref_file = round_dir / "reference_logps.json"
+    if cfg.judge.reference == "init" and ref_file.is_file():
+        init = read_json(ref_file)  # the judge scored pi_init on these very sequences
+    else:
+        init, _ = score_with(backend, init_dir, sequences, cfg.judge.batch_size, progress, "guard (pi_init)")
+    value = agreement(implicit_rewards(anchor, init, cfg.beta), idx)
+    threshold = cfg.guard.min_anchor_agreement
+    return {"anchor_agreement": value, "threshold": threshold, "stop": value < threshold,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def stop_reason(i: int, m: dict) -> str:
+    return (f"round {i}'s self-labels agree with the seed-DPO judge on {m['anchor_agreement']:.0%} of pairs, under "
+            f"guard.min_anchor_agreement = {m['threshold']:.0%}: stopped before training it; shipping round {i - 1}")
+
+
+def select_by_judge(cfg: RunConfig, run_dir: Path, backend, init_dir: Path, last_round: int, progress=None) -> dict:
+    """guard.select = a judge: every round's model (0..last_round) answers the first guard.probe_prompts prompts of
+    the held-out test split (sampled as the run samples, one answer each, the same seed for every model); the round
+    whose answers the judge scores highest is shipped. Returns {"round", "scores": {round: mean score}, "judge"}."""
+    from selfie_lite.evaluate import EvalSettings, evaluate_models, parse_judge
+    from selfie_lite.rundir import read_jsonl
+
+    judge = parse_judge(cfg.guard.select)
+    prompts = [r["prompt"] for r in read_jsonl(run_dir / "data" / "test.jsonl")][: cfg.guard.probe_prompts]
+    if not prompts:
+        from selfie_lite.errors import UserError
+
+        raise UserError("guard.select names a judge but the run has no held-out prompts to probe with",
+                        hint="give data.test_size > 0, or use guard.select = guard")
+    judge.check(prompts)
+    models = {f"round-{i}": run_dir / f"round-{i}" / "model" for i in range(last_round + 1)}
+    settings = EvalSettings(temperature=cfg.sample.temperature, top_p=cfg.sample.top_p,
+                            max_new_tokens=cfg.sample.max_new_tokens, samples_per_prompt=1,
+                            random_seed=cfg.random_seed, batch_size=cfg.sample.batch_size, beta=cfg.beta)
+    res = evaluate_models(backend, models, init_dir, prompts, judge, settings, progress=progress)
+    judge.close()
+    scores = {int(name.split("-")[1]): m["mean_score"] for name, m in res["models"].items() if name in models}
+    best = max(scores, key=lambda i: (scores[i], i))  # a tie goes to the later round
+    return {"round": best, "scores": scores, "judge": cfg.guard.select, "prompts": len(prompts)}
