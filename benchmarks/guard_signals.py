@@ -1,7 +1,8 @@
 """Which cheap per-round signal predicts a drop of oracle quality? Read from the results benchmark's run folders.
 
     python benchmarks/guard_signals.py                 # after python benchmarks/results.py (runs/results)
-    python benchmarks/guard_signals.py --out runs/results --md docs/results.md
+    python benchmarks/guard_signals.py --split val     # oracle scores of the validation prompts (after
+                                                       # python benchmarks/results.py --split val --md /tmp/val.md)
 
 For every run of the benchmark (SPA and each ablation, every random seed) and every round i >= 1 it sets the change of
 signals that describe pi_i against pi_{i-1}, computable without any external judge, beside the change of the
@@ -79,7 +80,9 @@ def anchor_agreement(be, tok, pairs: list[dict], anchor_model, init_model) -> fl
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "results")
-    ap.add_argument("--json", type=Path, default=None, help="where to write the per-round rows (default OUT/guard.json)")
+    ap.add_argument("--json", type=Path, default=None, help="where to write the per-round rows (default OUT/guard-SPLIT.json)")
+    ap.add_argument("--split", choices=["eval", "val"], default="eval",
+                    help="whose oracle scores: the eval prompts, or the validation prompts (to pick a threshold on)")
     args = ap.parse_args()
 
     import torch
@@ -90,7 +93,7 @@ def main():
     from selfie_lite.loop import sft_model_of
     from selfie_lite.rundir import read_json, read_jsonl
 
-    res = read_json(args.out / "results-eval.json")["results"]
+    res = read_json(args.out / f"results-{args.split}.json")["results"]
     rows = []
     for seed, r in res.items():
         models = r["models"]
@@ -134,7 +137,7 @@ def main():
                 rows.append({"seed": int(seed), "run": run, "round": i, "score": score, "d_score": score - prev_score,
                              "signals": cur, "prev": prev})
                 prev, prev_score = cur, score
-    out = args.json or args.out / "guard.json"
+    out = args.json or args.out / f"guard-{args.split}.json"
     out.write_text(json.dumps(rows, indent=2))
     print_table(rows)
 

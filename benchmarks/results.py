@@ -49,7 +49,17 @@ ABLATIONS = {
     "no-smoothing": ({"refine": {"alpha": 0.0}}, "no smoothing (refine.alpha = 0)"),
     "lambda-0": ({"refine": {"lambdas": [0.0, 0.0, 0.0]}}, "smoothing with lambda = 0 (refine.lambdas = [0,0,0])"),
     "ref-previous": ({"judge": {"reference": "previous"}}, "judge reference = previous round"),
+    # Counter-measures against late-round drift (docs/method.md); each alone, on top of the paper's loop.
+    "gold-replay": ({"robust": {"gold_replay": 0.5}}, "gold replay 0.5 (DICE)"),
+    "lr-decay": ({"robust": {"lr_decay": 0.5}}, "learning rate x0.5 per round"),
+    "length-debias": ({"robust": {"length_debias": True}}, "length-debiased judge (DICE)"),
+    "sft-reference": ({"robust": {"train_reference": "sft"}}, "DPO reference = SFT model"),
+    "replay+sft-ref": ({"robust": {"gold_replay": 0.5, "train_reference": "sft"}},
+                       "gold replay 0.5 + DPO reference = SFT model"),
 }
+# How much of the SPA run's round 1 an ablation may copy: "judge" = up to its judge stage (the default: the ablation
+# changes training only), "all" = the whole round, "none" = only data/ and round-0/ (it changes the judge).
+FORK_ROUND_1 = {"ref-previous": "all", "length-debias": "none"}
 # Round-1 files an ablation may copy from the SPA run: everything before training.
 TRAIN_OUTPUTS = {"adapter", "model", "trainer", "pairs.jsonl", "metrics.json", "train.json", "merge.json"}
 
@@ -110,17 +120,18 @@ def run(cfg, run_dir: Path, quiet: Console):
     return time.perf_counter() - t0
 
 
-def fork(src: Path, dst: Path, whole_round_1: bool) -> None:
-    """dst starts as a copy of src's data/ and round-0/ (and round 1 up to its judge stage, or all of it)."""
+def fork(src: Path, dst: Path, round_1: str) -> None:
+    """dst starts as a copy of src's data/ and round-0/, and of round 1 up to its judge stage ("judge"), all of it
+    ("all") or none of it ("none")."""
     if dst.exists():
         return  # resumed benchmark: the fork was made before
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src / "data", tmp / "data")
     shutil.copytree(src / "round-0", tmp / "round-0")
-    if whole_round_1:
+    if round_1 == "all":
         shutil.copytree(src / "round-1", tmp / "round-1")
-    else:
+    elif round_1 == "judge":
         shutil.copytree(src / "round-1", tmp / "round-1", ignore=lambda d, names: [n for n in names if n in TRAIN_OUTPUTS])
     os.replace(tmp, dst)
 
@@ -134,7 +145,10 @@ def train_all(seed: int, out: Path, args, quiet: Console, timings: dict) -> dict
     from selfie_lite.tiny.build import build_tiny
 
     preset = build_tiny()
-    base = [{"random_seed": seed, "data": {"seed": "3.3pct"}}] + args.overrides
+    # Every run trains all its rounds (the guard records its anchor agreement but never stops: threshold 0); which
+    # round `selfie-lite run` would ship with the configured threshold is read off afterwards (shipped_round).
+    base = [{"random_seed": seed, "data": {"seed": "3.3pct"}, "guard": {"select": "guard", "min_anchor_agreement": 0.0}}]
+    base += args.overrides
     folders = {}
 
     spa = out / f"seed-{seed}" / "spa"
@@ -156,7 +170,7 @@ def train_all(seed: int, out: Path, args, quiet: Console, timings: dict) -> dict
         if name not in args.ablations:
             continue
         dst = out / f"seed-{seed}" / name
-        fork(spa, dst, whole_round_1=name == "ref-previous")
+        fork(spa, dst, FORK_ROUND_1.get(name, "judge"))
         log(f"seed {seed}: ablation {name}")
         timings[f"seed {seed}: {name}"] = run(make_config(base + [over]), dst, quiet)
         folders[name] = dst
@@ -201,10 +215,28 @@ def evaluate_seed(seed: int, folders: dict[str, Path], args, timings: dict) -> d
     res["gold_agreement"] = {name: self_label_agreement(folders[name], score) for name in folders if name != "dpo-100"}
     res["labels"] = {name: {f"round-{i}": label_breakdown(folders[name] / f"round-{i}" / "judged.jsonl")
                             for i in range(1, cfg.rounds + 1)} for name in folders if name != "dpo-100"}
+    # What `selfie-lite run` ships with the guard as configured (the preset's threshold), from each round's verdict.
+    tau = make_config(args.overrides).guard.min_anchor_agreement
+    res["anchors"] = {name: [json.loads((folders[name] / f"round-{i}" / "done" / "guard.json").read_text())[
+        "anchor_agreement"] for i in range(2, cfg.rounds + 1)] for name in folders if name != "dpo-100"}
+    for name in [n for n in folders if n != "dpo-100"]:
+        k = shipped_round(folders[name], cfg.rounds, tau)
+        res["models"][f"{name}/shipped"] = dict(res["models"][f"{name}/round-{k}"] if k else res["models"]["dpo-seed"],
+                                                shipped_round=k, threshold=tau)
     res["train"] = {name: {f"round-{i}": _train_metrics(folders[name] / f"round-{i}") for i in range(cfg.rounds + 1)}
                     for name in folders}
     path.write_text(json.dumps(res, indent=2))
     return res
+
+
+def shipped_round(run_dir: Path, rounds: int, threshold: float) -> int:
+    """The round `run` ships with guard.select = guard: the round before the first one (i >= 2) whose self-labels
+    agree with the seed-DPO judge on fewer than `threshold` of the pairs; else the last."""
+    for i in range(2, rounds + 1):
+        g = json.loads((run_dir / f"round-{i}" / "done" / "guard.json").read_text())
+        if g["anchor_agreement"] < threshold:
+            return i - 1
+    return rounds
 
 
 def label_breakdown(judged: Path) -> dict:
@@ -248,8 +280,10 @@ def _ms(values: list[float], spec: str = ".3f") -> str:
 def rows_spec(rounds: int, ablations: list[str]) -> list[tuple[str, str]]:
     rows = [("1. SFT", "sft"), ("2. DPO, seed pairs only (3.3%)", "dpo-seed"), ("3. DPO, 100% of gold pairs", "dpo-100")]
     rows += [(f"4. SPA round {i} (3.3%)", f"spa/round-{i}") for i in range(1, rounds + 1)]
+    rows += [("4. SPA as `run` ships it (round guard)", "spa/shipped")]
     for a in ablations:
         rows += [(f"5. {ABLATIONS[a][1]}, round {i}", f"{a}/round-{i}") for i in range(1, rounds + 1)]
+        rows += [(f"5. {ABLATIONS[a][1]}, shipped (round guard)", f"{a}/shipped")]
     return rows
 
 
@@ -264,6 +298,18 @@ def tables(results: dict[int, dict], rounds: int, ablations: list[str]) -> str:
             vals = [results[s]["models"].get(key, {}).get(metric) for s in seeds]
             out.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + f" | {_ms(vals)} |")
         out.append("")
+    out += ["### Which round `run` ships (round guard)", "",
+            "The round guard stops before round i >= 2 when its self-labels agree with the seed-DPO judge on fewer "
+            "than guard.min_anchor_agreement of the pairs. Anchor agreement per round, and the round shipped:", "",
+            "| run | seed | anchor agreement, rounds 2..T | shipped round |", "|---|---:|---|---:|"]
+    for name in ["spa", *ablations]:
+        for s in seeds:
+            m = results[s]["models"].get(f"{name}/shipped")
+            if m is None:
+                continue
+            anchors = results[s].get("anchors", {}).get(name, [])
+            out.append(f"| {name} | {s} | {', '.join(f'{a:.3f}' for a in anchors)} | {m['shipped_round']} |")
+    out.append("")
     out += ["### Seed-pair accuracy and response length (mean ± sd over seeds)", "",
             "Seed-pair accuracy: how often beta * (log pi - log pi_SFT) ranks the held-out human-labelled pairs "
             "(data/test.jsonl) the way the gold labels do (SFT = 0.5 by construction).", "",

@@ -110,12 +110,12 @@ class RobustConfig:
 class GuardConfig:
     """Which round `run` ships, and when the loop stops early (docs/method.md, "Round guard")."""
 
-    # "last" = the paper (ship the last round); "guard" = before round i >= 2 trains, compare its self-labels with
+    # "last" = the paper (ship the last round); "guard" (default) = before round i >= 2 trains, compare its self-labels with
     # the seed-DPO judge pi_0's and stop (shipping round i-1) when they agree on fewer than min_anchor_agreement of
     # the pairs; or a judge ("oracle", "python:MODULE:FUNCTION", "reward-model:PATH"): ship the round whose
     # answers to probe_prompts held-out prompts that judge scores best.
-    select: str = "last"
-    min_anchor_agreement: float = 0.75  # share of pairs (0..1); picked on the validation prompts (docs/results.md)
+    select: str = "guard"
+    min_anchor_agreement: float = 0.93  # share of pairs (0..1); picked on the tiny bench's validation prompts
     probe_prompts: int = 200  # held-out prompts (data/test.jsonl) answered per round when select is a judge
 
 
@@ -128,6 +128,9 @@ class RunConfig:
     chat_template: str = ""  # Jinja file for models that ship without one
     rounds: int = 3  # T (paper 3)
     beta: float = 0.1  # DPO temperature, for the judge and the loss (paper 0.1)
+    # "selfie" (default): the measured-best loop, today the paper's plus the round guard (docs/results.md);
+    # "paper": the paper's loop exactly (guard.select = last, every robust.* setting off, whatever else says).
+    method: str = "selfie"
     random_seed: int = 42  # NOT the labelled share: that is data.seed
     threads: int = 0  # torch CPU threads; 0 = auto (1 for a small model on a CPU, else torch's default): numerics.py
     data: DataConfig = field(default_factory=DataConfig)
@@ -276,6 +279,8 @@ def load_config(preset: str | None = None, config_file: Path | None = None, over
         data = _deep_merge(data, read_toml(config_file))
     for o in overrides or []:
         data = _deep_merge(data, o)
+    if data.get("method") == "paper":  # the paper's loop exactly, whatever a preset or file said about these
+        data = {**data, "guard": {**data.get("guard", {}), "select": "last"}, "robust": {}}
     cfg = _build(RunConfig, data)
     validate(cfg)
     return cfg
@@ -423,6 +428,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"sample.sampler must be generate, vllm or auto, got {cfg.sample.sampler!r}")
     if cfg.judge.reference not in ("init", "previous"):
         raise UserError(f"judge.reference must be 'init' or 'previous', got {cfg.judge.reference!r}")
+    if cfg.method not in ("selfie", "paper"):
+        raise UserError(f"method must be 'selfie' or 'paper', got {cfg.method!r}")
     if cfg.guard.select not in ("last", "guard", "oracle") and not cfg.guard.select.startswith(("python:", "reward-model:")):
         raise UserError(f"guard.select must be last, guard, oracle, python:MODULE:FUNCTION or reward-model:PATH, "
                         f"got {cfg.guard.select!r}")

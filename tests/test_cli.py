@@ -73,3 +73,27 @@ def test_tiny_info_prints_the_sft_figures(tiny_preset):
     assert r.exit_code == 0, r.output
     for key in ("preferences.jsonl", "6,000 rows", "SFT model", "frac_good", "mean_score", "oracle"):
         assert key in r.output
+    # The bench's calibration against the paper's baselines, as the results benchmark measured it (shipped file).
+    from selfie_lite.tiny import calibration
+
+    shipped = calibration.load()
+    assert shipped is not None and "calibration against the paper's baselines" in r.output
+    for f in shipped["figures"].values():
+        assert f["what"] in r.output and f"{f['mean']:.3f} ± {f['sd']:.3f}" in r.output
+
+
+def test_calibration_figures_and_verdicts():
+    from selfie_lite.tiny.calibration import TARGETS, figures_of_seed, summarise
+
+    def models(seed_wr, full_wr):
+        return {"sft": {"frac_good": 0.5}, "dpo-seed": {"win_rate": seed_wr, "seed_pair_accuracy": 0.85},
+                "dpo-100": {"win_rate": full_wr}}
+
+    a = figures_of_seed(models(0.56, 0.66), {"gold_agreement_untied": 0.8})
+    assert a["seed_gain_share"] == pytest.approx(0.06 / 0.16)
+    b = figures_of_seed(models(0.52, 0.66), {"gold_agreement_untied": 0.8})  # the seed DPO barely moves
+    s = summarise({1: a, 2: b}, source="test")
+    assert set(s["figures"]) == set(TARGETS) and s["seeds"] == [1, 2]
+    seed_wr = s["figures"]["dpo_seed_win_rate"]
+    assert seed_wr["mean"] == pytest.approx(0.54) and seed_wr["holds"] is False  # a mean under 0.55 fails
+    assert s["figures"]["dpo_100_win_rate"]["holds"] is True

@@ -139,3 +139,18 @@ def test_ranges_name_the_key_and_the_value(override, message):
     with pytest.raises(UserError) as e:
         load_config(None, None, [parse_override(override)])
     assert str(e.value) == message
+
+
+def test_method_paper_is_the_papers_loop_exactly(tmp_path):
+    from selfie_lite.config import GuardConfig, RobustConfig, load_config
+
+    default = load_config("tiny")
+    assert default.method == "selfie" and default.guard.select == "guard"  # our default: the round guard on
+    f = tmp_path / "robust.toml"
+    f.write_text('[robust]\ngold_replay = 0.5\nlr_decay = 0.5\n[guard]\nselect = "guard"\n')
+    paper = load_config("tiny", f, [{"method": "paper"}])
+    assert paper.guard.select == "last" and paper.robust == RobustConfig()  # whatever the file said
+    assert paper.guard.min_anchor_agreement == GuardConfig().min_anchor_agreement
+    assert (paper.train, paper.refine, paper.beta) == (default.train, default.refine, default.beta)
+    with pytest.raises(UserError, match="method must be"):
+        load_config("tiny", None, [{"method": "fast"}])

@@ -23,6 +23,7 @@ SMALL = [
     "--set", "data.pool_sizes=[40, 40]", "--set", "data.test_size=100",
     "--set", "sample.chunk_size=16", "--set", "sample.max_new_tokens=32",
     "--set", "train.seed_epochs=1", "--set", "train.batch_size=4", "--set", "train.grad_accum=2",
+    "--set", "guard.select='last'",  # every round trains (the guard's own tests below switch it on)
 ]
 STAGE_FILES = ["done/sample.json", "done/judge.json", "done/train.json", "done/merge.json", "samples", "judged.jsonl",
                "pairs.jsonl", "metrics.json", "model/model.safetensors", "model/config.json", "model/tokenizer.json",
