@@ -88,22 +88,23 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class RobustConfig:
-    """Counter-measures against late-round drift (docs/method.md, "Counter-measures against drift"). Every OFF value
-    is exactly the paper's loop (arXiv 2406.04412); they are hypotheses to measure, not fixes."""
+    """Counter-measures against late-round drift (docs/method.md, "Counter-measures against drift"). Each OFF value
+    is exactly the paper's loop (arXiv 2406.04412; method = "paper" sets them all, see PAPER below). The defaults are
+    the combination that did best on the tiny bench's validation prompts (docs/results.md, "Counter-measures")."""
 
     # Share (0..1) of each round's (i >= 1) training pairs that are human seed pairs replayed from data/seed.jsonl
-    # (DICE's gamma; DICE uses 0.5). Replayed pairs are never smoothed. 0 = off = the paper (self-labels only).
-    gold_replay: float = 0.0
+    # (DICE's gamma, which DICE also sets to 0.5). Replayed pairs are never smoothed. Off = 0 (self-labels only).
+    gold_replay: float = 0.5
     # Factor per round (dimensionless): round i >= 1 trains at train.learning_rate * lr_decay ** (i - 1).
-    # 1 = off = the paper (the same learning rate every round).
+    # Off = 1 (the same learning rate every round).
     lr_decay: float = 1.0
     # Judge picks chosen/rejected by reward - a * length (tokens), `a` (reward per token) fitted per round so that
     # the mean chosen-minus-rejected length gap is about 0 (DICE). Stored rewards stay the true ones.
-    # False = off = the paper (chosen = highest reward).
+    # Off = false (chosen = highest reward).
     length_debias: bool = False
-    # DPO reference in rounds >= 1: "previous" = off = the paper (pi_{i-1}: the merged model, adapter disabled) or
-    # "sft" (pi_init, a fixed anchor, as RLHFlow's iterative DPO), scored in a separate pass before training.
-    train_reference: str = "previous"
+    # DPO reference in rounds >= 1: "previous" = off (pi_{i-1}: the merged model, adapter disabled) or "sft"
+    # (pi_init, a fixed anchor, as RLHFlow's iterative DPO), scored in a separate pass before training.
+    train_reference: str = "sft"
 
 
 @dataclass(frozen=True)
@@ -279,11 +280,31 @@ def load_config(preset: str | None = None, config_file: Path | None = None, over
         data = _deep_merge(data, read_toml(config_file))
     for o in overrides or []:
         data = _deep_merge(data, o)
-    if data.get("method") == "paper":  # the paper's loop exactly, whatever a preset or file said about these
-        data = {**data, "guard": {**data.get("guard", {}), "select": "last"}, "robust": {}}
+    if data.get("method") == "paper":
+        data = _paper(data)
     cfg = _build(RunConfig, data)
     validate(cfg)
     return cfg
+
+
+# method = "paper": the paper's loop exactly (arXiv 2406.04412), in one place. Everything else (beta, lr, sampling,
+# smoothing, noise detection) follows the config as usual: these are the settings that selfie-lite adds.
+PAPER = {"guard": {"select": "last"},
+         "robust": {"gold_replay": 0.0, "lr_decay": 1.0, "length_debias": False, "train_reference": "previous"}}
+
+
+def _paper(data: dict) -> dict:
+    """Fill in the paper's values; a layer that asked for something else contradicts method = paper: refuse."""
+    out = dict(data)
+    for section, values in PAPER.items():
+        given = dict(data.get(section) or {})
+        for key, value in values.items():
+            if key in given and given[key] != value:
+                raise UserError(f"method = paper runs the paper's loop exactly, but {section}.{key} = "
+                                f"{json.dumps(given[key])} is set too", hint=f"drop {section}.{key}, or drop method = paper")
+            given[key] = value
+        out[section] = given
+    return out
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:

@@ -146,10 +146,8 @@ def test_method_paper_is_the_papers_loop_exactly(tmp_path):
 
     default = load_config("tiny")
     assert default.method == "selfie" and default.guard.select == "guard"  # our default: the round guard on
-    f = tmp_path / "robust.toml"
-    f.write_text('[robust]\ngold_replay = 0.5\nlr_decay = 0.5\n[guard]\nselect = "guard"\n')
-    paper = load_config("tiny", f, [{"method": "paper"}])
-    assert paper.guard.select == "last" and paper.robust == RobustConfig()  # whatever the file said
+    paper = load_config("tiny", None, [{"method": "paper"}])
+    assert paper.guard.select == "last" and paper.robust == RobustConfig(0.0, 1.0, False, "previous")
     assert paper.guard.min_anchor_agreement == GuardConfig().min_anchor_agreement
     assert (paper.train, paper.refine, paper.beta) == (default.train, default.refine, default.beta)
     with pytest.raises(UserError, match="method must be"):

@@ -18,13 +18,15 @@ from typer.testing import CliRunner
 from selfie_lite.cli import app
 from selfie_lite.judge import judge_pairs
 
-SMALL = [
+SIZES = [
     "--seed", "48", "--rounds", "2",
     "--set", "data.pool_sizes=[40, 40]", "--set", "data.test_size=100",
     "--set", "sample.chunk_size=16", "--set", "sample.max_new_tokens=32",
     "--set", "train.seed_epochs=1", "--set", "train.batch_size=4", "--set", "train.grad_accum=2",
-    "--set", "guard.select='last'",  # every round trains (the guard's own tests below switch it on)
 ]
+# The paper's loop (every round trains, no counter-measure): the guard's and the counter-measures' own tests below
+# and in test_robust.py switch theirs on.
+SMALL = [*SIZES, "--set", "method='paper'"]
 STAGE_FILES = ["done/sample.json", "done/judge.json", "done/train.json", "done/merge.json", "samples", "judged.jsonl",
                "pairs.jsonl", "metrics.json", "model/model.safetensors", "model/config.json", "model/tokenizer.json",
                "adapter/adapter_model.safetensors"]
@@ -206,6 +208,11 @@ def test_guard_agreement_counts_the_sampled_tokens_of_each_pair():
     assert agreement(rewards, []) == 1.0
 
 
+# The paper's loop plus the guard alone (method = selfie with every robust.* setting at its off value).
+GUARD_ONLY = ["--set", "method='selfie'", "--set", "guard.select='guard'", "--set", "robust.gold_replay=0.0",
+              "--set", "robust.train_reference='previous'"]
+
+
 def _continue_from_round_1(ref: Path, dst: Path) -> Path:
     """A copy of the reference run with round 2 judged but not trained: the guard decides before training."""
     import shutil
@@ -223,7 +230,7 @@ def _continue_from_round_1(ref: Path, dst: Path) -> Path:
 def test_guard_stops_before_a_drifted_round_ships_the_round_before_and_resumes_the_same(reference_run, tmp_path):
     ref, _ = reference_run
     out = _continue_from_round_1(ref, tmp_path / "guarded")
-    guard = ["--set", "guard.select=guard", "--set", "guard.min_anchor_agreement=1.0"]  # any disagreement stops
+    guard = [*GUARD_ONLY, "--set", "guard.min_anchor_agreement=1.0"]  # any disagreement stops
     r = CliRunner().invoke(app, ["run", "--resume", str(out), "--force", *guard])
     assert r.exit_code == 0, r.output
     g = json.loads((out / "round-2" / "done" / "guard.json").read_text())
@@ -244,7 +251,7 @@ def test_guard_stops_before_a_drifted_round_ships_the_round_before_and_resumes_t
 def test_guard_that_passes_trains_every_round(reference_run, tmp_path):
     ref, _ = reference_run
     out = _continue_from_round_1(ref, tmp_path / "passed")
-    r = CliRunner().invoke(app, ["run", "--resume", str(out), "--force", "--set", "guard.select=guard",
+    r = CliRunner().invoke(app, ["run", "--resume", str(out), "--force", *GUARD_ONLY,
                                  "--set", "guard.min_anchor_agreement=0.0"])
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())

@@ -21,14 +21,18 @@ from selfie_lite.train import PairCollator, SPADPOTrainer, _to_conversation, ref
 # Settings
 
 
-def test_defaults_are_the_paper_and_stored_in_config_json():
+def test_defaults_are_the_measured_best_and_method_paper_turns_every_one_off():
     cfg = load_config()
-    assert cfg.robust == RobustConfig(gold_replay=0.0, lr_decay=1.0, length_debias=False, train_reference="previous")
-    assert to_dict(cfg)["robust"] == {"gold_replay": 0.0, "lr_decay": 1.0, "length_debias": False,
-                                      "train_reference": "previous"}
+    assert cfg.robust == RobustConfig(gold_replay=0.5, lr_decay=1.0, length_debias=False, train_reference="sft")
+    assert to_dict(cfg)["robust"] == {"gold_replay": 0.5, "lr_decay": 1.0, "length_debias": False,
+                                      "train_reference": "sft"}
+    paper = load_config(None, None, [{"method": "paper"}])
+    assert paper.robust == RobustConfig(0.0, 1.0, False, "previous") and paper.guard.select == "last"
     on = load_config(None, None, [parse_override(o) for o in (
         "robust.gold_replay=0.5", "robust.lr_decay=0.5", "robust.length_debias=true", "robust.train_reference=sft")])
     assert on.robust == RobustConfig(0.5, 0.5, True, "sft")
+    with pytest.raises(UserError, match="method = paper runs the paper's loop exactly, but robust.lr_decay = 0.5"):
+        load_config(None, None, [{"method": "paper"}, parse_override("robust.lr_decay=0.5")])
 
 
 @pytest.mark.parametrize("override,message", [
@@ -296,7 +300,7 @@ def test_extrapolated_margin_with_given_reference():
 def test_a_tiny_run_with_every_counter_measure_on(tiny_preset, tmp_path):
     import json
 
-    from test_loop import SMALL
+    from test_loop import SIZES
     from typer.testing import CliRunner
 
     from selfie_lite.cli import app
@@ -304,7 +308,7 @@ def test_a_tiny_run_with_every_counter_measure_on(tiny_preset, tmp_path):
     out = tmp_path / "run"
     on = ["--set", "robust.gold_replay=0.5", "--set", "robust.lr_decay=0.5", "--set", "robust.length_debias=true",
           "--set", "robust.train_reference='sft'"]
-    r = CliRunner().invoke(app, ["run", *SMALL, *on, "--out", str(out)])
+    r = CliRunner().invoke(app, ["run", *SIZES, "--set", "guard.select='last'", *on, "--out", str(out)])
     assert r.exit_code == 0, r.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["robust"] == {"gold_replay": 0.5, "lr_decay": 0.5, "length_debias": True, "train_reference": "sft"}
