@@ -97,9 +97,9 @@ def main():
     rows = []
     for seed, r in res.items():
         models = r["models"]
-        for run in ("spa", "no-smoothing", "lambda-0", "ref-previous"):
-            run_dir = args.out / f"seed-{seed}" / run
-            if not (run_dir / "config.json").is_file():
+        for run_dir in sorted((args.out / f"seed-{seed}").iterdir()):
+            run = run_dir.name
+            if run == "dpo-100" or not (run_dir / "config.json").is_file():
                 continue
             cfg = from_dict(read_json(run_dir / "config.json"))
             be = HFBackend(cfg)

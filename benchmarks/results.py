@@ -1,7 +1,7 @@
 """The results table: SPA against its baselines and ablations on the tiny preset, over several random seeds.
 
-    python benchmarks/results.py                      # 3 seeds, writes docs/results.md (about 13 min on 2 shared cores)
-    python benchmarks/results.py --seeds 1 --quick    # a smoke run of the whole pipeline in 2 minutes
+    python benchmarks/results.py                      # 3 seeds, writes docs/results.md (about 20 min on 2 cores)
+    python benchmarks/results.py --seeds 1 --quick    # a smoke run of the whole pipeline in a few minutes
     python benchmarks/results.py --seeds 1 --split val --ablations --md /tmp/tune.md --out /tmp/tune \
         --set train.learning_rate=1e-3                # one tuning point, on the validation prompts
 
@@ -10,12 +10,14 @@ For each random seed (data shuffle, sampling, LoRA init) it trains, on the tiny 
   2. DPO on the seed pairs only (3.3% of the gold set): round 0 of the SPA run;
   3. DPO on 100% of the gold pairs (every pair but the held-out test split), same LoRA settings, and the
      paper's epoch rule: 3 epochs for a seed of <= 2K pairs (3.3%), 1 epoch on the full set;
-  4. SPA: rounds 1, 2, 3 of `selfie-lite run --seed 3.3pct`;
-  5. ablations, each a copy of the SPA run's data/ and round-0/ (identical for the same seed) continued with
-     one change: refine.alpha = 0 (no smoothing), refine.lambdas = [0, 0, 0] (smoothing picked by the plain
-     margin), judge.reference = "previous" (the judge's reference is the previous round, not SFT). Round 1's
-     sampling and judging are identical to SPA's too and are copied (all of round 1 for "previous": its
-     round-1 judge reference is pi_init either way).
+  4. SPA: rounds 1, 2, 3 of the paper's loop (every robust.* counter-measure off), each round's guard verdict
+     recorded but never acted on, so that every round exists;
+  5. ablations (ABLATIONS), each a copy of the SPA run's data/ and round-0/ (identical for the same seed) continued
+     with one change: the paper's own (no smoothing, lambda = 0, judge reference = previous round) and the
+     counter-measures against drift (gold replay, learning-rate decay, length-debiased judge, SFT reference, and
+     the default combination). Round 1 is copied up to what the change touches (FORK_ROUND_1).
+For every run, the round that `selfie-lite run` would ship with the round guard as configured is read off its
+guard verdicts ("shipped" rows).
 Then every model answers the preset's 300 held-out eval prompts (--split val: the 300 validation prompts, the
 only split to tune on), sampled at temperature 0.7 (--temperature) with the same seed for every model, and the oracle
 scores the answers: win rate against SFT's answer to the same prompt (ties 1/2) and the mean oracle score.
@@ -54,8 +56,9 @@ ABLATIONS = {
     "lr-decay": ({"robust": {"lr_decay": 0.5}}, "learning rate x0.5 per round"),
     "length-debias": ({"robust": {"length_debias": True}}, "length-debiased judge (DICE)"),
     "sft-reference": ({"robust": {"train_reference": "sft"}}, "DPO reference = SFT model"),
+    # = the default (method = "selfie"), picked on the validation prompts; its "shipped" row is what `run` ships.
     "replay+sft-ref": ({"robust": {"gold_replay": 0.5, "train_reference": "sft"}},
-                       "gold replay 0.5 + DPO reference = SFT model"),
+                       "**selfie-lite default**: gold replay 0.5 + DPO reference = SFT model"),
 }
 # How much of the SPA run's round 1 an ablation may copy: "judge" = up to its judge stage (the default: the ablation
 # changes training only), "all" = the whole round, "none" = only data/ and round-0/ (it changes the judge).
@@ -147,7 +150,11 @@ def train_all(seed: int, out: Path, args, quiet: Console, timings: dict) -> dict
     preset = build_tiny()
     # Every run trains all its rounds (the guard records its anchor agreement but never stops: threshold 0); which
     # round `selfie-lite run` would ship with the configured threshold is read off afterwards (shipped_round).
-    base = [{"random_seed": seed, "data": {"seed": "3.3pct"}, "guard": {"select": "guard", "min_anchor_agreement": 0.0}}]
+    # "spa" is the paper's loop: every robust.* setting off (config.PAPER), whatever the defaults are.
+    from selfie_lite.config import PAPER
+
+    base = [{"random_seed": seed, "data": {"seed": "3.3pct"}, "robust": PAPER["robust"],
+             "guard": {"select": "guard", "min_anchor_agreement": 0.0}}]
     base += args.overrides
     folders = {}
 
@@ -280,7 +287,7 @@ def _ms(values: list[float], spec: str = ".3f") -> str:
 def rows_spec(rounds: int, ablations: list[str]) -> list[tuple[str, str]]:
     rows = [("1. SFT", "sft"), ("2. DPO, seed pairs only (3.3%)", "dpo-seed"), ("3. DPO, 100% of gold pairs", "dpo-100")]
     rows += [(f"4. SPA round {i} (3.3%)", f"spa/round-{i}") for i in range(1, rounds + 1)]
-    rows += [("4. SPA as `run` ships it (round guard)", "spa/shipped")]
+    rows += [("4. SPA + round guard (method = paper with guard.select = guard)", "spa/shipped")]
     for a in ablations:
         rows += [(f"5. {ABLATIONS[a][1]}, round {i}", f"{a}/round-{i}") for i in range(1, rounds + 1)]
         rows += [(f"5. {ABLATIONS[a][1]}, shipped (round guard)", f"{a}/shipped")]
