@@ -54,27 +54,24 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def seed_retention(be, model_dir, seqs, ref_logps) -> float:
-    """Share of seed pairs (seqs alternate chosen, rejected) that pi's implicit reward against pi_init orders right."""
+    """Share of seed pairs (seqs: N chosen, then N rejected) that pi's implicit reward against pi_init orders right."""
+    from selfie_lite.evaluate import implicit_rewards, pair_accuracy
+
     model, _ = be.load(model_dir)
-    d = [a - b for a, b in zip(be.sequence_logps(model, seqs, batch_size=64), ref_logps, strict=True)]
-    n = len(d) // 2
-    return sum((d[2 * k] > d[2 * k + 1]) + 0.5 * (d[2 * k] == d[2 * k + 1]) for k in range(n)) / n
+    r = implicit_rewards(be.sequence_logps(model, seqs, batch_size=64), ref_logps, 1.0)
+    n = len(r) // 2
+    return pair_accuracy(r[:n], r[n:])
 
 
 def anchor_agreement(be, tok, pairs: list[dict], anchor_model, init_model) -> float:
     """Share of pairs whose chosen response pi_0's implicit reward (against pi_init) also prefers; ties count 1/2."""
-    from selfie_lite.backends.hf import chat_prompt_ids, chat_response_ids
+    from selfie_lite.evaluate import implicit_rewards, pair_accuracy, pair_sequences
 
-    seqs = []
-    for p in pairs:
-        prompt_ids = chat_prompt_ids(tok, p["prompt"])
-        seqs += [(prompt_ids, chat_response_ids(tok, p["prompt"], p["chosen"])),
-                 (prompt_ids, chat_response_ids(tok, p["prompt"], p["rejected"]))]
-    a = be.sequence_logps(anchor_model, seqs, batch_size=64)
-    b = be.sequence_logps(init_model, seqs, batch_size=64)
-    d = [x - y for x, y in zip(a, b, strict=True)]
+    seqs = pair_sequences(tok, pairs)  # N chosen, then N rejected
+    r = implicit_rewards(be.sequence_logps(anchor_model, seqs, batch_size=64),
+                         be.sequence_logps(init_model, seqs, batch_size=64), 1.0)
     n = len(pairs)
-    return sum((d[2 * k] > d[2 * k + 1]) + 0.5 * (d[2 * k] == d[2 * k + 1]) for k in range(n)) / max(1, n)
+    return pair_accuracy(r[:n], r[n:]) if n else 1.0
 
 
 def main():
@@ -88,8 +85,9 @@ def main():
     import torch
 
     torch.set_num_threads(1)
-    from selfie_lite.backends.hf import HFBackend, chat_prompt_ids, chat_response_ids
+    from selfie_lite.backends.hf import HFBackend
     from selfie_lite.config import from_dict
+    from selfie_lite.evaluate import pair_sequences
     from selfie_lite.loop import sft_model_of
     from selfie_lite.rundir import read_json, read_jsonl
 
@@ -106,11 +104,7 @@ def main():
             sft = sft_model_of(run_dir)
             seed_pairs = read_jsonl(run_dir / "data" / "seed.jsonl")
             model, tok = be.load(sft)
-            seqs = []
-            for p in seed_pairs:
-                prompt_ids = chat_prompt_ids(tok, p["prompt"])
-                seqs += [(prompt_ids, chat_response_ids(tok, p["prompt"], p["chosen"])),
-                         (prompt_ids, chat_response_ids(tok, p["prompt"], p["rejected"]))]
+            seqs = pair_sequences(tok, seed_pairs)
             ref = be.sequence_logps(model, seqs, batch_size=64)
 
             def retention(model_dir, be=be, seqs=seqs, ref=ref):

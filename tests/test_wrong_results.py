@@ -9,25 +9,7 @@ import json
 import shutil
 
 import pytest
-from typer.testing import CliRunner
-
-from selfie_lite.cli import app
-
-runner = CliRunner()
-SMALL = ["--seed", "24", "--rounds", "1", "--set", "data.pool_sizes=[24]", "--set", "data.test_size=50",
-         "--set", "sample.max_new_tokens=24", "--set", "train.seed_epochs=1", "--set", "train.batch_size=4",
-         "--set", "train.grad_accum=1"]
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(r, code, *fragments):
-    assert r.exit_code == code, r.output
-    for f in fragments:
-        assert f in r.output, (f, r.output)
-    assert "Traceback" not in r.output
+from test_hardening import SMALL, assert_one_line_error, invoke  # the same small run and CLI helpers
 
 
 @pytest.fixture
