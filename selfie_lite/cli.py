@@ -96,6 +96,7 @@ def run(
     random_seed: Annotated[int | None, typer.Option("--random-seed", help="Random seed for shuffling, sampling and training.")] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="auto, hf or unsloth.")] = None,
     sampler: Annotated[str | None, typer.Option("--sampler", help="generate (default), vllm or auto.")] = None,
+    select_by: Annotated[str | None, typer.Option("--select-by", help="Which round ships: guard (default), last (the paper), or a judge: oracle, python:MODULE:FUNCTION, reward-model:PATH (the best round on held-out prompts). Same as --set guard.select=...")] = None,
     load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="QLoRA: load weights in 4-bit (bitsandbytes).")] = False,
     beta: Annotated[float | None, typer.Option("--beta", help="DPO temperature for judge and loss (paper 0.1).")] = None,
     chat_template: Annotated[str | None, typer.Option("--chat-template", help="Jinja chat template file for models without one.")] = None,
@@ -115,6 +116,8 @@ def run(
     from selfie_lite.config import diff_configs, from_dict, to_dict, validate
     from selfie_lite.rundir import RunLock, atomic_write_json, ctrl_c_noted, read_json
 
+    if select_by is not None:
+        sets = [*(sets or []), f"guard.select={json.dumps(select_by)}"]
     given = any(v is not None for v in (seed, preset, config_file, model, data, rounds, random_seed, backend, beta,
                                         chat_template, sampler)) \
         or load_in_4bit or trust_remote_code or bool(sets)

@@ -276,3 +276,29 @@ def test_a_judge_picks_the_final_round(reference_run, tmp_path, monkeypatch):
     sel = select_by_judge(cfg, ref, HFBackend(cfg), Path(sft_model_of(ref)), last_round=2)
     assert sorted(sel["scores"]) == [0, 1, 2] and sel["prompts"] == 12
     assert sel["scores"][sel["round"]] == max(sel["scores"].values())
+
+
+def test_select_by_a_scorer_through_the_cli(reference_run, tmp_path):
+    """run --select-by python:FILE:FUNCTION: resuming a finished run only re-picks the shipped round."""
+    import shutil
+
+    ref, _ = reference_run
+    out = tmp_path / "picked"
+    shutil.copytree(ref, out, ignore=shutil.ignore_patterns(".lock"))
+    (tmp_path / "long_scorer.py").write_text("def score(prompt, response):\n    return len(response)\n")
+    spec = f"python:{tmp_path / 'long_scorer.py'}:score"
+    r = CliRunner().invoke(app, ["run", "--resume", str(out), "--force", *GUARD_ONLY, "--select-by", spec,
+                                 "--set", "guard.probe_prompts=8"])  # the paper's loop, but a scorer picks
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    sel = summary["selection"]
+    assert summary["final_round"] == int(max(sel["scores"], key=lambda k: (sel["scores"][k], int(k))))  # JSON: str keys
+    assert summary["final_model"] == str((out / f"round-{summary['final_round']}" / "model").resolve())
+    assert f"under {spec}" in summary["final_why"]
+
+
+def test_select_by_a_bad_judge_stops_before_anything_is_written(tiny_preset, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", *SIZES, "--select-by", "magic", "--out", str(out)])
+    assert r.exit_code == 2 and "guard.select must be last, guard, oracle" in r.output
+    assert not out.exists()
