@@ -133,7 +133,9 @@ def test_defaults_and_presets_are_in_range():
      ("train.warmup_ratio=1", "train.warmup_ratio must be in [0, 1), got 1.0"),
      ("refine.lambdas=[0.5, -1, 0.1]", "refine.lambdas[1] must be >= 0, got -1.0"),
      ("beta=nan", "beta must be > 0, got nan"),
-     ("lora.dropout=1", "lora.dropout must be in [0, 1), got 1.0")],
+     ("lora.dropout=1", "lora.dropout must be in [0, 1), got 1.0"),
+     ("guard.min_anchor_agreement=1.5", "guard.min_anchor_agreement must be in [0, 1], got 1.5"),
+     ("threads=-1", "threads must be in [0, 1024], got -1")],
 )
 def test_ranges_name_the_key_and_the_value(override, message):
     with pytest.raises(UserError) as e:
