@@ -311,8 +311,12 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console:
             if not is_done(rd, "guard"):
                 mark_done(rd, "guard", guard_stage(cfg, rd, backend, load_samples(rd), pairs,
                                                    run_dir / "round-0" / "model", init_dir, progress))
+            # The measured agreement is on disk, so a resume stops at the same place; the verdict uses the current
+            # threshold, so `--resume --force --set guard.min_anchor_agreement=X` can let a stopped run go on.
             g = read_json(marker(rd, "guard"))
-            if g["stop"]:  # resumed runs stop at the same place: the verdict is on disk
+            g |= {"threshold": cfg.guard.min_anchor_agreement,
+                  "stop": g["anchor_agreement"] < cfg.guard.min_anchor_agreement}
+            if g["stop"]:
                 stopped = stop_reason(i, g)
                 console.print(f"[yellow]guard:[/yellow] {escape(stopped)}")
                 break

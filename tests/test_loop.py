@@ -246,6 +246,11 @@ def test_guard_stops_before_a_drifted_round_ships_the_round_before_and_resumes_t
     assert r.exit_code == 0, r.output
     assert json.loads((out / "summary.json").read_text())["final_round"] == 1
     assert sorted(p.relative_to(out) for p in out.rglob("*") if ".lock" not in p.name) == before
+    # A lower threshold, forced, lets the stopped run go on: the measured agreement is reused, round 2 trains.
+    r = CliRunner().invoke(app, ["run", "--resume", str(out), "--force", "--set", "guard.min_anchor_agreement=0.0"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "summary.json").read_text())["final_round"] == 2
+    assert json.loads((out / "round-2" / "done" / "guard.json").read_text()) == g  # not measured again
 
 
 def test_guard_that_passes_trains_every_round(reference_run, tmp_path):
