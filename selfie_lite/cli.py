@@ -89,7 +89,7 @@ def run(
     config_file: Annotated[Path | None, typer.Option("--config", help="A TOML file of settings (see examples/).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="SFT model: local folder or hub id. Default: the tiny preset.")] = None,
     data: Annotated[str | None, typer.Option("--data", help="Preference set: hub name, .jsonl/.parquet or save_to_disk folder.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Run folder. Default: runs/<timestamp>.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run folder. Default: runs/\\<timestamp>.")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder where it stopped.")] = None,
     force: Annotated[bool, typer.Option("--force", help="With --resume: accept settings that differ from the saved ones.")] = False,
     rounds: Annotated[int | None, typer.Option("--rounds", help="Self-labelling rounds T (paper 3).")] = None,
@@ -328,6 +328,8 @@ def tiny_info(
 
     from selfie_lite.tiny.build import build_tiny, sft_report
 
+    if prompts < 1:
+        raise UserError(f"--prompts must be at least 1, got {prompts}")
     preset = build_tiny(cache_dir)
     m = preset.manifest
     t = Table(title=f"tiny preset: {preset.root}", title_justify="left", show_header=False)

@@ -19,6 +19,7 @@ def test_help_and_version_are_instant_and_show_examples():
     assert r.exit_code == 0 and "selfie-lite run --seed 3.3pct" in r.output
     r = invoke("run", "--help")
     assert r.exit_code == 0 and "--resume" in r.output and "--random-seed" in r.output
+    assert "runs/<timestamp>" in r.output  # not eaten as markup
     r = invoke("--version")
     assert r.exit_code == 0 and r.output.startswith("selfie-lite ")
 
@@ -43,6 +44,7 @@ BAD = [
     (["run", "--sampler", "fast"], "sample.sampler must be generate, vllm or auto"),
     (["run", "--rounds", "4"], "4 rounds need 4 prompt pools"),
     (["judge", "missing.jsonl", "--policy", "a", "--reference", "b"], "missing.jsonl does not exist"),
+    (["tiny", "info", "--prompts", "0"], "--prompts must be at least 1, got 0"),
 ]
 
 
