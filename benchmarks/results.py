@@ -14,8 +14,8 @@ For each random seed (data shuffle, sampling, LoRA init) it trains, on the tiny 
      recorded but never acted on, so that every round exists;
   5. ablations (ABLATIONS), each a copy of the SPA run's data/ and round-0/ (identical for the same seed) continued
      with one change: the paper's own (no smoothing, lambda = 0, judge reference = previous round) and the
-     counter-measures against drift (gold replay, learning-rate decay, length-debiased judge, SFT reference, and
-     the default combination). Round 1 is copied up to what the change touches (FORK_ROUND_1).
+     counter-measures against drift (gold replay, learning-rate decay, length-debiased judge, SFT reference,
+     consistency weighting, and the default combination). Round 1 is copied up to what the change touches (FORK_ROUND_1).
 For every run, the round that `selfie-lite run` would ship with the round guard as configured is read off its
 guard verdicts ("shipped" rows).
 Then every model answers the preset's 300 held-out eval prompts (--split val: the 300 validation prompts, the
@@ -56,13 +56,17 @@ ABLATIONS = {
     "lr-decay": ({"robust": {"lr_decay": 0.5}}, "learning rate x0.5 per round"),
     "length-debias": ({"robust": {"length_debias": True}}, "length-debiased judge (DICE)"),
     "sft-reference": ({"robust": {"train_reference": "sft"}}, "DPO reference = SFT model"),
-    # = the default (method = "selfie"), picked on the validation prompts; its "shipped" row is what `run` ships.
+    "cream-pair": ({"robust": {"consistency": "pair"}}, "consistency weighting per pair (CREAM)"),
+    "cream-round": ({"robust": {"consistency": "round"}}, "consistency weighting per round (CREAM)"),
     "replay+sft-ref": ({"robust": {"gold_replay": 0.5, "train_reference": "sft"}},
-                       "**selfie-lite default**: gold replay 0.5 + DPO reference = SFT model"),
+                       "gold replay 0.5 + DPO reference = SFT model (the default until 2026-12-02)"),
+    # = the default (method = "selfie"), picked on the validation prompts; its "shipped" row is what `run` ships.
+    "default+cream": ({"robust": {"gold_replay": 0.5, "train_reference": "sft", "consistency": "pair"}},
+                      "**selfie-lite default**: gold replay 0.5 + SFT reference + consistency per pair (CREAM)"),
 }
 # How much of the SPA run's round 1 an ablation may copy: "judge" = up to its judge stage (the default: the ablation
 # changes training only), "all" = the whole round, "none" = only data/ and round-0/ (it changes the judge).
-FORK_ROUND_1 = {"ref-previous": "all", "length-debias": "none"}
+FORK_ROUND_1 = {"ref-previous": "all", "length-debias": "none", "cream-pair": "all", "cream-round": "all"}
 # Round-1 files an ablation may copy from the SPA run: everything before training.
 TRAIN_OUTPUTS = {"adapter", "model", "trainer", "pairs.jsonl", "metrics.json", "train.json", "merge.json"}
 

@@ -105,6 +105,10 @@ class RobustConfig:
     # DPO reference in rounds >= 1: "previous" = off (pi_{i-1}: the merged model, adapter disabled) or "sft"
     # (pi_init, a fixed anchor, as RLHFlow's iterative DPO), scored in a separate pass before training.
     train_reference: str = "sft"
+    # CREAM's consistency weighting in rounds >= 2: "off", "pair" (each pair smoothed by a = min(0.5, 1 - C), C the
+    # rank agreement of this round's and the previous round's judge on its prompt's samples) or "round" (one a for
+    # every pair, from the round's mean C). Replaces the paper's bottom-K smoothing in those rounds. Off = "off".
+    consistency: str = "pair"
 
 
 @dataclass(frozen=True)
@@ -290,7 +294,8 @@ def load_config(preset: str | None = None, config_file: Path | None = None, over
 # method = "paper": the paper's loop exactly (arXiv 2406.04412), in one place. Everything else (beta, lr, sampling,
 # smoothing, noise detection) follows the config as usual: these are the settings that selfie-lite adds.
 PAPER = {"guard": {"select": "last"},
-         "robust": {"gold_replay": 0.0, "lr_decay": 1.0, "length_debias": False, "train_reference": "previous"}}
+         "robust": {"gold_replay": 0.0, "lr_decay": 1.0, "length_debias": False, "train_reference": "previous",
+                    "consistency": "off"}}
 
 
 def _paper(data: dict) -> dict:
@@ -456,6 +461,8 @@ def validate(cfg: RunConfig) -> None:
                         f"got {cfg.guard.select!r}")
     if cfg.robust.train_reference not in ("previous", "sft"):
         raise UserError(f"robust.train_reference must be 'previous' or 'sft', got {cfg.robust.train_reference!r}")
+    if cfg.robust.consistency not in ("off", "pair", "round"):
+        raise UserError(f"robust.consistency must be 'off', 'pair' or 'round', got {cfg.robust.consistency!r}")
     if cfg.backend not in ("auto", "hf", "unsloth"):
         raise UserError(f"backend must be auto, hf or unsloth, got {cfg.backend!r}")
     if cfg.train.precision not in ("auto", "bf16", "fp16", "fp32"):

@@ -2,7 +2,7 @@
 
 Reads: a hub dataset name (datasets.load_dataset), a .jsonl/.json or .parquet file, or a save_to_disk folder.
 Rows: prompt plus chosen/rejected, each a plain string or a message list ([{role, content}, ...]); optional
-score_chosen/score_rejected. Writes nothing. Implements spa-method.md "Data": one fixed shuffle, the seed rows keep
+score_chosen/score_rejected. Writes nothing. Implements docs/method.md "Data": one fixed shuffle, the seed rows keep
 their labels, the next rows become prompt-only pools for rounds 1..T, the last rows a held-out labelled test split.
 """
 

@@ -48,7 +48,7 @@ def win_rate(scores: list[float], baseline_scores: list[float]) -> dict:
 
 
 def implicit_rewards(policy_logps: list[float], reference_logps: list[float], beta: float) -> list[float]:
-    """r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)), sequence sums (spa-method.md, Round i step 2)."""
+    """r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)), sequence sums (docs/method.md (E2))."""
     return [beta * (p - r) for p, r in zip(policy_logps, reference_logps, strict=True)]
 
 

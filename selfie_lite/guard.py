@@ -13,7 +13,8 @@ run ships pi_{i-1}. benchmarks/guard_signals.py measured which cheap signals pre
 this one was the only one that did (docs/results.md, "The round guard").
 
 Reads: round-<i>/samples/ (token ids as sampled), judged.jsonl, reference_logps.json (pi_init's log-probs from the
-judge, when the judge's reference is pi_init), round-0/model. Writes: round-<i>/done/guard.json.
+judge, when the judge's reference is pi_init), round-0/model. Writes: round-<i>/logps-round-0.json (pi_0's
+log-probs of the samples, shared with robust.consistency) and round-<i>/done/guard.json.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from selfie_lite.config import RunConfig
 from selfie_lite.evaluate import implicit_rewards, pair_accuracy
-from selfie_lite.judge import flat_sequences, score_with
+from selfie_lite.judge import cached_scores, flat_sequences, score_with
 from selfie_lite.rundir import read_json
 
 
@@ -54,7 +55,8 @@ def guard_stage(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], pair
     t0 = time.perf_counter()
     sequences = flat_sequences(rows)
     idx = pair_indices(rows, pairs)
-    anchor, _ = score_with(backend, anchor_dir, sequences, cfg.judge.batch_size, progress, "guard (pi_0)")
+    anchor = cached_scores(backend, anchor_dir, rows, round_dir, "round-0", cfg.judge.batch_size, progress,
+                           "guard (pi_0)")
     ref_file = round_dir / "reference_logps.json"
     if cfg.judge.reference == "init" and ref_file.is_file():
         init = read_json(ref_file)  # the judge scored pi_init on these very sequences

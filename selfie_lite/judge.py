@@ -1,4 +1,4 @@
-"""Stage 2 of a round: direct preference judgment from logits (spa-method.md, Round i step 2).
+"""Stage 2 of a round: direct preference judgment from logits (docs/method.md (E2, E3); arXiv 2406.04412, Sec. 3.1).
 
     r(x, y) = beta * (log pi_{i-1}(y|x) - log pi_ref(y|x))      sequence sums, no length normalisation
     p(y1 > y2 | x) = sigmoid(r1 - r2); chosen = highest reward, rejected = lowest (any K >= 2)
@@ -147,6 +147,18 @@ def score_with(backend, model_dir: Path, sequences, batch_size: int, progress, l
     return logps, seconds
 
 
+def cached_scores(backend, model_dir: Path, rows: list[dict], round_dir: Path, name: str, batch_size: int,
+                  progress, label: str) -> list[float]:
+    """log pi(y|x) of every sample of the round (flat_sequences order) under the model in model_dir, kept in
+    round-<i>/logps-<name>.json: the round guard and consistency weighting both score pi_0 in round 2, once."""
+    path = round_dir / f"logps-{name}.json"
+    if path.is_file():
+        return read_json(path)
+    logps, _ = score_with(backend, model_dir, flat_sequences(rows), batch_size, progress, label)
+    atomic_write_json(path, logps)
+    return logps
+
+
 def judge_round(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], policy_dir: Path, reference_dir: Path,
                 progress=None) -> tuple[list[dict], dict]:
     sequences = flat_sequences(rows)
@@ -189,5 +201,7 @@ def judge_round(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], poli
         "policy_from_sampling": seconds.get("policy") == 0.0,
         "mean_reward_gap": sum(margins) / max(1, len(margins)),
         "mean_p_chosen": sum(p["p_chosen"] for p in pairs) / max(1, len(pairs)),
+        # Diversity of pi_{i-1}'s samples: distinct responses per prompt over K, averaged (1 = all different).
+        "distinct_samples": sum(len(set(r["responses"])) / len(r["responses"]) for r in rows) / max(1, len(rows)),
         **debias,  # robust.length_debias: the fitted a (reward per token) and the length gaps with and without it
     }

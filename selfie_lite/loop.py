@@ -1,4 +1,4 @@
-"""The SPA rounds, top to bottom (spa-method.md).
+"""The SPA rounds, top to bottom (docs/method.md, "The loop"; arXiv 2406.04412).
 
     round 0:      train (DPO on the seed pairs, reference = pi_init) -> merge            => pi_0
     round i>=1:   sample (pi_{i-1}) -> judge (pi_{i-1} vs pi_init) -> train (LoRA DPO from pi_{i-1}, reference
@@ -220,7 +220,8 @@ def train_stage(cfg: RunConfig, round_dir: Path, backend, base_dir: Path, pairs:
     train = cfg.train if lr == cfg.train.learning_rate else dataclasses.replace(cfg.train, learning_rate=lr)
     sft_ref = not seed_round and cfg.robust.train_reference == "sft"
     result = train_dpo(
-        model, tok, [{k: p[k] for k in ("pair_id", "prompt", "chosen", "rejected", "gold") if k in p} for p in pairs],
+        model, tok, [{k: p[k] for k in ("pair_id", "prompt", "chosen", "rejected", "gold", "smoothing")
+                         if k in p} for p in pairs],
         beta=cfg.beta, train=train,
         refine=None if seed_round else cfg.refine,
         lam=0.0 if seed_round else cfg.refine.lambdas[round_idx - 1],
@@ -243,11 +244,21 @@ def train_stage(cfg: RunConfig, round_dir: Path, backend, base_dir: Path, pairs:
 
 def _robust_pairs(cfg: RunConfig, run_dir: Path, rd: Path, backend, init_dir: Path, pairs: list[dict], i: int,
                   progress) -> list[dict]:
-    """Round i's training set with the robust counter-measures that act before training: replayed seed pairs
+    """Round i's training set with the robust counter-measures that act before training: per-pair smoothing from
+    the consistency of two judges (robust.consistency, rounds >= 2, a stage of its own), replayed seed pairs
     (robust.gold_replay, drawn the same on every resume) and, for robust.train_reference = "sft", the pi_init
-    reference pass (a stage of its own, skipped once done). Both off: `pairs` unchanged, the paper."""
-    from selfie_lite.robust import gold_replay, reference_stage
+    reference pass (a stage of its own, skipped once done). All off: `pairs` unchanged, the paper."""
+    from selfie_lite.robust import consistency_stage, gold_replay, read_consistency, reference_stage
 
+    if cfg.robust.consistency != "off" and i >= 2:
+        if not is_done(rd, "train") and not is_done(rd, "consistency"):
+            previous_judge = run_dir / f"round-{i - 2}" / "model"  # pi_{i-2}: round i-1's judge policy
+            mark_done(rd, "consistency", consistency_stage(
+                cfg, rd, backend, load_samples(rd), pairs, previous_judge, read_json(rd / "reference_logps.json"),
+                progress))
+        if is_done(rd, "consistency"):
+            smoothing = read_consistency(rd)
+            pairs = [dict(p, smoothing=smoothing[int(p["pair_id"])]) for p in pairs]
     if cfg.robust.gold_replay > 0:
         seed = read_jsonl(run_dir / "data" / "seed.jsonl")
         pairs = gold_replay(pairs, seed, cfg.robust.gold_replay, cfg.random_seed, i)
@@ -374,12 +385,17 @@ def round_table(i: int, m: dict) -> Table:
                   f"mean length {s['mean_response_tokens']:.1f} tokens")
     if j:
         extra = f", gold agreement {j['gold_agreement']:.2f}" if "gold_agreement" in j else ""
+        signals = f", p(chosen) {_fmt(j.get('mean_p_chosen'), '.2f')}, distinct {_fmt(j.get('distinct_samples'), '.2f')}"
         t.add_row("judge", f"{j['pairs']} pairs", _fmt(j.get("seconds"), ".1f"), f"{_fmt(j.get('sequences_per_s'), '.0f')} seq/s",
-                  f"dropped {j['dropped_identical']} identical or tied{extra}")
+                  f"dropped {j['dropped_identical']} identical or tied{signals}{extra}")
     g = m.get("guard", {})
     if g:
         t.add_row("guard", f"{j.get('pairs', '-')} pairs", _fmt(g.get("seconds"), ".1f"), "",
                   f"anchor agreement {g['anchor_agreement']:.2f} (stop below {g['threshold']:.2f})")
+    c = m.get("consistency", {})
+    if c:
+        t.add_row("consistency", f"{c['pairs']} pairs", _fmt(c.get("seconds"), ".1f"), "",
+                  f"judges agree {c['mean_consistency']:.2f} (CREAM, {c['mode']}), mean smoothing {c['mean_smoothing']:.3f}")
     if tr:
         t.add_row("train", f"{tr.get('pairs', '-')} pairs", _fmt(tr.get("seconds"), ".1f"), f"{_fmt(tr.get('pairs_per_s'), '.1f')} pairs/s",
                   f"loss {_fmt(tr.get('loss_start'))} -> {_fmt(tr.get('loss_end'))}, margin {_fmt(tr.get('mean_margin'))}, "

@@ -1,4 +1,4 @@
-"""Stage 4 of a round: merge the round's LoRA adapter into full-precision weights (spa-method.md, step 4).
+"""Stage 4 of a round: merge the round's LoRA adapter into full-precision weights (docs/method.md, "The loop").
 
 Reads: the previous model folder (the base) and round-<i>/adapter/. Writes: round-<i>/model/, a standard HF folder
 (safetensors + tokenizer) that is the next round's starting point and, with the adapter disabled, exactly its DPO

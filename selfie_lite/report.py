@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from selfie_lite.rundir import read_json, read_jsonl, stage_metrics
@@ -46,9 +47,11 @@ def collect(run_dir: Path) -> dict:
         rounds.append({"round": i, "metrics": metrics, "pairs": pairs})
     ev = run_dir / "eval.json"
     cfg = run_dir / "config.json"
+    summary = run_dir / "summary.json"
     return {
         "run_dir": str(run_dir),
         "config": read_json(cfg) if cfg.is_file() else {},
+        "summary": read_json(summary) if summary.is_file() else None,
         "rounds": rounds,
         "eval": json.loads(ev.read_text()) if ev.is_file() else None,
     }
@@ -61,13 +64,19 @@ def _f(v, spec=".3f"):
 
 
 def report_table(data: dict) -> Table:
-    """Training, one row per round: what the judge labelled and how the round's DPO went."""
+    """Training, one row per round: what the judge labelled, the round guard's signals, how the round's DPO went;
+    and, once the run has finished, which round it ships and why (summary.json)."""
+    summary = data.get("summary") or {}
+    shipped = (escape(f"\nships round {summary['final_round']}: {summary.get('final_why', '')}")
+               if "final_round" in summary else "")
     t = Table(title=f"run {data['run_dir']}: per round", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
-              caption="gold: self-labels agreeing with the oracle (tiny preset); p(ch): mean judge confidence; "
+              caption="gold: self-labels agreeing with the oracle (tiny preset); anchor: self-labels agreeing with "
+                      "the seed-DPO judge (the round guard's signal, rounds >= 2); p(ch): mean judge confidence (it rises "
+                      "as labels drift: not a quality signal); distinct: share of distinct samples per prompt; "
                       "smooth: share of pairs smoothed after warm-up; loss: first -> last step; margin: mean DPO margin "
-                      "z; acc: share of pairs with z > 0; len: mean tokens of the round's samples",
+                      "z; acc: share of pairs with z > 0; len: mean tokens of the round's samples" + shipped,
               caption_justify="left")
-    for c in ("round", "pairs", "gold", "p(ch)", "smooth", "loss", "margin", "acc", "len"):
+    for c in ("round", "pairs", "gold", "anchor", "p(ch)", "distinct", "smooth", "loss", "margin", "acc", "len"):
         t.add_column(c, justify="left" if c == "round" else "right", no_wrap=True)
     for r in data["rounds"]:
         m = r["metrics"]
@@ -76,7 +85,9 @@ def report_table(data: dict) -> Table:
             f"{r['round']} seed" if r["round"] == 0 else str(r["round"]),
             _f(tr.get("pairs", j.get("pairs")), "d") if (tr or j) else "-",
             _f(j.get("gold_agreement")),
+            _f(m.get("guard", {}).get("anchor_agreement")),
             _f(j.get("mean_p_chosen")),
+            _f(j.get("distinct_samples"), ".2f"),
             _f(tr.get("frac_smoothed"), ".2f") if r["round"] > 0 else "-",
             f"{_f(tr.get('loss_start'))}→{_f(tr.get('loss_end'))}" if tr else "-",
             _f(tr.get("mean_margin")),

@@ -5,6 +5,8 @@ drift"). Each is off by default, and off is exactly the paper's loop (arXiv 2406
 - learning-rate decay: round i >= 1 trains at train.learning_rate * lr_decay ** (i - 1);
 - a fixed DPO reference (train_reference = "sft"): log pi_init of every training pair, scored in a pass of its own
   before training (one model in memory at a time, as the judge does);
+- consistency weighting (CREAM, arXiv 2410.12735): in round i >= 2, each prompt's samples are ranked by this round's
+  judge and by the previous round's; the smoothing of its pair follows their disagreement (consistency_smoothing);
 - length-debiased judging lives in judge.py (fit_length_penalty), where the pairs are chosen.
 """
 
@@ -76,3 +78,96 @@ def read_reference_table(round_dir: Path) -> dict[int, dict]:
     from selfie_lite.rundir import read_json
 
     return {int(k): v for k, v in read_json(round_dir / TABLE).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Consistency weighting (CREAM; docs/method.md, "Counter-measures against drift")
+
+CONSISTENCY = "consistency.json"  # in round-<i>/: pair_id -> smoothing a in [0, 0.5]
+
+
+def kendall_tau(x: list[float], y: list[float]) -> float:
+    """Kendall's tau-b of two scorings of the same K items, in [-1, 1]: +1 = the same order, -1 = reversed.
+    Pairs tied in either scoring count for neither side (tau-b's denominator); no untied pair at all: 0."""
+    concordant = discordant = ties_x = ties_y = 0
+    for j in range(len(x)):
+        for k in range(j + 1, len(x)):
+            dx, dy = x[j] - x[k], y[j] - y[k]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                ties_x += 1
+            elif dy == 0:
+                ties_y += 1
+            elif (dx > 0) == (dy > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    n0 = concordant + discordant
+    denom = ((n0 + ties_x) * (n0 + ties_y)) ** 0.5
+    return (concordant - discordant) / denom if denom else 0.0
+
+
+def consistency_smoothing(pairs: list[dict], previous_rewards: dict[int, list[float]], mode: str) -> tuple[dict[int, float], dict]:
+    """CREAM's consistency weight, as a per-pair label smoothing (docs/method.md, "Counter-measures").
+
+    For each self-labelled pair, its prompt's K samples are ranked by this round's implicit rewards (pair["rewards"],
+    judge pi_{i-1}) and by the previous round's judge (previous_rewards[pair_id], pi_{i-2} against the same
+    reference). C = (tau + 1) / 2 is their consistency; CREAM trains C * DPO(yw, yl) + (1 - C) * DPO(yl, yw), which
+    is our smoothed loss (loss.py) with a = 1 - C. We cap a at 0.5: where the two judges disagree outright the pair is
+    pushed towards no preference, never towards the previous judge's label (with K = 2, tau is +-1, and an
+    uncapped a = 1 would simply hand the label to the older judge).
+      mode "pair":  a = min(0.5, 1 - C_pair) for each pair (the issue's per-pair form);
+      mode "round": a = min(0.5, 1 - mean C) for every pair of the round (CREAM's published form: one consistency
+                    rate per iteration).
+    Returns ({pair_id: a}, metrics)."""
+    taus = {int(p["pair_id"]): kendall_tau(p["rewards"], previous_rewards[int(p["pair_id"])]) for p in pairs}
+    cons = {pid: (t + 1) / 2 for pid, t in taus.items()}
+    mean_c = sum(cons.values()) / len(cons) if cons else 1.0
+    if mode == "round":
+        smoothing = {pid: min(0.5, 1 - mean_c) for pid in cons}
+    elif mode == "pair":
+        smoothing = {pid: min(0.5, 1 - c) for pid, c in cons.items()}
+    else:
+        raise ValueError(f"consistency mode {mode!r}")
+    n = max(1, len(cons))
+    return smoothing, {
+        "mode": mode,
+        "pairs": len(cons),
+        "mean_consistency": mean_c,
+        "disagreeing": sum(t < 0 for t in taus.values()) / n,  # share of prompts the two judges order oppositely
+        "mean_smoothing": sum(smoothing.values()) / n,
+    }
+
+
+def consistency_stage(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], pairs: list[dict],
+                      previous_judge: Path, reference: list[float], progress=None) -> dict:
+    """robust.consistency in round i >= 2: score this round's samples with the previous round's judge policy
+    pi_{i-2} (one model in memory, freed afterwards; rows as sampled, so the exact tokens are scored), take its
+    rewards against `reference` (the same reference log-probs this round's judge used), and write
+    round-<i>/consistency.json {pair_id: a}. pi_{i-2}'s log-probs go to round-<i>/logps-round-<i-2>.json, which
+    the round guard shares in round 2 (its anchor is pi_0). The loop marks the stage done; a resumed round reuses the file."""
+    import time
+
+    from selfie_lite.evaluate import implicit_rewards
+    from selfie_lite.judge import cached_scores
+    from selfie_lite.rundir import atomic_write_json
+
+    t0 = time.perf_counter()
+    logps = cached_scores(backend, previous_judge, rows, round_dir, previous_judge.parent.name, cfg.judge.batch_size,
+                          progress, "consistency (previous judge)")
+    rewards = implicit_rewards(logps, reference, cfg.beta)
+    by_prompt, k = {}, 0
+    for r in rows:
+        n = len(r["responses"])
+        by_prompt[int(r["id"])] = rewards[k : k + n]
+        k += n
+    smoothing, metrics = consistency_smoothing(pairs, by_prompt, cfg.robust.consistency)
+    atomic_write_json(round_dir / CONSISTENCY, {str(k): v for k, v in smoothing.items()})
+    return metrics | {"previous_judge": str(previous_judge), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def read_consistency(round_dir: Path) -> dict[int, float]:
+    from selfie_lite.rundir import read_json
+
+    return {int(k): v for k, v in read_json(round_dir / CONSISTENCY).items()}

@@ -1,4 +1,4 @@
-"""Stage 1 of a round: K responses per prompt from pi_{i-1} (spa-method.md, Round i step 1).
+"""Stage 1 of a round: K responses per prompt from pi_{i-1} (docs/method.md, "The loop"; arXiv 2406.04412, Sec. 3).
 
 Reads: the round's prompt pool and the previous model folder. Writes: round-<i>/samples/chunk-<n>.jsonl, one file
 per `sample.chunk_size` prompts, each written atomically and seeded by (random seed, round, chunk), so a resumed

@@ -1,4 +1,4 @@
-"""Optional vLLM sampling for stage 1 (spa-method.md, Round i step 1): the same rows as Backend.generate, faster.
+"""Optional vLLM sampling for stage 1 (docs/method.md, "The loop"): the same rows as Backend.generate, faster.
 
 `--sampler vllm` draws the K responses per prompt with vLLM (paged KV cache, continuous batching) instead of
 transformers' generate; `--sampler generate` (the default) keeps the backend's own generate; `--sampler auto` takes

@@ -5,7 +5,7 @@ Reads: a PeftModel (trainable LoRA adapter on the weights of pi_{i-1}), its toke
 self-labelled pairs). Returns metrics and per-pair statistics; the adapter is trained in place and nothing
 is saved here (merging and saving belong to merge.py and the loop).
 
-Implements spa-method.md "Round 0" (plain sigmoid DPO) and "Round i", step 3 (self-refinement):
+Implements docs/method.md (E4, E5) for round 0 (plain sigmoid DPO) and (E4-E9) for rounds i >= 1 (self-refinement):
   - reference pi_ref = the same PeftModel with its adapter disabled (no second copy in memory), so the
     caller must hand in a fresh adapter on top of merged pi_{i-1} weights; or, with robust.train_reference =
     "sft", log-probs of pi_init precomputed per pair (training_sequences, reference_table);
@@ -72,11 +72,12 @@ class PairCollator(DataCollatorForPreference):
 
 
 class SPADPOTrainer(DPOTrainer):
-    """DPOTrainer whose loss is spa-method.md's per-pair smoothed DPO with decoupled noise detection."""
+    """DPOTrainer whose loss is docs/method.md's per-pair smoothed DPO (E5) with decoupled noise detection."""
 
     def __init__(self, *args, refine: RefineConfig | None = None, lam: float = 0.0,
                  max_prompt_length: int | None = None, gold_pair_ids: set[int] | frozenset[int] = frozenset(),
-                 ref_logps: dict[int, dict] | None = None, **kwargs):
+                 ref_logps: dict[int, dict] | None = None, pair_smoothing: dict[int, float] | None = None,
+                 **kwargs):
         self.refine = refine
         self.lam = lam
         self.max_prompt_length = max_prompt_length
@@ -85,16 +86,20 @@ class SPADPOTrainer(DPOTrainer):
         # robust.train_reference = "sft": pair_id -> {"chosen", "rejected" (log pi_init sums), "chosen_tokens",
         # "rejected_tokens"}, used in the DPO margin instead of the adapter-off forward. None: the paper's reference.
         self.ref_logps = ref_logps
+        # robust.consistency (CREAM): pair_id -> smoothing a, fixed before training from two judges' agreement. It
+        # replaces the low-confidence pick (no picker, no warm-up); pairs missing from it (replayed human pairs)
+        # get 0. None: the paper's smoothing below.
+        self.pair_smoothing = pair_smoothing
         # Smoothing is on when there is a refine config with alpha > 0; then the picker runs from step 0 so
         # that its window is full of recent pairs when the warm-up ends.
-        smoothing_on = refine is not None and refine.alpha > 0
+        smoothing_on = refine is not None and refine.alpha > 0 and pair_smoothing is None
         self.picker = LowConfidencePicker(refine.low_conf_frac, refine.window_pairs) if smoothing_on else None
         self.pair_stats: dict[int, dict] = {}
         self.seen_after_warmup = 0
         self.smoothed_after_warmup = 0
         super().__init__(*args, **kwargs)
         # Handed a PeftModel, TRL 1.16 adds a "ref" adapter (a copy of the current one) and uses it as the
-        # reference. Our reference is the adapter-disabled model (spa-method.md step 4: the adapter is fresh on
+        # reference. Our reference is the adapter-disabled model (docs/method.md, "The loop": the adapter is fresh on
         # merged weights), so drop the copy: it would cost memory and end up in saved adapters.
         peft_model = self.accelerator.unwrap_model(self.model)
         if "ref" in peft_model.peft_config:
@@ -158,14 +163,21 @@ class SPADPOTrainer(DPOTrainer):
 
         # Who gets smoothed, and how much, at this optimizer step.
         step, total = self.state.global_step, max(self.state.max_steps, 1)
-        if self.picker is not None:
+        if self.pair_smoothing is not None:
+            given = [self.pair_smoothing.get(int(i), 0.0) for i in inputs["pair_id"].tolist()]
+            low_conf = torch.tensor([a > 0 for a in given], dtype=torch.bool, device=z.device)
+            alpha = max(given, default=0.0)
+        elif self.picker is not None:
             gold = self._gold_mask(inputs["pair_id"]) if self.gold_pair_ids else None
             low_conf = self.picker.pick(z_g, skip=gold).to(z.device)  # [B] bool, never a replayed human pair
             alpha = alpha_at(step, total, self.refine.alpha, self.refine.warmup_frac)
         else:
             low_conf = torch.zeros_like(z, dtype=torch.bool)
             alpha = 0.0
-        smoothing = low_conf.to(z.dtype) * alpha  # [B]: alpha for low-confidence pairs, 0 otherwise
+        if self.pair_smoothing is not None:
+            smoothing = torch.tensor(given, dtype=z.dtype, device=z.device)  # [B]: each pair's own a
+        else:
+            smoothing = low_conf.to(z.dtype) * alpha  # [B]: alpha for low-confidence pairs, 0 otherwise
 
         losses, chosen_rewards, rejected_rewards, margins = dpo_losses(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, smoothing
@@ -184,7 +196,8 @@ class SPADPOTrainer(DPOTrainer):
                 "smoothing": smoothing, "chosen_reward": chosen_rewards, "rejected_reward": rejected_rewards,
                 "loss": losses.detach(),
             }  # each [B]
-            after_warmup = self.refine is not None and step >= self.refine.warmup_frac * total
+            after_warmup = self.pair_smoothing is not None or (
+                self.refine is not None and step >= self.refine.warmup_frac * total)
             self._record(inputs["pair_id"], per_pair, step, alpha, after_warmup)
         return (loss, {}) if return_outputs else loss
 
@@ -352,6 +365,8 @@ def train_dpo(
     the warm-up; pairs with a true "gold" field (replayed human pairs, robust.gold_replay) are never smoothed.
     ref_logps (robust.train_reference = "sft"): pair_id -> precomputed reference log-probs (see
     reference_table), used in the DPO margin instead of the adapter-off model; None = the paper's reference.
+    Pairs with a "smoothing" field (robust.consistency, round >= 2) are smoothed by exactly that a throughout, and the
+    low-confidence pick is off; when no pair has one, the paper's smoothing applies.
     out_dir is the Trainer's scratch folder: nothing is saved there (save_strategy="no").
     Deterministic on CPU for a given seed, model and pairs. Raises RunError if the loss becomes NaN or inf.
     """
@@ -414,6 +429,8 @@ def train_dpo(
             max_prompt_length=train.max_prompt_length,
             gold_pair_ids={int(p["pair_id"]) for p in pairs if p.get("gold")},
             ref_logps=ref_logps,
+            pair_smoothing=({int(p["pair_id"]): float(p.get("smoothing", 0.0)) for p in pairs}
+                            if any("smoothing" in p for p in pairs) else None),
         )
     trainer.remove_callback(PrinterCallback)  # disable_tqdm swaps the progress bar for print(logs)
 
@@ -448,6 +465,8 @@ def train_dpo(
         else 0.0,
         "lam": lam,
         "alpha": refine.alpha if refine is not None else 0.0,
+        "smoothing_source": "consistency" if trainer.pair_smoothing is not None
+        else "low-confidence" if trainer.picker is not None else "none",
         "learning_rate": train.learning_rate,  # the round's peak rate (robust.lr_decay scales it per round)
         "gold_pairs": len(trainer.gold_pair_ids),  # replayed human pairs (robust.gold_replay), never smoothed
         "train_reference": "given" if ref_logps is not None else "adapter-off",

@@ -149,7 +149,7 @@ def test_method_paper_is_the_papers_loop_exactly(tmp_path):
     default = load_config("tiny")
     assert default.method == "selfie" and default.guard.select == "guard"  # our default: the round guard on
     paper = load_config("tiny", None, [{"method": "paper"}])
-    assert paper.guard.select == "last" and paper.robust == RobustConfig(0.0, 1.0, False, "previous")
+    assert paper.guard.select == "last" and paper.robust == RobustConfig(0.0, 1.0, False, "previous", "off")
     assert paper.guard.min_anchor_agreement == GuardConfig().min_anchor_agreement
     assert (paper.train, paper.refine, paper.beta) == (default.train, default.refine, default.beta)
     with pytest.raises(UserError, match="method must be"):

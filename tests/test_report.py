@@ -31,7 +31,9 @@ def make_run(root, rounds=3, with_eval=True):
         if i > 0:
             _write_json(d / "done" / "sample.json", {"prompts": 100, "mean_response_tokens": 10.0 + i})
             _write_json(d / "done" / "judge.json", {"pairs": 90, "dropped_identical": 10, "gold_agreement": 0.6 + 0.05 * i,
-                                                    "mean_p_chosen": 0.55})
+                                                    "mean_p_chosen": 0.55, "distinct_samples": 1.0 - 0.1 * i})
+        if i >= 2:
+            _write_json(d / "done" / "guard.json", {"anchor_agreement": 1.0 - 0.02 * i, "threshold": 0.93})
         _write_json(d / "done" / "train.json", {"pairs": 90, "loss_start": 0.693, "loss_end": 0.5 - 0.05 * i,
                                                 "mean_margin": 0.3 * (i + 1), "reward_accuracy": 0.8,
                                                 "frac_smoothed": 0.0 if i == 0 else 0.1, "lam": 0.5 / 2 ** max(i - 1, 0)})
@@ -42,6 +44,8 @@ def make_run(root, rounds=3, with_eval=True):
             rows.append({"pair_id": k, "prompt": "p", "chosen": "c", "rejected": "r", "margin": z,
                          "extrapolated_margin": 1.3 * z, "smoothed": i > 0 and z < 0.0, "low_confidence": z < 0.0})
         (d / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if rounds == 3:
+        _write_json(root / "summary.json", {"final_round": 2, "final_why": "round 3's self-labels [disagree]"})
     if with_eval:
         models = {"sft": {"win_rate": 0.5, "wins": 0, "ties": 300, "losses": 0, "mean_score": 0.6,
                           "seed_pair_accuracy": 0.5, "mean_response_tokens": 9.0, "mean_response_words": 6.0}}
@@ -61,8 +65,11 @@ def test_report_table_and_png(tmp_path):
     assert r.exit_code == 0, r.output
     lines = [x.strip() for x in r.output.splitlines()]
     row3 = next(x for x in lines if x.startswith("3 ")).split()
-    assert row3[:5] == ["3", "90", "0.750", "0.550", "0.10"]  # round, pairs, gold agreement, p(chosen), smoothed
-    assert row3[5] == "0.693→0.350" and row3[-1] == "13.0"  # loss first -> last, sample length
+    # round, pairs, gold agreement, anchor agreement, p(chosen), distinct samples, smoothed
+    assert row3[:7] == ["3", "90", "0.750", "0.940", "0.550", "0.70", "0.10"]
+    assert row3[7] == "0.693→0.350" and row3[-1] == "13.0"  # loss first -> last, sample length
+    assert next(x for x in lines if x.startswith("1 ")).split()[3] == "-"  # no guard before round 2
+    assert "ships round 2: round 3's self-labels [disagree]" in r.output  # summary.json's verdict, brackets kept
     assert any(x.startswith("0 seed") for x in lines)
     eval3 = next(x for x in lines if x.startswith("round-3")).split()
     assert eval3[1] == "0.700" and eval3[-3] == "0.660"  # win rate, seed-pair accuracy

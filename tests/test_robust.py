@@ -14,7 +14,7 @@ from selfie_lite.errors import RunError, UserError
 from selfie_lite.judge import fit_length_penalty, judge_pairs, length_gap
 from selfie_lite.loss import dpo_losses
 from selfie_lite.refine import LowConfidencePicker, extrapolated_margin, sequence_logps
-from selfie_lite.robust import gold_pair_id, gold_replay, round_learning_rate
+from selfie_lite.robust import consistency_smoothing, gold_pair_id, gold_replay, kendall_tau, round_learning_rate
 from selfie_lite.train import PairCollator, SPADPOTrainer, _to_conversation, reference_table, training_sequences
 
 # ---------------------------------------------------------------------------------------------
@@ -23,16 +23,20 @@ from selfie_lite.train import PairCollator, SPADPOTrainer, _to_conversation, ref
 
 def test_defaults_are_the_measured_best_and_method_paper_turns_every_one_off():
     cfg = load_config()
-    assert cfg.robust == RobustConfig(gold_replay=0.5, lr_decay=1.0, length_debias=False, train_reference="sft")
+    assert cfg.robust == RobustConfig(gold_replay=0.5, lr_decay=1.0, length_debias=False, train_reference="sft",
+                                      consistency="pair")
     assert to_dict(cfg)["robust"] == {"gold_replay": 0.5, "lr_decay": 1.0, "length_debias": False,
-                                      "train_reference": "sft"}
+                                      "train_reference": "sft", "consistency": "pair"}
     paper = load_config(None, None, [{"method": "paper"}])
-    assert paper.robust == RobustConfig(0.0, 1.0, False, "previous") and paper.guard.select == "last"
+    assert paper.robust == RobustConfig(0.0, 1.0, False, "previous", "off") and paper.guard.select == "last"
     on = load_config(None, None, [parse_override(o) for o in (
-        "robust.gold_replay=0.5", "robust.lr_decay=0.5", "robust.length_debias=true", "robust.train_reference=sft")])
-    assert on.robust == RobustConfig(0.5, 0.5, True, "sft")
+        "robust.gold_replay=0.5", "robust.lr_decay=0.5", "robust.length_debias=true", "robust.train_reference=sft",
+        "robust.consistency=round")])
+    assert on.robust == RobustConfig(0.5, 0.5, True, "sft", "round")
     with pytest.raises(UserError, match="method = paper runs the paper's loop exactly, but robust.lr_decay = 0.5"):
         load_config(None, None, [{"method": "paper"}, parse_override("robust.lr_decay=0.5")])
+    with pytest.raises(UserError, match='but robust.consistency = "pair"'):
+        load_config(None, None, [{"method": "paper"}, parse_override("robust.consistency='pair'")])
 
 
 @pytest.mark.parametrize("override,message", [
@@ -42,6 +46,7 @@ def test_defaults_are_the_measured_best_and_method_paper_turns_every_one_off():
     ("robust.lr_decay=1.5", "robust.lr_decay must be in (0, 1], got 1.5"),
     ("robust.train_reference='init'", "robust.train_reference must be 'previous' or 'sft', got 'init'"),
     ("robust.length_debias=1", "robust.length_debias: expected bool"),
+    ("robust.consistency='cream'", "robust.consistency must be 'off', 'pair' or 'round', got 'cream'"),
 ])
 def test_bad_values_are_refused(override, message):
     with pytest.raises(UserError) as e:
@@ -294,6 +299,75 @@ def test_extrapolated_margin_with_given_reference():
 
 
 # ---------------------------------------------------------------------------------------------
+# consistency (CREAM)
+
+
+def test_kendall_tau_by_hand():
+    assert kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0
+    assert kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0
+    assert kendall_tau([1, 2, 3, 4], [1, 2, 4, 3]) == pytest.approx(4 / 6)  # 5 concordant, 1 discordant
+    assert kendall_tau([1.0, 2.0], [5.0, 5.0]) == 0.0  # the only pair ties: no order to agree on
+    # tau-b with a tie in one scoring: (C - D) / sqrt((n0 + tx)(n0 + ty)) = (2 - 0) / sqrt(2 * 3)
+    assert kendall_tau([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / 6 ** 0.5)
+
+
+def _judged(rewards_by_prompt):
+    return [{"pair_id": pid, "rewards": rw} for pid, rw in rewards_by_prompt.items()]
+
+
+def test_consistency_smoothing_per_pair_and_per_round():
+    pairs = _judged({0: [2.0, 1.0], 1: [0.5, 3.0], 2: [1.0, 2.0, 3.0, 4.0]})
+    previous = {0: [1.5, -1.0], 1: [0.9, 0.1], 2: [1.0, 2.0, 4.0, 3.0]}  # agrees, reversed, tau 2/3
+    a, m = consistency_smoothing(pairs, previous, "pair")
+    # C = (tau + 1) / 2, a = min(0.5, 1 - C): agreeing -> 0; reversed -> C = 0, capped at 0.5; tau 2/3 -> 1/6
+    assert a == {0: 0.0, 1: 0.5, 2: pytest.approx(1 / 6)}
+    assert m["mean_consistency"] == pytest.approx((1 + 0 + 5 / 6) / 3) and m["disagreeing"] == pytest.approx(1 / 3)
+    r, m2 = consistency_smoothing(pairs, previous, "round")  # CREAM's form: one a for the round
+    assert list(r.values()) == pytest.approx([1 - m["mean_consistency"]] * 3) and m2["mode"] == "round"
+    same, m3 = consistency_smoothing(pairs, {k: [2 * x for x in p["rewards"]] for k, p in
+                                             zip((0, 1, 2), pairs, strict=True)}, "pair")
+    assert set(same.values()) == {0.0} and m3["mean_consistency"] == 1.0  # two judges in full accord: no smoothing
+
+
+def test_given_pair_smoothing_replaces_the_low_confidence_pick(tmp_path):
+    tok, model = tiny_tokenizer(), _moved(tiny_model())
+    pairs = tiny_pairs(8)
+    given = {p["pair_id"]: a for p, a in zip(pairs, [0.0, 0.5, 0.25, 0.0, 0.1, 0.0, 0.0, 0.5], strict=True)}
+    del given[pairs[6]["pair_id"]]  # a pair without a value (a replayed human pair): not smoothed
+    # The paper's pick would smooth every pair (frac 1, no warm-up); the given values win.
+    refine = RefineConfig(alpha=0.1, low_conf_frac=1.0, warmup_frac=0.5, window_pairs=50, vocab_chunk=100)
+    trainer = _trainer(tmp_path, model, tok, pairs, refine=refine, lam=0.0, pair_smoothing=given)
+    assert trainer.picker is None
+    model.train()
+    batch = _batch(trainer, 8)
+    loss = trainer.compute_loss(model, batch)
+    stats = trainer.pair_stats
+    for p in pairs:
+        assert stats[p["pair_id"]]["smoothing"] == pytest.approx(given.get(p["pair_id"], 0.0))
+        assert stats[p["pair_id"]]["smoothed"] == (given.get(p["pair_id"], 0.0) > 0)
+    # The loss is dpo_losses with exactly those per-pair a's.
+    with torch.no_grad(), model.disable_adapter():
+        ref = sequence_logps(model(input_ids=batch["input_ids"]).logits[:, :-1], batch["input_ids"][:, 1:],
+                             batch["completion_mask"][:, 1:])
+    with torch.no_grad():
+        pol = sequence_logps(model(input_ids=batch["input_ids"]).logits[:, :-1], batch["input_ids"][:, 1:],
+                             batch["completion_mask"][:, 1:])
+    a = torch.tensor([given.get(p["pair_id"], 0.0) for p in pairs])
+    by_hand, *_ = dpo_losses(pol[:8], pol[8:], ref[:8], ref[8:], 0.1, a)
+    assert loss.item() == pytest.approx(by_hand.mean().item(), abs=1e-6)
+    assert trainer.smoothed_after_warmup == 4 and trainer.seen_after_warmup == 8  # no warm-up for given values
+
+
+def test_consistency_off_leaves_the_pairs_as_the_paper(tmp_path):
+    from selfie_lite.config import load_config
+    from selfie_lite.loop import _robust_pairs
+
+    cfg = load_config(None, None, [{"method": "paper"}])
+    pairs = _self_pairs(5)
+    assert _robust_pairs(cfg, tmp_path, tmp_path, None, tmp_path, pairs, 2, None) is pairs
+
+
+# ---------------------------------------------------------------------------------------------
 # End to end: all four on, tiny preset, small pools
 
 
@@ -307,11 +381,12 @@ def test_a_tiny_run_with_every_counter_measure_on(tiny_preset, tmp_path):
 
     out = tmp_path / "run"
     on = ["--set", "robust.gold_replay=0.5", "--set", "robust.lr_decay=0.5", "--set", "robust.length_debias=true",
-          "--set", "robust.train_reference='sft'"]
+          "--set", "robust.train_reference='sft'", "--set", "robust.consistency='pair'"]
     r = CliRunner().invoke(app, ["run", *SIZES, "--set", "guard.select='last'", *on, "--out", str(out)])
     assert r.exit_code == 0, r.output
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["robust"] == {"gold_replay": 0.5, "lr_decay": 0.5, "length_debias": True, "train_reference": "sft"}
+    assert cfg["robust"] == {"gold_replay": 0.5, "lr_decay": 0.5, "length_debias": True, "train_reference": "sft",
+                             "consistency": "pair"}
     lr = cfg["train"]["learning_rate"]
     assert json.loads((out / "round-0" / "done" / "train.json").read_text())["learning_rate"] == lr
     for i in (1, 2):
@@ -329,3 +404,10 @@ def test_a_tiny_run_with_every_counter_measure_on(tiny_preset, tmp_path):
         assert not any(p["smoothed"] for p in gold) and all(p["pair_id"] < 0 for p in gold)
         table = json.loads((rd / "train_reference_logps.json").read_text())
         assert {int(k) for k in table} == {p["pair_id"] for p in pairs}
+        # consistency: round 1 keeps the paper's pick (no previous judge); round 2's pairs carry CREAM's a
+        assert train["smoothing_source"] == ("low-confidence" if i == 1 else "consistency")
+        assert (rd / "done" / "consistency.json").is_file() == (i == 2)
+        if i == 2:
+            given = {int(k): v for k, v in json.loads((rd / "consistency.json").read_text()).items()}
+            assert {p["pair_id"]: p["smoothing"] for p in pairs if not p.get("gold")} == pytest.approx(given)
+            assert all(0.0 <= a <= 0.5 for a in given.values()) and all(p["smoothing"] == 0 for p in gold)
