@@ -158,7 +158,7 @@ def train_all(seed: int, out: Path, args, quiet: Console, timings: dict) -> dict
     from selfie_lite.config import PAPER
 
     base = [{"random_seed": seed, "data": {"seed": "3.3pct"}, "robust": PAPER["robust"],
-             "guard": {"select": "guard", "min_anchor_agreement": 0.0}}]
+             "guard": {"select": "guard", "min_anchor_agreement": 0.0, "from_round": 2}}]
     base += args.overrides
     folders = {}
 
@@ -226,24 +226,30 @@ def evaluate_seed(seed: int, folders: dict[str, Path], args, timings: dict) -> d
     res["gold_agreement"] = {name: self_label_agreement(folders[name], score) for name in folders if name != "dpo-100"}
     res["labels"] = {name: {f"round-{i}": label_breakdown(folders[name] / f"round-{i}" / "judged.jsonl")
                             for i in range(1, cfg.rounds + 1)} for name in folders if name != "dpo-100"}
-    # What `selfie-lite run` ships with the guard as configured (the preset's threshold), from each round's verdict.
-    tau = make_config(args.overrides).guard.min_anchor_agreement
     res["anchors"] = {name: [json.loads((folders[name] / f"round-{i}" / "done" / "guard.json").read_text())[
         "anchor_agreement"] for i in range(2, cfg.rounds + 1)] for name in folders if name != "dpo-100"}
-    for name in [n for n in folders if n != "dpo-100"]:
-        k = shipped_round(folders[name], cfg.rounds, tau)
-        res["models"][f"{name}/shipped"] = dict(res["models"][f"{name}/round-{k}"] if k else res["models"]["dpo-seed"],
-                                                shipped_round=k, threshold=tau)
     res["train"] = {name: {f"round-{i}": _train_metrics(folders[name] / f"round-{i}") for i in range(cfg.rounds + 1)}
                     for name in folders}
     path.write_text(json.dumps(res, indent=2))
     return res
 
 
-def shipped_round(run_dir: Path, rounds: int, threshold: float) -> int:
-    """The round `run` ships with guard.select = guard: the round before the first one (i >= 2) whose self-labels
-    agree with the seed-DPO judge on fewer than `threshold` of the pairs; else the last."""
-    for i in range(2, rounds + 1):
+def mark_shipped(res: dict, folders: dict[str, Path], rounds: int, args) -> dict:
+    """Add "<run>/shipped" rows: what `selfie-lite run` ships with the round guard as the product configures it
+    (threshold, first round checked), read off each round's measured verdict. Done at render time, so a change of
+    the guard's settings needs no new evaluation."""
+    guard = make_config(args.overrides).guard
+    for name in [n for n in folders if n != "dpo-100"]:
+        k = shipped_round(folders[name], rounds, guard.min_anchor_agreement, guard.from_round)
+        res["models"][f"{name}/shipped"] = dict(res["models"][f"{name}/round-{k}"] if k else res["models"]["dpo-seed"],
+                                                shipped_round=k, threshold=guard.min_anchor_agreement)
+    return res
+
+
+def shipped_round(run_dir: Path, rounds: int, threshold: float, from_round: int = 2) -> int:
+    """The round `run` ships with guard.select = guard: the round before the first one (i >= from_round) whose
+    self-labels agree with the seed-DPO judge on fewer than `threshold` of the pairs; else the last."""
+    for i in range(from_round, rounds + 1):
         g = json.loads((run_dir / f"round-{i}" / "done" / "guard.json").read_text())
         if g["anchor_agreement"] < threshold:
             return i - 1
@@ -310,8 +316,9 @@ def tables(results: dict[int, dict], rounds: int, ablations: list[str]) -> str:
             out.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + f" | {_ms(vals)} |")
         out.append("")
     out += ["### Which round `run` ships (round guard)", "",
-            "The round guard stops before round i >= 2 when its self-labels agree with the seed-DPO judge on fewer "
-            "than guard.min_anchor_agreement of the pairs. Anchor agreement per round, and the round shipped:", "",
+            "The round guard stops before round i >= guard.from_round (3) when its self-labels agree with the "
+            "seed-DPO judge on fewer than guard.min_anchor_agreement (0.93) of the pairs. Anchor agreement per round "
+            "(measured from round 2 in every run), and the round shipped:", "",
             "| run | seed | anchor agreement, rounds 2..T | shipped round |", "|---|---:|---|---:|"]
     for name in ["spa", *ablations]:
         for s in seeds:
@@ -426,8 +433,8 @@ def main():
     results, rounds = {}, 3
     for seed in args.seeds:
         folders = train_all(seed, args.out, args, quiet, timings)
-        results[seed] = evaluate_seed(seed, folders, args, timings)
         rounds = json.loads((folders["spa"] / "config.json").read_text())["rounds"]
+        results[seed] = mark_shipped(evaluate_seed(seed, folders, args, timings), folders, rounds, args)
         log(f"seed {seed}: done ({time.perf_counter() - t_start:.0f} s so far)")
     total = time.perf_counter() - t_start
     from selfie_lite.tiny import calibration

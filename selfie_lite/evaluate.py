@@ -85,6 +85,37 @@ class Judge(Protocol):
     def close(self) -> None: ...
 
 
+class AnchorJudge:
+    """The seed-DPO judge as a scorer: r_0(x, y) = beta * (log pi_0(y|x) - log pi_init(y|x)) (docs/method.md (E2),
+    with pi_0 as the policy). Every run has it (pi_0 learnt from the human seed pairs only), so `run` can compare its
+    rounds without an external judge (guard.select = anchor). Responses are re-tokenised with the chat template;
+    pi_0 and pi_init are loaded one after the other, never together."""
+
+    name = "anchor"
+
+    def __init__(self, backend, anchor_dir: Path, init_dir: Path, beta: float, batch_size: int = 32):
+        self.backend, self.anchor_dir, self.init_dir = backend, Path(anchor_dir), Path(init_dir)
+        self.beta, self.batch_size = beta, batch_size
+
+    def check(self, prompts: list[str]) -> None:
+        pass
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        from selfie_lite.backends.hf import chat_prompt_ids, chat_response_ids
+
+        tok = self.backend.load_tokenizer(self.init_dir)
+        seqs = [(chat_prompt_ids(tok, p), chat_response_ids(tok, p, r)) for p, r in zip(prompts, responses, strict=True)]
+        logps = {}
+        for name, folder in (("anchor", self.anchor_dir), ("init", self.init_dir)):
+            model, _ = self.backend.load(folder)
+            logps[name] = self.backend.sequence_logps(model, seqs, batch_size=self.batch_size)
+            self.backend.free(model)
+        return implicit_rewards(logps["anchor"], logps["init"], self.beta)
+
+    def close(self) -> None:
+        pass
+
+
 class OracleJudge:
     """The tiny preset's programmatic oracle (tiny/task.py): exact, free, only for tiny-preset prompts."""
 

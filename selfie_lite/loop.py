@@ -318,7 +318,7 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console:
                     f"round {i}: every sampled pair was identical or empty, nothing to train on",
                     hint="raise sample.temperature or sample.num_samples, then --resume",
                 )
-        if i >= 2 and cfg.guard.select == "guard":
+        if i >= cfg.guard.from_round and cfg.guard.select == "guard":
             if not is_done(rd, "guard"):
                 mark_done(rd, "guard", guard_stage(cfg, rd, backend, load_samples(rd), pairs,
                                                    run_dir / "round-0" / "model", init_dir, progress))

@@ -79,8 +79,21 @@ def reversing_judge(tag, prompt_ids, response_ids):
     return {"init": 0.0, "round-0": s, "round-1": -s}.get(tag, s)
 
 
+def test_by_default_the_guard_lets_round_2_train(toy, tmp_path):
+    """guard.from_round = 3: even labels that reverse the seed-DPO judge's train in round 2 (every stop before round
+    2 we measured was a false alarm); round 3 is checked."""
+    cfg = config(toy, rounds=3)
+    out = tmp_path / "run"
+    summary, backend = run(cfg, toy, out, FakeBackend(cfg, logp=reversing_judge))
+    assert (out / "round-2" / "done" / "train.json").is_file() and not (out / "round-2" / "done" / "guard.json").exists()
+    g = json.loads((out / "round-3" / "done" / "guard.json").read_text())
+    assert g["anchor_agreement"] == 1.0 and not g["stop"] and summary["final_round"] == 3  # pi_2 ranks as pi_0
+    assert ("sequence_logps", "round-0") in backend.calls  # pi_0 scored once in round 2 (consistency), once in 3
+    assert backend.calls.count(("sequence_logps", "round-0")) == 2
+
+
 def test_the_guard_stops_ships_the_previous_round_and_resumes_to_the_same_verdict(toy, tmp_path):
-    cfg = config(toy)  # the default: guard on, threshold 0.93
+    cfg = config(toy, guard={"from_round": 2})  # threshold 0.93, checking round 2 already
     out = tmp_path / "run"
     summary, _ = run(cfg, toy, out, FakeBackend(cfg, logp=reversing_judge))
     guard = json.loads((out / "round-2" / "done" / "guard.json").read_text())
@@ -95,7 +108,8 @@ def test_the_guard_stops_ships_the_previous_round_and_resumes_to_the_same_verdic
     assert backend.calls == [] and not (out / "round-2" / "done" / "train.json").exists()
 
     # The verdict uses the current threshold: 0 lets the stopped run go on, from the measured agreement.
-    on, backend = run(config(toy, guard={"min_anchor_agreement": 0.0}), toy, out, FakeBackend(cfg, logp=reversing_judge))
+    on, backend = run(config(toy, guard={"min_anchor_agreement": 0.0, "from_round": 2}), toy, out,
+                      FakeBackend(cfg, logp=reversing_judge))
     assert on["final_round"] == 2 and (out / "round-2" / "done" / "train.json").is_file()
     assert not any(what == "generate" for what, _ in backend.calls)  # round 2's samples were reused
     assert all(w1[k].equal(v) for k, v in weights(out, 1).items())

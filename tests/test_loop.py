@@ -210,7 +210,8 @@ def test_guard_agreement_counts_the_sampled_tokens_of_each_pair():
 
 # The paper's loop plus the guard alone (method = selfie with every robust.* setting at its off value).
 GUARD_ONLY = ["--set", "method='selfie'", "--set", "guard.select='guard'", "--set", "robust.gold_replay=0.0",
-              "--set", "robust.train_reference='previous'", "--set", "robust.consistency='off'"]
+              "--set", "robust.train_reference='previous'", "--set", "robust.consistency='off'",
+              "--set", "guard.from_round=2"]
 
 
 def _continue_from_round_1(ref: Path, dst: Path) -> Path:
