@@ -569,6 +569,19 @@ def run_models(run_dir: Path, rounds: list[int] | None = None) -> dict[str, Path
     return found
 
 
+def gold_agreement(pairs: list[dict], gold) -> dict:
+    """docs/method.md (E11): how often the self-labels agree with the oracle, over all pairs (ties count half), and
+    over the pairs the oracle does not tie (the judge's accuracy where there is something to get right)."""
+    agree = tie = 0
+    for p in pairs:
+        c, r = gold(p["prompt"], p["chosen"]), gold(p["prompt"], p["rejected"])
+        agree += c > r
+        tie += c == r
+    n = max(1, len(pairs))
+    return {"gold_agreement": (agree + 0.5 * tie) / n, "gold_ties": tie / n,
+            "gold_agreement_untied": agree / (n - tie) if n > tie else None}
+
+
 def self_label_agreement(run_dir: Path, gold=None) -> dict[str, float]:
     """Per self-labelled round: the share of its judged pairs whose chosen response the gold scorer also prefers
     (ties count 1/2). Read from the judge stage's metrics; computed from judged.jsonl when they lack it."""
@@ -585,9 +598,7 @@ def self_label_agreement(run_dir: Path, gold=None) -> dict[str, float]:
         elif gold is not None and (d / "judged.jsonl").is_file():
             rows = read_jsonl(d / "judged.jsonl")
             if rows:
-                cs = [gold(r["prompt"], r["chosen"]) for r in rows]
-                rs = [gold(r["prompt"], r["rejected"]) for r in rows]
-                out[d.name] = pair_accuracy(cs, rs)
+                out[d.name] = gold_agreement(rows, gold)["gold_agreement"]
     return dict(sorted(out.items(), key=lambda kv: int(kv[0].split("-")[1])))
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from selfie_lite.config import RunConfig
+from selfie_lite.evaluate import implicit_rewards
 from selfie_lite.rundir import atomic_write_json, atomic_write_jsonl, maybe_kill, read_json
 
 
@@ -40,7 +41,7 @@ def judge_pairs(rows: list[dict], policy_logps: list[float], ref_logps: list[flo
     k = 0
     for r in rows:
         n = len(r["responses"])
-        rewards = [beta * (policy_logps[k + j] - ref_logps[k + j]) for j in range(n)]
+        rewards = implicit_rewards(policy_logps[k : k + n], ref_logps[k : k + n], beta)  # (E2)
         k += n
         key = _debiased(rewards, r, length_penalty) if length_penalty else rewards
         best = max(range(n), key=lambda j: (key[j], -j))
@@ -96,7 +97,7 @@ def fit_length_penalty(rows: list[dict], policy_logps: list[float], ref_logps: l
     rewards, k = [], 0
     for r in rows:
         n = len(r["responses"])
-        rewards.append([beta * (policy_logps[k + j] - ref_logps[k + j]) for j in range(n)])
+        rewards.append(implicit_rewards(policy_logps[k : k + n], ref_logps[k : k + n], beta))
         k += n
     breaks = set()
     for r, rw in zip(rows, rewards, strict=True):

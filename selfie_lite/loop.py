@@ -23,6 +23,7 @@ from rich.table import Table
 from selfie_lite.config import RunConfig
 from selfie_lite.data import load_split
 from selfie_lite.errors import UserError
+from selfie_lite.evaluate import gold_agreement
 from selfie_lite.guard import guard_stage, select_by_judge, stop_reason
 from selfie_lite.judge import judge_round
 from selfie_lite.merge import merge_round
@@ -267,19 +268,6 @@ def _robust_pairs(cfg: RunConfig, run_dir: Path, rd: Path, backend, init_dir: Pa
     return pairs
 
 
-def gold_agreement(pairs: list[dict], gold) -> dict:
-    """How often the self-labels agree with the oracle: over all pairs (ties count half), and over the pairs the
-    oracle does not tie (the judge's accuracy where there is something to get right); the tiny preset only."""
-    agree = tie = 0
-    for p in pairs:
-        c, r = gold(p["prompt"], p["chosen"]), gold(p["prompt"], p["rejected"])
-        agree += c > r
-        tie += c == r
-    n = max(1, len(pairs))
-    return {"gold_agreement": (agree + 0.5 * tie) / n, "gold_ties": tie / n,
-            "gold_agreement_untied": agree / (n - tie) if n > tie else None}
-
-
 def run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console: Console, progress=None,
                split=None) -> dict:
     threads = resolve_threads(cfg.threads, inputs.model_dir, getattr(backend, "device", "cpu"))
@@ -379,27 +367,26 @@ def round_table(i: int, m: dict) -> Table:
     t = Table(title=f"round {i}" + (" (seed DPO)" if i == 0 else ""), title_justify="left", show_header=True)
     for col in ("stage", "items", "seconds", "throughput", "details"):
         t.add_column(col)
-    s, j, tr, mg = m.get("sample", {}), m.get("judge", {}), m.get("train", {}), m.get("merge", {})
-    if s:
-        t.add_row("sample", f"{s['prompts']} prompts", _fmt(s.get("seconds"), ".1f"), f"{_fmt(s.get('tokens_per_s'), '.0f')} tok/s",
-                  f"mean length {s['mean_response_tokens']:.1f} tokens")
-    if j:
-        extra = f", gold agreement {j['gold_agreement']:.2f}" if "gold_agreement" in j else ""
-        signals = f", p(chosen) {_fmt(j.get('mean_p_chosen'), '.2f')}, distinct {_fmt(j.get('distinct_samples'), '.2f')}"
-        t.add_row("judge", f"{j['pairs']} pairs", _fmt(j.get("seconds"), ".1f"), f"{_fmt(j.get('sequences_per_s'), '.0f')} seq/s",
-                  f"dropped {j['dropped_identical']} identical or tied{signals}{extra}")
-    g = m.get("guard", {})
-    if g:
-        t.add_row("guard", f"{j.get('pairs', '-')} pairs", _fmt(g.get("seconds"), ".1f"), "",
-                  f"anchor agreement {g['anchor_agreement']:.2f} (stop below {g['threshold']:.2f})")
-    c = m.get("consistency", {})
-    if c:
-        t.add_row("consistency", f"{c['pairs']} pairs", _fmt(c.get("seconds"), ".1f"), "",
-                  f"judges agree {c['mean_consistency']:.2f} (CREAM, {c['mode']}), mean smoothing {c['mean_smoothing']:.3f}")
-    if tr:
-        t.add_row("train", f"{tr.get('pairs', '-')} pairs", _fmt(tr.get("seconds"), ".1f"), f"{_fmt(tr.get('pairs_per_s'), '.1f')} pairs/s",
-                  f"loss {_fmt(tr.get('loss_start'))} -> {_fmt(tr.get('loss_end'))}, margin {_fmt(tr.get('mean_margin'))}, "
-                  f"smoothed {_fmt(tr.get('frac_smoothed'), '.2f')}")
-    if mg:
-        t.add_row("merge", "1 model", _fmt(mg.get("seconds"), ".1f"), "", f"{mg['model_bytes'] / 1e6:.1f} MB")
+    sampled, judged, trained, merged = (m.get(k, {}) for k in ("sample", "judge", "train", "merge"))
+    guard, consistency = m.get("guard", {}), m.get("consistency", {})
+    if sampled:
+        t.add_row("sample", f"{sampled['prompts']} prompts", _fmt(sampled.get("seconds"), ".1f"), f"{_fmt(sampled.get('tokens_per_s'), '.0f')} tok/s",
+                  f"mean length {sampled['mean_response_tokens']:.1f} tokens")
+    if judged:
+        extra = f", gold agreement {judged['gold_agreement']:.2f}" if "gold_agreement" in judged else ""
+        signals = f", p(chosen) {_fmt(judged.get('mean_p_chosen'), '.2f')}, distinct {_fmt(judged.get('distinct_samples'), '.2f')}"
+        t.add_row("judge", f"{judged['pairs']} pairs", _fmt(judged.get("seconds"), ".1f"), f"{_fmt(judged.get('sequences_per_s'), '.0f')} seq/s",
+                  f"dropped {judged['dropped_identical']} identical or tied{signals}{extra}")
+    if guard:
+        t.add_row("guard", f"{judged.get('pairs', '-')} pairs", _fmt(guard.get("seconds"), ".1f"), "",
+                  f"anchor agreement {guard['anchor_agreement']:.2f} (stop below {guard['threshold']:.2f})")
+    if consistency:
+        t.add_row("consistency", f"{consistency['pairs']} pairs", _fmt(consistency.get("seconds"), ".1f"), "",
+                  f"judges agree {consistency['mean_consistency']:.2f} (CREAM, {consistency['mode']}), mean smoothing {consistency['mean_smoothing']:.3f}")
+    if trained:
+        t.add_row("train", f"{trained.get('pairs', '-')} pairs", _fmt(trained.get("seconds"), ".1f"), f"{_fmt(trained.get('pairs_per_s'), '.1f')} pairs/s",
+                  f"loss {_fmt(trained.get('loss_start'))} -> {_fmt(trained.get('loss_end'))}, margin {_fmt(trained.get('mean_margin'))}, "
+                  f"smoothed {_fmt(trained.get('frac_smoothed'), '.2f')}")
+    if merged:
+        t.add_row("merge", "1 model", _fmt(merged.get("seconds"), ".1f"), "", f"{merged['model_bytes'] / 1e6:.1f} MB")
     return t

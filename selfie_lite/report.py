@@ -80,19 +80,19 @@ def report_table(data: dict) -> Table:
         t.add_column(c, justify="left" if c == "round" else "right", no_wrap=True)
     for r in data["rounds"]:
         m = r["metrics"]
-        s, j, tr = m.get("sample", {}), m.get("judge", {}), m.get("train", {})
+        sampled, judged, trained = (m.get(k, {}) for k in ("sample", "judge", "train"))
         t.add_row(
             f"{r['round']} seed" if r["round"] == 0 else str(r["round"]),
-            _f(tr.get("pairs", j.get("pairs")), "d") if (tr or j) else "-",
-            _f(j.get("gold_agreement")),
+            _f(trained.get("pairs", judged.get("pairs")), "d") if (trained or judged) else "-",
+            _f(judged.get("gold_agreement")),
             _f(m.get("guard", {}).get("anchor_agreement")),
-            _f(j.get("mean_p_chosen")),
-            _f(j.get("distinct_samples"), ".2f"),
-            _f(tr.get("frac_smoothed"), ".2f") if r["round"] > 0 else "-",
-            f"{_f(tr.get('loss_start'))}→{_f(tr.get('loss_end'))}" if tr else "-",
-            _f(tr.get("mean_margin")),
-            _f(tr.get("reward_accuracy"), ".2f"),
-            _f(s.get("mean_response_tokens"), ".1f"),
+            _f(judged.get("mean_p_chosen")),
+            _f(judged.get("distinct_samples"), ".2f"),
+            _f(trained.get("frac_smoothed"), ".2f") if r["round"] > 0 else "-",
+            f"{_f(trained.get('loss_start'))}→{_f(trained.get('loss_end'))}" if trained else "-",
+            _f(trained.get("mean_margin")),
+            _f(trained.get("reward_accuracy"), ".2f"),
+            _f(sampled.get("mean_response_tokens"), ".1f"),
         )
     return t
 
