@@ -75,13 +75,15 @@ def main() -> None:
             print(f"{run.name:16s} seed {seed}: oracle " + " ".join(f"{o[i]:.3f}" for i in o) + " | r_0 "
                   + " ".join(f"{a[i]:+.3f}" for i in a) + f" | best {best}, r_0 picks {by_anchor}, guard {guard}",
                   flush=True)
-    print(f"\n| run | seed | oracle score, rounds 0..T | r_0, rounds 0..T | best | r_0 picks (loss) | guard picks (loss) |")
+    print("\n| run | seed | oracle score, rounds 0..T | r_0, rounds 0..T | best | r_0 picks (loss) | guard picks (loss) |")
     print("|---|---:|---|---|---:|---:|---:|")
     for name, seed, o, a, best, pa, pg in rows:
         print(f"| {name} | {seed} | " + ", ".join(f"{o[i]:.3f}" for i in o) + " | "
               + ", ".join(f"{a[i]:+.2f}" for i in a) + f" | {best} | {pa} ({o[best] - o[pa]:.3f}) | "
               f"{pg} ({o[best] - o[pg]:.3f}) |")
-    within = lambda k: sum(o[b] - o[x] <= 0.01 for _, _, o, _, b, pa, pg in rows for x in [pa if k == 'a' else pg])
+    def within(k):
+        return sum(o[b] - o[x] <= 0.01 for _, _, o, _, b, pa, pg in rows for x in [pa if k == "a" else pg])
+
     print(f"\nwithin 0.01 of the best round: r_0 {within('a')}/{len(rows)}, guard {within('g')}/{len(rows)}")
 
 

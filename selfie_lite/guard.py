@@ -26,7 +26,8 @@ from pathlib import Path
 from selfie_lite.config import RunConfig
 from selfie_lite.evaluate import implicit_rewards, pair_accuracy
 from selfie_lite.judge import cached_scores, flat_sequences, score_with
-from selfie_lite.rundir import read_json
+from selfie_lite.rundir import read_json, read_jsonl
+from selfie_lite.stage import Round
 
 
 def pair_indices(rows: list[dict], pairs: list[dict]) -> list[tuple[int, int]]:
@@ -50,8 +51,28 @@ def agreement(rewards: list[float], idx: list[tuple[int, int]]) -> float:
     return pair_accuracy([rewards[c] for c, _ in idx], [rewards[r] for _, r in idx])
 
 
-def guard_stage(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], pairs: list[dict], anchor_dir: Path,
-                init_dir: Path, progress=None) -> dict:
+def guard_stage(r: Round) -> dict:
+    """The round guard's measurement (docs/method.md (E10)), before round i >= guard.from_round trains: anchor
+    agreement of the round's self-labels (judged.jsonl) with the seed-DPO judge pi_0. The verdict is `verdict`."""
+    from selfie_lite.sample import load_samples
+
+    return anchor_agreement(r.cfg, r.dir, r.backend, load_samples(r.dir), read_jsonl(r.dir / "judged.jsonl"),
+                            r.model(0), r.init_dir, r.progress)
+
+
+def verdict(r: Round) -> str | None:
+    """Why the loop stops before training round i (one line), or None. The measured agreement is on disk, so a
+    resume stops at the same place; the threshold is the current one, so `--resume --force --set
+    guard.min_anchor_agreement=X` can let a stopped run go on."""
+    from selfie_lite.rundir import marker
+
+    m = read_json(marker(r.dir, "guard"))
+    m |= {"threshold": r.cfg.guard.min_anchor_agreement, "stop": m["anchor_agreement"] < r.cfg.guard.min_anchor_agreement}
+    return stop_reason(r.index, m) if m["stop"] else None
+
+
+def anchor_agreement(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], pairs: list[dict], anchor_dir: Path,
+                     init_dir: Path, progress=None) -> dict:
     """Anchor agreement of round i's self-labels, and whether the loop stops before training the round."""
     t0 = time.perf_counter()
     sequences = flat_sequences(rows)

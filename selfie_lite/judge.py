@@ -22,6 +22,7 @@ from pathlib import Path
 from selfie_lite.config import RunConfig
 from selfie_lite.evaluate import implicit_rewards
 from selfie_lite.rundir import atomic_write_json, atomic_write_jsonl, maybe_kill, read_json
+from selfie_lite.stage import NULL_PROGRESS, Round
 
 
 def flat_sequences(rows: list[dict]) -> list[tuple[list[int], list[int]]]:
@@ -135,16 +136,18 @@ def fit_length_penalty(rows: list[dict], policy_logps: list[float], ref_logps: l
 
 
 def score_with(backend, model_dir: Path, sequences, batch_size: int, progress, label: str) -> tuple[list[float], float]:
-    task = progress.start(label, total=len(sequences), unit="seqs") if progress else None
+    """log pi(y|x) (docs/method.md (E1)) of every (prompt_ids, response_ids) under the model in model_dir, loaded
+    alone and freed afterwards; returns (log-probs, seconds of scoring)."""
+    progress = progress or NULL_PROGRESS
+    task = progress.start(label, total=len(sequences), unit="seqs")
     model, _ = backend.load(model_dir)
     t0 = time.perf_counter()
     logps = backend.sequence_logps(
-        model, sequences, batch_size=batch_size, on_batch=(lambda n: progress.advance(task, n)) if progress else None
+        model, sequences, batch_size=batch_size, on_batch=lambda n: progress.advance(task, n)
     )
     seconds = time.perf_counter() - t0
     backend.free(model)
-    if progress:
-        progress.finish(task)
+    progress.finish(task)
     return logps, seconds
 
 
@@ -160,8 +163,27 @@ def cached_scores(backend, model_dir: Path, rows: list[dict], round_dir: Path, n
     return logps
 
 
+def judge_stage(r: Round) -> dict:
+    """Stage 2 of round i: judge the round's samples with pi_{i-1} against the judge's reference (pi_init, or
+    pi_{i-2} with judge.reference = "previous"), write judged.jsonl; on the tiny preset also their gold agreement."""
+    from selfie_lite.evaluate import gold_agreement
+    from selfie_lite.sample import load_samples
+
+    previous = r.cfg.judge.reference == "previous" and r.index >= 2
+    reference = r.model(r.index - 2) if previous else r.init_dir
+    pairs, metrics = judge_round(r.cfg, r.dir, r.backend, load_samples(r.dir), r.prev_dir, reference, r.progress)
+    if not pairs:  # not marked done: a resume with other sampling settings can sample again
+        from selfie_lite.errors import RunError
+
+        raise RunError(f"round {r.index}: every sampled pair was identical or empty, nothing to train on",
+                       hint="raise sample.temperature or sample.num_samples, then --resume")
+    if r.gold:
+        metrics.update(gold_agreement(pairs, r.gold))
+    return metrics
+
+
 def judge_round(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], policy_dir: Path, reference_dir: Path,
-                progress=None) -> tuple[list[dict], dict]:
+                progress=NULL_PROGRESS) -> tuple[list[dict], dict]:
     sequences = flat_sequences(rows)
     seconds = {}
     cached = {}

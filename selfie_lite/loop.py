@@ -1,16 +1,17 @@
 """The SPA rounds, top to bottom (docs/method.md, "The loop"; arXiv 2406.04412).
 
-    round 0:      train (DPO on the seed pairs, reference = pi_init) -> merge            => pi_0
-    round i>=1:   sample (pi_{i-1}) -> judge (pi_{i-1} vs pi_init) -> train (LoRA DPO from pi_{i-1}, reference
-                  pi_{i-1}, per-pair smoothing of low-confidence pairs) -> merge          => pi_i
+    round 0:      train (DPO on the seed pairs, reference = pi_init) -> merge                        => pi_0
+    round i>=1:   sample (pi_{i-1}) -> judge (pi_{i-1} vs pi_init) [-> guard] [-> consistency] [-> reference]
+                  -> train (LoRA DPO from pi_{i-1}) -> merge                                         => pi_i
 
-Each stage runs only if its done-marker is missing, writes its outputs atomically, then marks itself done, so a run
-killed anywhere resumes with `--resume` at the first unfinished stage and reaches the same result.
+Every stage has one shape (stage.py: `stage(Round) -> metrics`) and lives in its own module; this file only orders
+them (round_stages), skips finished ones, stops where the round guard says so, and names the model that ships. Each
+stage writes its outputs atomically, then the loop marks it done, so a run killed anywhere resumes with `--resume` at
+the first unfinished stage and reaches the same result.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,26 +24,23 @@ from rich.table import Table
 from selfie_lite.config import RunConfig
 from selfie_lite.data import load_split
 from selfie_lite.errors import UserError
-from selfie_lite.evaluate import gold_agreement
-from selfie_lite.guard import guard_stage, select_by_judge, stop_reason
-from selfie_lite.judge import judge_round
-from selfie_lite.merge import merge_round
+from selfie_lite.guard import guard_stage, select_by_judge, verdict
+from selfie_lite.judge import judge_stage
+from selfie_lite.merge import merge_stage
 from selfie_lite.numerics import resolve_threads, torch_threads
+from selfie_lite.robust import consistency_stage, reference_stage
 from selfie_lite.rundir import (
     atomic_write_json,
     atomic_write_jsonl,
     config_rev,
-    fresh_tmp_dir,
     is_done,
     mark_done,
-    marker,
-    maybe_kill,
     read_json,
-    read_jsonl,
-    replace_dir,
     stage_metrics,
 )
-from selfie_lite.sample import load_samples, sample_round
+from selfie_lite.sample import sample_stage
+from selfie_lite.stage import NULL_PROGRESS, Round
+from selfie_lite.train import train_stage
 
 
 @dataclass
@@ -196,78 +194,6 @@ def check_resume_sft(run_dir: Path, model_dir=None) -> None:
         )
 
 
-def train_stage(cfg: RunConfig, round_dir: Path, backend, base_dir: Path, pairs: list[dict], round_idx: int,
-                progress=None) -> dict:
-    """LoRA DPO from base_dir with the adapter-disabled base as reference (or, with robust.train_reference =
-    "sft" in rounds >= 1, pi_init's precomputed log-probs from round-<i>/train_reference_logps.json); at the
-    round's learning rate (robust.lr_decay); writes adapter/ and pairs.jsonl."""
-    import dataclasses
-
-    from selfie_lite.robust import read_reference_table, round_learning_rate
-    from selfie_lite.train import train_dpo
-
-    model, tok = backend.load(base_dir, trainable=True)
-    model = backend.add_lora(model, cfg.lora, seed=cfg.random_seed + round_idx)
-    seed_round = round_idx == 0
-    task = progress.start("train (seed DPO)" if seed_round else "train (SPA DPO)", total=1, unit="steps") if progress else None
-
-    def on_step(step, total, logs):
-        if progress:
-            progress.set_total(task, total)
-            progress.advance(task, 1)
-        maybe_kill("train", step)
-
-    lr = round_learning_rate(cfg.train.learning_rate, cfg.robust.lr_decay, round_idx)
-    train = cfg.train if lr == cfg.train.learning_rate else dataclasses.replace(cfg.train, learning_rate=lr)
-    sft_ref = not seed_round and cfg.robust.train_reference == "sft"
-    result = train_dpo(
-        model, tok, [{k: p[k] for k in ("pair_id", "prompt", "chosen", "rejected", "gold", "smoothing")
-                         if k in p} for p in pairs],
-        beta=cfg.beta, train=train,
-        refine=None if seed_round else cfg.refine,
-        lam=0.0 if seed_round else cfg.refine.lambdas[round_idx - 1],
-        epochs=cfg.train.seed_epochs if seed_round else cfg.train.round_epochs,
-        out_dir=round_dir / "trainer", seed=cfg.random_seed + round_idx, on_step=on_step,
-        ref_logps=read_reference_table(round_dir) if sft_ref else None,
-    )
-    if progress:
-        progress.finish(task)
-    with contextlib.suppress(OSError):
-        (round_dir / "trainer").rmdir()  # the Trainer's output_dir: empty, since nothing is saved through it
-    tmp = fresh_tmp_dir(round_dir / "adapter")
-    backend.save_adapter(model, tmp)
-    replace_dir(tmp, round_dir / "adapter")
-    backend.free(model)
-    rows = [dict(p, **result.pair_stats.get(p["pair_id"], {})) for p in pairs]
-    atomic_write_jsonl(round_dir / "pairs.jsonl", rows)
-    return result.metrics
-
-
-def _robust_pairs(cfg: RunConfig, run_dir: Path, rd: Path, backend, init_dir: Path, pairs: list[dict], i: int,
-                  progress) -> list[dict]:
-    """Round i's training set with the robust counter-measures that act before training: per-pair smoothing from
-    the consistency of two judges (robust.consistency, rounds >= 2, a stage of its own), replayed seed pairs
-    (robust.gold_replay, drawn the same on every resume) and, for robust.train_reference = "sft", the pi_init
-    reference pass (a stage of its own, skipped once done). All off: `pairs` unchanged, the paper."""
-    from selfie_lite.robust import consistency_stage, gold_replay, read_consistency, reference_stage
-
-    if cfg.robust.consistency != "off" and i >= 2:
-        if not is_done(rd, "train") and not is_done(rd, "consistency"):
-            previous_judge = run_dir / f"round-{i - 2}" / "model"  # pi_{i-2}: round i-1's judge policy
-            mark_done(rd, "consistency", consistency_stage(
-                cfg, rd, backend, load_samples(rd), pairs, previous_judge, read_json(rd / "reference_logps.json"),
-                progress))
-        if is_done(rd, "consistency"):
-            smoothing = read_consistency(rd)
-            pairs = [dict(p, smoothing=smoothing[int(p["pair_id"])]) for p in pairs]
-    if cfg.robust.gold_replay > 0:
-        seed = read_jsonl(run_dir / "data" / "seed.jsonl")
-        pairs = gold_replay(pairs, seed, cfg.robust.gold_replay, cfg.random_seed, i)
-    if cfg.robust.train_reference == "sft" and not is_done(rd, "train") and not is_done(rd, "reference"):
-        mark_done(rd, "reference", reference_stage(cfg, rd, backend, init_dir, pairs, progress))
-    return pairs
-
-
 def run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console: Console, progress=None,
                split=None) -> dict:
     threads = resolve_threads(cfg.threads, inputs.model_dir, getattr(backend, "device", "cpu"))
@@ -275,61 +201,46 @@ def run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console: 
         return _run_rounds(cfg, run_dir, backend, inputs, console, progress, split, n_threads)
 
 
+def round_stages(cfg: RunConfig, i: int) -> list[tuple[str, Callable[[Round], dict]]]:
+    """Round i's stages, in order (docs/method.md, "The loop"). Each takes the Round and returns its metrics."""
+    if i == 0:
+        return [("train", train_stage), ("merge", merge_stage)]  # the seed DPO
+    stages = [("sample", sample_stage), ("judge", judge_stage)]
+    if cfg.guard.select == "guard" and i >= cfg.guard.from_round:
+        stages.append(("guard", guard_stage))
+    if cfg.robust.consistency != "off" and i >= 2:
+        stages.append(("consistency", consistency_stage))
+    if cfg.robust.train_reference == "sft":
+        stages.append(("reference", reference_stage))
+    return stages + [("train", train_stage), ("merge", merge_stage)]
+
+
 def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console: Console, progress, split,
                 n_threads: int) -> dict:
     t_start = time.perf_counter()
     split = prepare_data(cfg, run_dir, inputs, split)
-    init_dir = Path(inputs.model_dir)
-    prev = init_dir
     history = []
     stopped = None
     for i in range(cfg.rounds + 1):
-        rd = run_dir / f"round-{i}"
-        rd.mkdir(parents=True, exist_ok=True)
-        if i == 0:
-            pairs = read_jsonl(run_dir / "data" / "seed.jsonl")
-        else:
-            if not is_done(rd, "sample"):
-                prompts = [r["prompt"] for r in read_jsonl(run_dir / "data" / f"pool-{i}.jsonl")]
-                mark_done(rd, "sample", sample_round(cfg, rd, backend, prev, prompts, i, progress))
-            if not is_done(rd, "judge"):
-                ref = init_dir if cfg.judge.reference == "init" or i == 1 else run_dir / f"round-{i - 2}" / "model"
-                pairs, m = judge_round(cfg, rd, backend, load_samples(rd), prev, ref, progress)
-                if inputs.gold:
-                    m.update(gold_agreement(pairs, inputs.gold))
-                mark_done(rd, "judge", m)
-            pairs = read_jsonl(rd / "judged.jsonl")
-            if not pairs:
-                from selfie_lite.errors import RunError
-
-                raise RunError(
-                    f"round {i}: every sampled pair was identical or empty, nothing to train on",
-                    hint="raise sample.temperature or sample.num_samples, then --resume",
-                )
-        if i >= cfg.guard.from_round and cfg.guard.select == "guard":
-            if not is_done(rd, "guard"):
-                mark_done(rd, "guard", guard_stage(cfg, rd, backend, load_samples(rd), pairs,
-                                                   run_dir / "round-0" / "model", init_dir, progress))
-            # The measured agreement is on disk, so a resume stops at the same place; the verdict uses the current
-            # threshold, so `--resume --force --set guard.min_anchor_agreement=X` can let a stopped run go on.
-            g = read_json(marker(rd, "guard"))
-            g |= {"threshold": cfg.guard.min_anchor_agreement,
-                  "stop": g["anchor_agreement"] < cfg.guard.min_anchor_agreement}
-            if g["stop"]:
-                stopped = stop_reason(i, g)
-                console.print(f"[yellow]guard:[/yellow] {escape(stopped)}")
-                break
-        if i >= 1:
-            pairs = _robust_pairs(cfg, run_dir, rd, backend, init_dir, pairs, i, progress)
-        if not is_done(rd, "train"):
-            mark_done(rd, "train", train_stage(cfg, rd, backend, prev, pairs, i, progress))
-        if not is_done(rd, "merge"):
-            mark_done(rd, "merge", merge_round(backend, prev, rd / "adapter", rd / "model"))
-        metrics = stage_metrics(rd)
-        atomic_write_json(rd / "metrics.json", metrics)
+        r = Round(cfg, run_dir, i, backend, Path(inputs.model_dir), inputs.gold, progress or NULL_PROGRESS)
+        r.dir.mkdir(parents=True, exist_ok=True)
+        stages = round_stages(cfg, i)
+        for k, (name, stage) in enumerate(stages):
+            # A stage runs when it has not finished and no stage after it has (a resumed round picks up where it
+            # stopped; a stage added by a --force change of settings does not re-open a round already trained).
+            if not is_done(r.dir, name) and not any(is_done(r.dir, later) for later, _ in stages[k + 1 :]):
+                mark_done(r.dir, name, stage(r))
+            if name == "guard" and is_done(r.dir, "guard"):
+                stopped = verdict(r)
+                if stopped:
+                    break
+        if stopped:
+            console.print(f"[yellow]guard:[/yellow] {escape(stopped)}")
+            break
+        metrics = stage_metrics(r.dir)
+        atomic_write_json(r.dir / "metrics.json", metrics)
         history.append({"round": i, **metrics})
         console.print(round_table(i, metrics))
-        prev = rd / "model"
     last = len(history) - 1
     final, why = last, "the last round (guard.select = last: the paper's loop)"
     if stopped:
@@ -338,7 +249,7 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console:
         why = "the last round: every round's self-labels passed the guard"
     selection = None
     if cfg.guard.select not in ("last", "guard"):
-        selection = select_by_judge(cfg, run_dir, backend, init_dir, last, progress)
+        selection = select_by_judge(cfg, run_dir, backend, Path(inputs.model_dir), last, progress)
         final = selection["round"]
         why = (f"round {final} scored best under {cfg.guard.select} on {selection['prompts']} held-out prompts ("
                + ", ".join(f"round {k}: {v:.3f}" for k, v in selection["scores"].items()) + ")")

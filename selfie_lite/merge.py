@@ -12,6 +12,12 @@ import time
 from pathlib import Path
 
 from selfie_lite.rundir import check_free_space, folder_bytes, fresh_tmp_dir, maybe_kill, replace_dir
+from selfie_lite.stage import Round
+
+
+def merge_stage(r: Round) -> dict:
+    """Stage 4 of round i: round-<i>/adapter merged into pi_{i-1}'s weights, saved as round-<i>/model (pi_i)."""
+    return merge_round(r.backend, r.prev_dir, r.dir / "adapter", r.dir / "model")
 
 
 def merge_round(backend, base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:

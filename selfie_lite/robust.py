@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 
 from selfie_lite.config import RunConfig
+from selfie_lite.stage import Round
 
 TABLE = "train_reference_logps.json"  # in round-<i>/: pi_init's log-probs of every training pair
 
@@ -51,7 +52,31 @@ def round_learning_rate(learning_rate: float, lr_decay: float, round_idx: int) -
     return learning_rate * lr_decay ** (round_idx - 1)
 
 
-def reference_stage(cfg: RunConfig, round_dir: Path, backend, init_dir: Path, pairs: list[dict],
+def training_pairs(r: Round) -> list[dict]:
+    """Round i's training set, a pure function of the run folder: the round's self-labelled pairs (judged.jsonl),
+    each with its consistency smoothing where that stage ran (robust.consistency, rounds >= 2), plus the replayed
+    human seed pairs (robust.gold_replay, drawn the same on every resume). Round 0: the seed pairs. Every
+    counter-measure off: judged.jsonl as it is, the paper's set."""
+    from selfie_lite.rundir import is_done, read_jsonl
+
+    if r.index == 0:
+        return read_jsonl(r.run_dir / "data" / "seed.jsonl")
+    pairs = read_jsonl(r.dir / "judged.jsonl")  # never empty: the judge stage stops the run first
+    if is_done(r.dir, "consistency"):
+        smoothing = read_consistency(r.dir)
+        pairs = [dict(p, smoothing=smoothing[int(p["pair_id"])]) for p in pairs]
+    if r.cfg.robust.gold_replay > 0:
+        pairs = gold_replay(pairs, read_jsonl(r.run_dir / "data" / "seed.jsonl"), r.cfg.robust.gold_replay,
+                            r.cfg.random_seed, r.index)
+    return pairs
+
+
+def reference_stage(r: Round) -> dict:
+    """robust.train_reference = "sft", rounds >= 1, before training: pi_init's log-probs of the training set."""
+    return reference_logps(r.cfg, r.dir, r.backend, r.init_dir, training_pairs(r), r.progress)
+
+
+def reference_logps(cfg: RunConfig, round_dir: Path, backend, init_dir: Path, pairs: list[dict],
                     progress=None) -> dict:
     """robust.train_reference = "sft": score every training pair (chosen and rejected) with pi_init, loaded alone
     and freed afterwards, on exactly the tokens the trainer will score (train.training_sequences).
@@ -140,8 +165,17 @@ def consistency_smoothing(pairs: list[dict], previous_rewards: dict[int, list[fl
     }
 
 
-def consistency_stage(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], pairs: list[dict],
-                      previous_judge: Path, reference: list[float], progress=None) -> dict:
+def consistency_stage(r: Round) -> dict:
+    """robust.consistency, rounds >= 2, before training: CREAM's per-pair smoothing (docs/method.md (E9))."""
+    from selfie_lite.rundir import read_json, read_jsonl
+    from selfie_lite.sample import load_samples
+
+    return consistency_weights(r.cfg, r.dir, r.backend, load_samples(r.dir), read_jsonl(r.dir / "judged.jsonl"),
+                               r.model(r.index - 2), read_json(r.dir / "reference_logps.json"), r.progress)
+
+
+def consistency_weights(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], pairs: list[dict],
+                        previous_judge: Path, reference: list[float], progress=None) -> dict:
     """robust.consistency in round i >= 2: score this round's samples with the previous round's judge policy
     pi_{i-2} (one model in memory, freed afterwards; rows as sampled, so the exact tokens are scored), take its
     rewards against `reference` (the same reference log-probs this round's judge used), and write

@@ -12,21 +12,28 @@ from pathlib import Path
 
 from selfie_lite.config import RunConfig
 from selfie_lite.rundir import atomic_write_jsonl, maybe_kill, read_jsonl
+from selfie_lite.stage import NULL_PROGRESS, Round
 
 
 def chunk_seed(random_seed: int, round_idx: int, chunk: int) -> int:
     return (random_seed * 1_000_003 + round_idx * 10_007 + chunk) % (2**31 - 1)
 
 
+def sample_stage(r: Round) -> dict:
+    """Stage 1 of round i: K responses per prompt of data/pool-<i>.jsonl, sampled from pi_{i-1}."""
+    prompts = [row["prompt"] for row in read_jsonl(r.run_dir / "data" / f"pool-{r.index}.jsonl")]
+    return sample_round(r.cfg, r.dir, r.backend, r.prev_dir, prompts, r.index, r.progress)
+
+
 def sample_round(cfg: RunConfig, round_dir: Path, backend, model_dir: Path, prompts: list[str], round_idx: int,
-                 progress=None) -> dict:
+                 progress=NULL_PROGRESS) -> dict:
     folder = round_dir / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     size = cfg.sample.chunk_size
     chunks = [(c, prompts[s : s + size]) for c, s in enumerate(range(0, len(prompts), size))]
     todo = [(c, ps) for c, ps in chunks if not (folder / f"chunk-{c:05d}.jsonl").is_file()]
     n_done_prompts = sum(len(ps) for c, ps in chunks) - sum(len(ps) for _, ps in todo)
-    task = progress.start("sample", total=len(prompts), done=n_done_prompts, unit="prompts") if progress else None
+    task = progress.start("sample", total=len(prompts), done=n_done_prompts, unit="prompts")
     tokens, seconds = 0, 0.0
     if todo:
         from selfie_lite.sampler_vllm import get_sampler
@@ -39,8 +46,7 @@ def sample_round(cfg: RunConfig, round_dir: Path, backend, model_dir: Path, prom
 
             def on_batch(n, n_tokens, counted=counted):
                 counted.append(n_tokens)
-                if progress:
-                    progress.advance(task, n, tokens=n_tokens)
+                progress.advance(task, n, tokens=n_tokens)
 
             rows = sampler.generate(
                 model, tok, ps, num_samples=cfg.sample.num_samples, temperature=cfg.sample.temperature,
@@ -55,8 +61,7 @@ def sample_round(cfg: RunConfig, round_dir: Path, backend, model_dir: Path, prom
             n_done_prompts += len(ps)
             maybe_kill("sample", n_done_prompts)
         sampler.free(model)
-    if progress:
-        progress.finish(task)
+    progress.finish(task)
     rows = load_samples(round_dir)
     lengths = [len(ids) for r in rows for ids in r["response_ids"]]
     return {

@@ -41,6 +41,7 @@ from selfie_lite.config import RefineConfig, TrainConfig
 from selfie_lite.errors import RunError, UserError
 from selfie_lite.loss import dpo_losses
 from selfie_lite.refine import LowConfidencePicker, alpha_at, extrapolated_margin, sequence_logps
+from selfie_lite.stage import Round
 
 
 @dataclass
@@ -472,3 +473,55 @@ def train_dpo(
         "train_reference": "given" if ref_logps is not None else "adapter-off",
     }
     return TrainResult(metrics=metrics, pair_stats=dict(stats))
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def train_stage(r: Round) -> dict:
+    """Stage 3 of round i (the only stage of round 0): a fresh LoRA adapter on pi_{i-1}, trained with DPO (E4, E5) on
+    the round's training set (robust.training_pairs: the seed pairs in round 0, else the self-labelled pairs plus the
+    counter-measures'), at the round's learning rate (robust.lr_decay). Reference: the adapter-disabled model, or
+    with robust.train_reference = "sft" in rounds >= 1 pi_init's log-probs from round-<i>/train_reference_logps.json.
+    Writes round-<i>/adapter/ and round-<i>/pairs.jsonl (each training pair with its final-epoch statistics)."""
+    import dataclasses
+
+    from selfie_lite.robust import read_reference_table, round_learning_rate, training_pairs
+    from selfie_lite.rundir import atomic_write_jsonl, fresh_tmp_dir, maybe_kill, replace_dir
+
+    cfg, backend, progress, i = r.cfg, r.backend, r.progress, r.index
+    pairs = training_pairs(r)
+    model, tok = backend.load(r.prev_dir, trainable=True)
+    model = backend.add_lora(model, cfg.lora, seed=cfg.random_seed + i)
+    seed_round = i == 0
+    task = progress.start("train (seed DPO)" if seed_round else "train (SPA DPO)", total=1, unit="steps")
+
+    def on_step(step, total, logs):
+        progress.set_total(task, total)
+        progress.advance(task, 1)
+        maybe_kill("train", step)
+
+    lr = round_learning_rate(cfg.train.learning_rate, cfg.robust.lr_decay, i)
+    train = cfg.train if lr == cfg.train.learning_rate else dataclasses.replace(cfg.train, learning_rate=lr)
+    sft_ref = not seed_round and cfg.robust.train_reference == "sft"
+    result = train_dpo(
+        model, tok, [{k: p[k] for k in ("pair_id", "prompt", "chosen", "rejected", "gold", "smoothing")
+                      if k in p} for p in pairs],
+        beta=cfg.beta, train=train,
+        refine=None if seed_round else cfg.refine,
+        lam=0.0 if seed_round else cfg.refine.lambdas[i - 1],
+        epochs=cfg.train.seed_epochs if seed_round else cfg.train.round_epochs,
+        out_dir=r.dir / "trainer", seed=cfg.random_seed + i, on_step=on_step,
+        ref_logps=read_reference_table(r.dir) if sft_ref else None,
+    )
+    progress.finish(task)
+    with contextlib.suppress(OSError):
+        (r.dir / "trainer").rmdir()  # the Trainer's output_dir: empty, since nothing is saved through it
+    tmp = fresh_tmp_dir(r.dir / "adapter")
+    backend.save_adapter(model, tmp)
+    replace_dir(tmp, r.dir / "adapter")
+    backend.free(model)
+    rows = [dict(p, **result.pair_stats.get(p["pair_id"], {})) for p in pairs]
+    atomic_write_jsonl(r.dir / "pairs.jsonl", rows)
+    return result.metrics

@@ -358,13 +358,20 @@ def test_given_pair_smoothing_replaces_the_low_confidence_pick(tmp_path):
     assert trainer.smoothed_after_warmup == 4 and trainer.seen_after_warmup == 8  # no warm-up for given values
 
 
-def test_consistency_off_leaves_the_pairs_as_the_paper(tmp_path):
+def test_every_counter_measure_off_trains_on_the_judged_pairs_as_they_are(tmp_path):
     from selfie_lite.config import load_config
-    from selfie_lite.loop import _robust_pairs
+    from selfie_lite.robust import training_pairs
+    from selfie_lite.rundir import atomic_write_jsonl
+    from selfie_lite.stage import Round
 
     cfg = load_config(None, None, [{"method": "paper"}])
     pairs = _self_pairs(5)
-    assert _robust_pairs(cfg, tmp_path, tmp_path, None, tmp_path, pairs, 2, None) is pairs
+    atomic_write_jsonl(tmp_path / "round-2" / "judged.jsonl", pairs)
+    atomic_write_jsonl(tmp_path / "data" / "seed.jsonl", _seed_pairs(4))
+    assert training_pairs(Round(cfg, tmp_path, 2, None, tmp_path)) == pairs  # the paper's set, bitwise
+    on = load_config(None, None, [])  # the default: gold replay 0.5 adds as many human pairs (here: all 4)
+    assert training_pairs(Round(on, tmp_path, 2, None, tmp_path)) == gold_replay(pairs, _seed_pairs(4), 0.5,
+                                                                                 on.random_seed, 2)
 
 
 # ---------------------------------------------------------------------------------------------
