@@ -88,7 +88,7 @@ def main():
     from selfie_lite.backends.hf import HFBackend
     from selfie_lite.config import from_dict
     from selfie_lite.evaluate import pair_sequences
-    from selfie_lite.loop import sft_model_of
+    from selfie_lite.inputs import sft_model_of
     from selfie_lite.rundir import read_json, read_jsonl
 
     res = read_json(args.out / f"results-{args.split}.json")["results"]

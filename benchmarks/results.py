@@ -116,7 +116,8 @@ def run(cfg, run_dir: Path, quiet: Console):
     """Continue (or start) a run in run_dir with cfg, as `selfie-lite run --resume DIR --force` would."""
     from selfie_lite.backends import get_backend
     from selfie_lite.config import to_dict
-    from selfie_lite.loop import resolve_inputs, run_rounds
+    from selfie_lite.inputs import resolve_inputs
+    from selfie_lite.loop import run_rounds
     from selfie_lite.rundir import atomic_write_json
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -192,7 +193,7 @@ def evaluate_seed(seed: int, folders: dict[str, Path], args, timings: dict) -> d
     from selfie_lite.backends import get_backend
     from selfie_lite.config import from_dict
     from selfie_lite.evaluate import EvalSettings, OracleJudge, evaluate_models, load_pairs, self_label_agreement
-    from selfie_lite.loop import sft_model_of
+    from selfie_lite.inputs import sft_model_of
     from selfie_lite.rundir import read_jsonl
     from selfie_lite.tiny.build import build_tiny
     from selfie_lite.tiny.task import score

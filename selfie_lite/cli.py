@@ -148,7 +148,8 @@ def run(
         if (run_dir / "config.json").is_file():
             raise UserError(f"{run_dir} already holds a run", hint=f"continue it with --resume {run_dir}, or pick another --out")
     from selfie_lite.backends import get_backend
-    from selfie_lite.loop import check_resume_sft, preflight, resolve_inputs, run_rounds
+    from selfie_lite.inputs import check_resume_sft, preflight, resolve_inputs
+    from selfie_lite.loop import run_rounds
     from selfie_lite.progress import Reporter
 
     if not cfg.model:

@@ -165,7 +165,7 @@ def eval_cmd(
         cfg = load_config("tiny") if baseline is None else from_dict({})
     sft = Path(cfg.model) if (run_dir is not None and cfg.model) else (tiny.model_dir if tiny else None)
     if run_dir is not None:
-        from selfie_lite.loop import sft_model_of
+        from selfie_lite.inputs import sft_model_of
 
         started_from = sft_model_of(run_dir)
         if started_from is not None and Path(started_from).exists():

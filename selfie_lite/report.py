@@ -97,6 +97,35 @@ def report_table(data: dict) -> Table:
     return t
 
 
+def round_table(i: int, m: dict) -> Table:
+    t = Table(title=f"round {i}" + (" (seed DPO)" if i == 0 else ""), title_justify="left", show_header=True)
+    for col in ("stage", "items", "seconds", "throughput", "details"):
+        t.add_column(col)
+    sampled, judged, trained, merged = (m.get(k, {}) for k in ("sample", "judge", "train", "merge"))
+    guard, consistency = m.get("guard", {}), m.get("consistency", {})
+    if sampled:
+        t.add_row("sample", f"{sampled['prompts']} prompts", _f(sampled.get("seconds"), ".1f"), f"{_f(sampled.get('tokens_per_s'), '.0f')} tok/s",
+                  f"mean length {sampled['mean_response_tokens']:.1f} tokens")
+    if judged:
+        extra = f", gold agreement {judged['gold_agreement']:.2f}" if "gold_agreement" in judged else ""
+        signals = f", p(chosen) {_f(judged.get('mean_p_chosen'), '.2f')}, distinct {_f(judged.get('distinct_samples'), '.2f')}"
+        t.add_row("judge", f"{judged['pairs']} pairs", _f(judged.get("seconds"), ".1f"), f"{_f(judged.get('sequences_per_s'), '.0f')} seq/s",
+                  f"dropped {judged['dropped_identical']} identical or tied{signals}{extra}")
+    if guard:
+        t.add_row("guard", f"{judged.get('pairs', '-')} pairs", _f(guard.get("seconds"), ".1f"), "",
+                  f"anchor agreement {guard['anchor_agreement']:.2f} (stop below {guard['threshold']:.2f})")
+    if consistency:
+        t.add_row("consistency", f"{consistency['pairs']} pairs", _f(consistency.get("seconds"), ".1f"), "",
+                  f"judges agree {consistency['mean_consistency']:.2f} (CREAM, {consistency['mode']}), mean smoothing {consistency['mean_smoothing']:.3f}")
+    if trained:
+        t.add_row("train", f"{trained.get('pairs', '-')} pairs", _f(trained.get("seconds"), ".1f"), f"{_f(trained.get('pairs_per_s'), '.1f')} pairs/s",
+                  f"loss {_f(trained.get('loss_start'))} -> {_f(trained.get('loss_end'))}, margin {_f(trained.get('mean_margin'))}, "
+                  f"smoothed {_f(trained.get('frac_smoothed'), '.2f')}")
+    if merged:
+        t.add_row("merge", "1 model", _f(merged.get("seconds"), ".1f"), "", f"{merged['model_bytes'] / 1e6:.1f} MB")
+    return t
+
+
 def eval_table(result: dict) -> Table:
     """Evaluation, one row per model (eval.json as `selfie-lite eval` writes it)."""
     s = result["settings"]

@@ -271,7 +271,7 @@ def test_a_judge_picks_the_final_round(reference_run, tmp_path, monkeypatch):
     """guard.select = python:MODULE:FUNCTION ships the round whose answers the scorer likes best."""
     from selfie_lite.config import from_dict
     from selfie_lite.guard import select_by_judge
-    from selfie_lite.loop import sft_model_of
+    from selfie_lite.inputs import sft_model_of
 
     ref, _ = reference_run
     (tmp_path / "short_scorer.py").write_text("def score(prompt, response):\n    return -len(response)\n")

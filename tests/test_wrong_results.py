@@ -16,11 +16,12 @@ from test_hardening import SMALL, assert_one_line_error, invoke  # the same smal
 def stub_rounds(monkeypatch):
     """run_rounds that writes the data split (as the real one does first), marks `stages` of round 0 done in
     order, one per call, and trains nothing."""
+    from selfie_lite import inputs as inputs_mod
     from selfie_lite import loop
     from selfie_lite.rundir import is_done, mark_done
 
     def fake(cfg, run_dir, backend, inputs, console, progress=None, split=None):
-        loop.prepare_data(cfg, run_dir, inputs, split)
+        inputs_mod.prepare_data(cfg, run_dir, inputs, split)
         rd = run_dir / "round-0"
         todo = [s for s in fake.stages if not is_done(rd, s)]
         if todo:
@@ -46,7 +47,7 @@ def gold_rows(tiny_preset):
 
 
 def test_relative_model_and_data_are_stored_absolute(tiny_preset, gold_rows, stub_rounds, tmp_path, monkeypatch):
-    from selfie_lite.loop import model_fingerprint
+    from selfie_lite.inputs import model_fingerprint
 
     work = tmp_path / "work"
     shutil.copytree(tiny_preset.model_dir, work / "sft")
@@ -80,15 +81,15 @@ def _flip_last_byte(path):
 
 def test_fingerprint_of_big_weights_samples_them(tiny_preset, tmp_path, monkeypatch):
     """Over FULL_HASH_BYTES the hash reads the header and sampled blocks: copies match, another model does not."""
-    from selfie_lite import loop
+    from selfie_lite import inputs
 
-    monkeypatch.setattr(loop, "FULL_HASH_BYTES", 1000)  # the tiny model (2 MB) takes the big-model path
+    monkeypatch.setattr(inputs, "FULL_HASH_BYTES", 1000)  # the tiny model (2 MB) takes the big-model path
     shutil.copytree(tiny_preset.model_dir, tmp_path / "a")
     shutil.copytree(tiny_preset.model_dir, tmp_path / "b")
-    assert loop.model_fingerprint(tmp_path / "a") == loop.model_fingerprint(tiny_preset.model_dir)
+    assert inputs.model_fingerprint(tmp_path / "a") == inputs.model_fingerprint(tiny_preset.model_dir)
     _flip_last_byte(tmp_path / "b" / "model.safetensors")
-    assert loop.model_fingerprint(tmp_path / "b") != loop.model_fingerprint(tmp_path / "a")
-    assert loop.model_fingerprint("org/hub-model") is None
+    assert inputs.model_fingerprint(tmp_path / "b") != inputs.model_fingerprint(tmp_path / "a")
+    assert inputs.model_fingerprint("org/hub-model") is None
 
 
 def test_resume_refuses_a_different_sft_model(tiny_preset, stub_rounds, tmp_path, monkeypatch):
