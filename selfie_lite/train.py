@@ -8,7 +8,8 @@ is saved here (merging and saving belong to merge.py and the loop).
 Implements spa-method.md "Round 0" (plain sigmoid DPO) and "Round i", step 3 (self-refinement):
   - reference pi_ref = the same PeftModel with its adapter disabled (no second copy in memory), so the
     caller must hand in a fresh adapter on top of merged pi_{i-1} weights; or, with robust.train_reference =
-    "sft", log-probs of pi_init precomputed per pair (training_sequences, reference_table);
+    "sft", log-probs of pi_init precomputed per pair (training_sequences, reference_table); when nothing but
+    the margin needs the adapter-off model (lam == 0), it is scored once before training (reference_pass);
   - replayed human pairs (robust.gold_replay) are never smoothed;
   - z = the plain DPO margin, which the loss always uses;
   - z_g = the margin of the extrapolated model h_g = (1+lam) h_theta - lam h_ref (full-vocabulary
