@@ -1,6 +1,6 @@
 """Peak CPU memory of one training micro-batch and of one judging batch, before and after the chunked loss (issue 12).
 
-    python benchmarks/memory.py                                   # the table in docs/performance.md (~4 min, 2 cores)
+    python benchmarks/memory.py                                   # the table in docs/performance.md (~3 min, 2 cores)
     python benchmarks/memory.py --vocab 32000 --seq-len 512       # one column
     python benchmarks/memory.py --fresh-per-cell                  # one process per cell (slower; a cross-check)
 

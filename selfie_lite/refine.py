@@ -16,7 +16,7 @@ rescale that ranks pairs exactly as z does. The normaliser needs every vocabular
 
 Memory: h_theta and h_ref are never materialised whole. Both models' logits come from their last hidden states
 and the (shared) output layer (loss.LastHidden), for the response positions only, `chunk_tokens` positions by
-`vocab_chunk` vocabulary entries at a time: peak extra memory is three [chunk_tokens, vocab_chunk] fp32 blocks.
+`vocab_chunk` vocabulary entries at a time: peak extra memory is two [chunk_tokens, vocab_chunk] fp32 blocks.
 Full logits [rows, T, V] are accepted too (hand examples, models whose logits the output layer alone does not
 give) and chunked the same way.
 
@@ -52,13 +52,16 @@ def extrapolated_logps(
     shifted. labels, mask: [rows,T]; positions where mask is False are ignored (their label may be -100).
     The log-normaliser logsumexp_v h_g[..., v] runs over the whole vocabulary, `vocab_chunk` entries at a time,
     combined with logaddexp, for `chunk_tokens` response positions at a time (default CHUNK_ELEMENTS //
-    vocab_chunk): peak extra memory is [chunk_tokens, vocab_chunk], never [rows, T, V].
+    (2 * vocab_chunk)): at most two [chunk_tokens, vocab_chunk] fp32 blocks exist at once (h_g and the
+    reference's block), CHUNK_ELEMENTS floats in all, never [rows, T, V].
     """
+    # x_theta, x_ref: [N, H] (or [N, V]) copies of the response positions (advanced indexing copies), so the
+    # in-place steps below, which visit each block once, never touch the caller's tensors.
     rows, cols, x_theta, y = response_positions(policy, labels, mask)
     x_ref = response_positions(ref, labels, mask)[2]
     vocab = policy.vocab_size if isinstance(policy, LastHidden) else x_theta.size(-1)
     vocab_chunk = min(vocab_chunk, vocab)
-    chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // vocab_chunk)
+    chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // (2 * vocab_chunk))
 
     token_logps = torch.empty(y.size(0), dtype=torch.float32, device=y.device)  # [N]
     for start in range(0, y.size(0), chunk):
@@ -68,15 +71,17 @@ def extrapolated_logps(
         label_h = torch.zeros(end - start, dtype=torch.float32, device=y.device)  # [c] h_g at the label
         for v0 in range(0, vocab, vocab_chunk):
             v1 = min(v0 + vocab_chunk, vocab)
-            # A new [c, C] tensor (not in place: with logits as input, the slice may be a view of the caller's)
-            h_g = _logits(policy, x_theta[start:end], v0, v1).float().mul(1 + lam)
+            h_g = _logits(policy, x_theta[start:end], v0, v1).float().mul_(1 + lam)  # [c, C]
             h_g.sub_(_logits(ref, x_ref[start:end], v0, v1).float(), alpha=lam)
-            chunk_lse = torch.logsumexp(h_g, dim=-1)
-            log_norm = chunk_lse if log_norm is None else torch.logaddexp(log_norm, chunk_lse)
             # The label's entry, from the same numbers as the normaliser (so log pi_g <= 0 holds exactly).
             here = (y_c >= v0) & (y_c < v1)  # [c, 1]
             at_label = h_g.gather(-1, (y_c - v0).clamp(0, v1 - v0 - 1)).squeeze(-1)
             label_h = torch.where(here.squeeze(-1), at_label, label_h)
+            # logsumexp over the block, in place (torch.logsumexp would allocate a second block)
+            peak = h_g.amax(-1)  # [c]
+            chunk_lse = peak + h_g.sub_(peak[:, None]).exp_().sum(-1).log()
+            log_norm = chunk_lse if log_norm is None else torch.logaddexp(log_norm, chunk_lse)
+            del h_g
         token_logps[start:end] = label_h - log_norm
     dense = token_logps.new_zeros(mask.shape).index_put((rows, cols), token_logps)
     return dense.sum(-1)
