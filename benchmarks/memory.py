@@ -37,6 +37,7 @@ package's own code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -187,7 +188,7 @@ def stand_in_trainer(model, lam: float, ref_table: dict | None, exs: list[dict])
         state=types.SimpleNamespace(global_step=0, max_steps=10), args=types.SimpleNamespace(learning_rate=1e-5),
         accelerator=types.SimpleNamespace(unwrap_model=lambda m: m), pair_stats={}, seen_after_warmup=0,
         smoothed_after_warmup=0, _metrics={"train": __import__("collections").defaultdict(list)},
-        train_dataset=exs, data_collator=PairCollator(pad_token_id=0),
+        train_dataset=exs, data_collator=PairCollator(pad_token_id=0), compute_loss_context_manager=contextlib.nullcontext,
     )
     for name in ("compute_loss", "_given_ref_logps", "_gold_mask", "_record"):
         setattr(t, name, types.MethodType(getattr(SPADPOTrainer, name), t))

@@ -18,12 +18,13 @@ imports.
 
    a = 0 is plain sigmoid DPO (a confident pair, or round 0); a = alpha for a low-confidence pair.
 
-Memory (docs/performance.md, "Memory of the loss"). The logits of a micro-batch are [rows, T, V]: with a 152K
-vocabulary and 1K-token pairs that is 1.2 GB per row pair in fp32, several times what the rest of a LoRA step
-needs. So `sequence_logps` never builds them: it takes the last hidden states [rows, T, H] and the output layer,
-keeps only the response positions, and computes logits for `chunk_tokens` positions at a time, with the gradient
-with respect to the hidden states computed in the same pass (a custom autograd function). Peak extra memory is
-the hidden states of the response positions, their gradient, and one [chunk, V] fp32 block.
+Memory (docs/performance.md, "Memory of the loss and the judge"). The logits of a micro-batch are
+[rows, T, V]: with a 152K vocabulary and 1K-token pairs that is 1.2 GB per pair (2 rows) in fp32, several times
+what the rest of a LoRA step needs. So `sequence_logps` never builds them: it takes the last hidden states
+[rows, T, H] and the output layer, keeps only the response positions, and computes logits for `chunk_tokens`
+positions at a time, with the gradient with respect to the hidden states computed in the same pass (a custom
+autograd function). Peak extra memory is the hidden states of the response positions, their gradient, and one
+[chunk, V] fp32 block.
 
 Why our own code and not a library's fused kernel (Liger-Kernel's fused linear cross-entropy, Unsloth's, TRL's
 `fused_lm_head`): those return per-token log-probs of the label only, need Triton (a GPU), and expose no logits;

@@ -132,7 +132,7 @@ class SPADPOTrainer(DPOTrainer):
 
         # Policy: adapter on, with gradient. last_hidden gives the last hidden states [2B,T-1,H] and the output
         # layer, not logits: sequence_logps computes the response positions' logits a chunk at a time, so no
-        # [2B,T,V] tensor exists (docs/performance.md, "Memory of the loss").
+        # [2B,T,V] tensor exists (docs/performance.md, "Memory of the loss and the judge").
         policy = last_hidden(model, input_ids, attention_mask)
         policy_logps = sequence_logps(policy, labels, mask)  # [2B] sums over response tokens
         detect = self.refine is not None and self.lam > 0
@@ -353,7 +353,8 @@ def reference_pass(trainer: SPADPOTrainer, batch_size: int) -> dict[int, dict]:
         batch = trainer.data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         input_ids = batch["input_ids"].to(device)
         mask = batch["completion_mask"][:, 1:].bool().to(device)  # [2B,T-1], as compute_loss shifts them
-        with torch.no_grad(), peft_model.disable_adapter():
+        # the trainer's autocast context, as around compute_loss: the same precision as a step would score in
+        with trainer.compute_loss_context_manager(), torch.no_grad(), peft_model.disable_adapter():
             logps = sequence_logps(last_hidden(model, input_ids, batch["attention_mask"].to(device)),
                                    input_ids[:, 1:], mask).tolist()  # [2B]: chosen rows, then rejected rows
         tokens = mask.sum(-1).tolist()
