@@ -1,6 +1,6 @@
 """Peak CPU memory of one training micro-batch and of one judging batch, before and after the chunked loss (issue 12).
 
-    python benchmarks/memory.py                                   # the table in docs/performance.md (~3 min, 2 cores)
+    python benchmarks/memory.py                                   # the table in docs/performance.md (~200 s, 2 cores)
     python benchmarks/memory.py --vocab 32000 --seq-len 512       # one column
     python benchmarks/memory.py --fresh-per-cell                  # one process per cell (slower; a cross-check)
 
@@ -64,6 +64,18 @@ LAM, BETA = 0.5, 0.1
 def _status(field: str) -> int:
     text = Path("/proc/self/status").read_text()
     return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) * 1024
+
+
+def pin_mmap_threshold(nbytes: int = 65536) -> None:
+    """glibc's mallopt(M_MMAP_THRESHOLD): every allocation of nbytes or more is its own mapping, returned to the
+    kernel when freed, and the threshold stops adapting (as MALLOC_MMAP_THRESHOLD_ in the environment does)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, nbytes)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: the figures may then undercount memory reused from the heap
 
 
 def peak_extra_bytes(op, warmup) -> int:
@@ -202,6 +214,7 @@ def stand_in_trainer(model, lam: float, ref_table: dict | None, exs: list[dict])
 def run_cell(spec: dict) -> dict:
     import torch
 
+    pin_mmap_threshold()
     torch.set_num_threads(spec["threads"])
     from selfie_lite.backends.hf import HFBackend
     from selfie_lite.config import RunConfig
