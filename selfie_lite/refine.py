@@ -1,6 +1,7 @@
-"""Self-refinement: decoupled noise detection and the smoothing schedule (spa-method.md, "Round i", step 3).
+"""Self-refinement: decoupled noise detection and the smoothing schedule (docs/method.md, rows "extrapolated
+margin", "low-confidence set" and "alpha warm-up"; the paper: arXiv 2406.04412, section 4.2).
 
-Pure tensor functions, no model or trainer: train.py feeds them logits it has already computed.
+Pure tensor functions, no model or trainer: train.py feeds them what one forward pass gave (loss.last_hidden).
 
     h_g        = (1 + lam) * h_theta - lam * h_ref        per position, over the FULL vocabulary
     log pi_g   = sum_t log_softmax(h_g,t)[y_t]             no gradient
@@ -11,12 +12,16 @@ those pairs get label smoothing alpha (0 during the first `warmup_frac` of the o
 
 Why the full vocabulary: log pi_g(y) - log pi_ref(y) = (1+lam) * (log pi_theta(y) - log pi_ref(y)) plus a
 per-position difference of log-normalisers. Without that normaliser term z_g would be (1+lam) * z, a pure
-rescale that ranks pairs exactly as z does. The normaliser needs every vocabulary entry of h_g; we build it
-in vocabulary chunks so that h_g is never materialised whole.
+rescale that ranks pairs exactly as z does. The normaliser needs every vocabulary entry of h_g.
 
-Alignment convention (causal LM): every function here takes ALREADY-SHIFTED tensors, i.e. logits[:, t] is
-the distribution that predicts labels[:, t]. From a model output that means logits = out.logits[:, :-1] and
-labels = input_ids[:, 1:], mask = completion_mask[:, 1:].
+Memory: h_theta and h_ref are never materialised whole. Both models' logits come from their last hidden states
+and the (shared) output layer (loss.LastHidden), for the response positions only, `chunk_tokens` positions by
+`vocab_chunk` vocabulary entries at a time: peak extra memory is two [chunk_tokens, vocab_chunk] fp32 blocks.
+Full logits [rows, T, V] are accepted too (hand examples, models whose logits the output layer alone does not
+give) and chunked the same way.
+
+Alignment convention (causal LM): every function here takes ALREADY-SHIFTED inputs, i.e. logits[:, t] is the
+distribution that predicts labels[:, t] (loss.last_hidden returns them so).
 """
 
 from __future__ import annotations
@@ -25,60 +30,72 @@ from collections import deque
 
 import torch
 
+from selfie_lite.loss import CHUNK_ELEMENTS, LastHidden, Logits, response_positions, sequence_logps
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum_t log_softmax(logits_t)[y_t] over masked positions. logits [B,T,V], labels/mask [B,T] -> [B].
-
-    Keeps the gradient. gather - logsumexp rather than log_softmax(...).gather: autograd then keeps no
-    second [B,T,V] tensor for the backward pass (logsumexp saves its input, which exists anyway).
-    """
-    mask = mask.bool()
-    labels = labels.masked_fill(~mask, 0)  # -100 (or any pad) must still be a valid index; masked out below
-    logits = logits.float()
-    token_logps = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [B,T]
-    return torch.where(mask, token_logps, 0.0).sum(-1)
+__all__ = ["LowConfidencePicker", "alpha_at", "extrapolated_logps", "extrapolated_margin", "sequence_logps"]
 
 
 @torch.no_grad()
 def extrapolated_logps(
-    policy_logits: torch.Tensor,
-    ref_logits: torch.Tensor,
+    policy: Logits,
+    ref: Logits,
     labels: torch.Tensor,
     mask: torch.Tensor,
     lam: float,
     vocab_chunk: int = 8192,
+    *,
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
-    """log pi_g(y) = sum over masked t of log_softmax((1+lam) h_theta - lam h_ref)_t[y_t]. -> [B], no gradient.
+    """log pi_g(y) = sum over masked t of log_softmax((1+lam) h_theta - lam h_ref)_t[y_t]. -> [rows], no gradient.
 
-    policy_logits, ref_logits: [B,T,V], already shifted (logits[:, t] predicts labels[:, t]).
-    labels, mask: [B,T]; positions where mask is False are ignored (their label may be -100).
-    The log-normaliser logsumexp_v h_g[..., v] runs over the whole vocabulary, one chunk of `vocab_chunk`
-    entries at a time, combined with logaddexp: peak extra memory is [B,T,vocab_chunk], not [B,T,V].
+    policy, ref: loss.LastHidden (hidden [rows,T,H] and the output layer) or full logits [rows,T,V], already
+    shifted. labels, mask: [rows,T]; positions where mask is False are ignored (their label may be -100).
+    The log-normaliser logsumexp_v h_g[..., v] runs over the whole vocabulary, `vocab_chunk` entries at a time,
+    combined with logaddexp, for `chunk_tokens` response positions at a time (default CHUNK_ELEMENTS //
+    (2 * vocab_chunk)): at most two [chunk_tokens, vocab_chunk] fp32 blocks exist at once (h_g and the
+    reference's block), CHUNK_ELEMENTS floats in all, never [rows, T, V].
     """
-    mask = mask.bool()
-    labels = labels.masked_fill(~mask, 0)
-    V = policy_logits.size(-1)
+    # x_theta, x_ref: [N, H] (or [N, V]) copies of the response positions (advanced indexing copies), so the
+    # in-place steps below, which visit each block once, never touch the caller's tensors.
+    rows, cols, x_theta, y = response_positions(policy, labels, mask)
+    x_ref = response_positions(ref, labels, mask)[2]
+    vocab = policy.vocab_size if isinstance(policy, LastHidden) else x_theta.size(-1)
+    vocab_chunk = min(vocab_chunk, vocab)
+    chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // (2 * vocab_chunk))
 
-    log_norm = None  # [B,T] running logsumexp over the chunks seen so far
-    for start in range(0, V, vocab_chunk):
-        h_theta = policy_logits[..., start : start + vocab_chunk].float()  # [B,T,C]
-        h_ref = ref_logits[..., start : start + vocab_chunk].float()
-        chunk_lse = torch.logsumexp((1 + lam) * h_theta - lam * h_ref, dim=-1)  # [B,T]
-        log_norm = chunk_lse if log_norm is None else torch.logaddexp(log_norm, chunk_lse)
+    token_logps = torch.empty(y.size(0), dtype=torch.float32, device=y.device)  # [N]
+    for start in range(0, y.size(0), chunk):
+        end = min(start + chunk, y.size(0))
+        y_c = y[start:end, None]  # [c, 1]
+        log_norm = None  # [c] running logsumexp over the vocabulary chunks seen so far
+        label_h = torch.zeros(end - start, dtype=torch.float32, device=y.device)  # [c] h_g at the label
+        for v0 in range(0, vocab, vocab_chunk):
+            v1 = min(v0 + vocab_chunk, vocab)
+            h_g = _logits(policy, x_theta[start:end], v0, v1).float().mul_(1 + lam)  # [c, C]
+            h_g.sub_(_logits(ref, x_ref[start:end], v0, v1).float(), alpha=lam)
+            # The label's entry, from the same numbers as the normaliser (so log pi_g <= 0 holds exactly).
+            here = (y_c >= v0) & (y_c < v1)  # [c, 1]
+            at_label = h_g.gather(-1, (y_c - v0).clamp(0, v1 - v0 - 1)).squeeze(-1)
+            label_h = torch.where(here.squeeze(-1), at_label, label_h)
+            # logsumexp over the block, in place (torch.logsumexp would allocate a second block)
+            peak = h_g.amax(-1)  # [c]
+            chunk_lse = peak + h_g.sub_(peak[:, None]).exp_().sum(-1).log()
+            log_norm = chunk_lse if log_norm is None else torch.logaddexp(log_norm, chunk_lse)
+            del h_g
+        token_logps[start:end] = label_h - log_norm
+    dense = token_logps.new_zeros(mask.shape).index_put((rows, cols), token_logps)
+    return dense.sum(-1)
 
-    # h_g at the label only: [B,T]
-    idx = labels.unsqueeze(-1)
-    h_g_label = (1 + lam) * policy_logits.gather(-1, idx).squeeze(-1).float() - lam * ref_logits.gather(
-        -1, idx
-    ).squeeze(-1).float()
-    token_logps = h_g_label - log_norm  # [B,T]
-    return torch.where(mask, token_logps, 0.0).sum(-1)
+
+def _logits(source: Logits, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Logits [c, end - start] of vocabulary entries start..end at the selected positions x ([c, H] or [c, V])."""
+    return source.logits(x, start, end) if isinstance(source, LastHidden) else x[:, start:end]
 
 
 @torch.no_grad()
 def extrapolated_margin(
-    policy_logits: torch.Tensor,
-    ref_logits: torch.Tensor,
+    policy: Logits,
+    ref: Logits,
     labels: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -86,18 +103,21 @@ def extrapolated_margin(
     lam: float,
     vocab_chunk: int = 8192,
     ref_logps: torch.Tensor | None = None,
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """z_g = beta * ((g_c - ref_c) - (g_r - ref_r)) per pair. -> [B], no gradient.
 
     Rows come as TRL's preference collator stacks them: the first B rows are the chosen sequences, the
-    last B the rejected ones (so the tensors have 2B rows). Shapes: logits [2B,T,V], labels/mask [2B,T].
-    ref_logps [2B]: the DPO reference's log-probs for the margin when they are not the ref_logits' own
-    (robust.train_reference = "sft": pi_init's, precomputed); h_ref in h_g stays ref_logits either way.
+    last B the rejected ones (so the inputs have 2B rows). Shapes: policy/ref [2B,T,H] (LastHidden) or
+    [2B,T,V] (logits), labels/mask [2B,T].
+    ref_logps [2B]: the DPO reference's log-probs for the margin when the caller has them already (the trainer
+    always has: computed from `ref`, or pi_init's precomputed with robust.train_reference = "sft"); None computes
+    them from `ref`. h_ref in h_g is `ref` either way.
     """
-    g = extrapolated_logps(policy_logits, ref_logits, labels, mask, lam, vocab_chunk)  # [2B]
-    ref = sequence_logps(ref_logits, labels, mask) if ref_logps is None else ref_logps  # [2B]
+    g = extrapolated_logps(policy, ref, labels, mask, lam, vocab_chunk, chunk_tokens=chunk_tokens)  # [2B]
+    ref_lp = sequence_logps(ref, labels, mask) if ref_logps is None else ref_logps  # [2B]
     g_c, g_r = g.chunk(2)
-    ref_c, ref_r = ref.chunk(2)
+    ref_c, ref_r = ref_lp.chunk(2)
     return beta * ((g_c - ref_c) - (g_r - ref_r))
 
 

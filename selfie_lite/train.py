@@ -8,7 +8,8 @@ is saved here (merging and saving belong to merge.py and the loop).
 Implements docs/method.md (E4, E5) for round 0 (plain sigmoid DPO) and (E4-E9) for rounds i >= 1 (self-refinement):
   - reference pi_ref = the same PeftModel with its adapter disabled (no second copy in memory), so the
     caller must hand in a fresh adapter on top of merged pi_{i-1} weights; or, with robust.train_reference =
-    "sft", log-probs of pi_init precomputed per pair (training_sequences, reference_table);
+    "sft", log-probs of pi_init precomputed per pair (training_sequences, reference_table); when nothing but
+    the margin needs the adapter-off model (lam == 0), it is scored once before training (reference_pass);
   - replayed human pairs (robust.gold_replay) are never smoothed;
   - z = the plain DPO margin, which the loss always uses;
   - z_g = the margin of the extrapolated model h_g = (1+lam) h_theta - lam h_ref (full-vocabulary
@@ -39,8 +40,8 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from selfie_lite.config import RefineConfig, TrainConfig
 from selfie_lite.errors import RunError, UserError
-from selfie_lite.loss import dpo_losses
-from selfie_lite.refine import LowConfidencePicker, alpha_at, extrapolated_margin, sequence_logps
+from selfie_lite.loss import dpo_losses, last_hidden, sequence_logps
+from selfie_lite.refine import LowConfidencePicker, alpha_at, extrapolated_margin
 from selfie_lite.stage import Round
 
 
@@ -130,34 +131,38 @@ class SPADPOTrainer(DPOTrainer):
         # inputs: input_ids, attention_mask, completion_mask [2B,T] (rows 0..B-1 = prompt+chosen,
         # rows B..2B-1 = prompt+rejected, right-padded), pair_id [B].
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        # Causal LM shift: logits[:, t] predicts input_ids[:, t+1]; only response tokens count.
+        # Causal LM shift: position t predicts input_ids[:, t+1]; only response tokens count.
         labels = input_ids[:, 1:]  # [2B,T-1]
         mask = inputs["completion_mask"][:, 1:].bool()  # [2B,T-1]
+        peft_model = self.accelerator.unwrap_model(model)
 
-        # Policy: adapter on, with gradient. Full logits [2B,T-1,V]: noise detection needs every vocab entry.
-        policy_logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-        policy_logps = sequence_logps(policy_logits, labels, mask)  # [2B] sums over response tokens
-        detect = self.refine is not None and self.lam > 0
-        ref_logits = None
+        # Policy: adapter on, with gradient. last_hidden gives the last hidden states [2B,T-1,H] and the output
+        # layer, not logits: sequence_logps computes the response positions' logits a chunk at a time, so no
+        # [2B,T,V] tensor exists (docs/performance.md, "Memory of the loss and the judge").
+        policy = last_hidden(model, input_ids, attention_mask)
+        policy_logps = sequence_logps(policy, labels, mask)  # [2B] sums over response tokens
+        # Noise detection (E6, E7) only feeds the low-confidence pick: no picker (no smoothing, or per-pair smoothing
+        # given by robust.consistency), no extrapolation.
+        detect = self.picker is not None and self.lam > 0
+        ref = None
         if self.ref_logps is None or detect:
             # The same weights with the adapter off (pi_{i-1}), no gradient: the paper's DPO reference, and h_ref
             # of the extrapolation even when the margin's reference is pi_init (train_reference = "sft").
-            with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
-                ref_logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+            with torch.no_grad(), peft_model.disable_adapter():
+                ref = last_hidden(model, input_ids, attention_mask)
         if self.ref_logps is None:
-            ref_logps = sequence_logps(ref_logits, labels, mask)  # [2B]
-        else:
-            ref_logps = self._given_ref_logps(inputs["pair_id"], mask, policy_logps)  # [2B] pi_init's, precomputed
+            ref_logps = sequence_logps(ref, labels, mask)  # [2B]
+        else:  # [2B] precomputed: pi_init's (train_reference = "sft") or this round's reference pass (train_dpo)
+            ref_logps = self._given_ref_logps(inputs["pair_id"], mask, policy_logps)
         policy_chosen, policy_rejected = policy_logps.chunk(2)  # [B] each
         ref_chosen, ref_rejected = ref_logps.chunk(2)
 
         # Plain margin z, without gradient, to pick by when lam == 0 (dpo_losses recomputes it with gradient).
         z = self.beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)).detach()  # [B]
-        if self.refine is not None and self.lam > 0:
+        if detect:
             z_g = extrapolated_margin(
-                policy_logits.detach(), ref_logits, labels, mask,
-                beta=self.beta, lam=self.lam, vocab_chunk=self.refine.vocab_chunk,
-                ref_logps=None if self.ref_logps is None else ref_logps,
+                policy.detach(), ref, labels, mask,
+                beta=self.beta, lam=self.lam, vocab_chunk=self.refine.vocab_chunk, ref_logps=ref_logps,
             )  # [B]
         else:
             z_g = z
@@ -344,6 +349,38 @@ def reference_table(pairs: list[dict], logps: list[float], sequences) -> dict[in
             for i, p in enumerate(pairs)}
 
 
+def reference_pass(trainer: SPADPOTrainer, batch_size: int) -> dict[int, dict]:
+    """The DPO reference's log-probs of every training pair, scored once before training, as a table for
+    SPADPOTrainer.ref_logps (pair_id -> {"chosen", "rejected", "chosen_tokens", "rejected_tokens"}).
+
+    The reference is the model with its adapter off: fixed for the whole round, so scoring it inside every step
+    repeats the same forward pass once per epoch (3 times in the seed round). When nothing else needs the
+    reference's logits (no noise detection: lam == 0) one pass before training does, as TRL's
+    precompute_ref_log_probs does; ours because TRL's pass runs its own forward (full logits, its "ref" adapter
+    copy) while this one is the adapter-disabled model through loss.sequence_logps. Batches are the trainer's
+    own tokenisation and collator, batch_size pairs at a time (a micro-batch: no more memory than a step).
+    """
+    model = trainer.model
+    peft_model = trainer.accelerator.unwrap_model(model)
+    dataset = trainer.train_dataset
+    table: dict[int, dict] = {}
+    device = next(model.parameters()).device
+    for start in range(0, len(dataset), batch_size):
+        batch = trainer.data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        input_ids = batch["input_ids"].to(device)
+        mask = batch["completion_mask"][:, 1:].bool().to(device)  # [2B,T-1], as compute_loss shifts them
+        # the trainer's autocast context, as around compute_loss: the same precision as a step would score in
+        with trainer.compute_loss_context_manager(), torch.no_grad(), peft_model.disable_adapter():
+            logps = sequence_logps(last_hidden(model, input_ids, batch["attention_mask"].to(device)),
+                                   input_ids[:, 1:], mask).tolist()  # [2B]: chosen rows, then rejected rows
+        tokens = mask.sum(-1).tolist()
+        n = len(batch["pair_id"])
+        for j, pair_id in enumerate(batch["pair_id"].tolist()):
+            table[int(pair_id)] = {"chosen": logps[j], "rejected": logps[n + j],
+                                   "chosen_tokens": tokens[j], "rejected_tokens": tokens[n + j]}
+    return table
+
+
 def train_dpo(
     model,
     tokenizer,
@@ -358,6 +395,7 @@ def train_dpo(
     seed: int,
     on_step: Callable[[int, int, dict], None] | None = None,
     ref_logps: dict[int, dict] | None = None,
+    precompute_reference: bool = True,
 ) -> TrainResult:
     """Train the LoRA adapter of `model` (a peft.PeftModel) with DPO on `pairs`, in place.
 
@@ -368,6 +406,9 @@ def train_dpo(
     reference_table), used in the DPO margin instead of the adapter-off model; None = the paper's reference.
     Pairs with a "smoothing" field (robust.consistency, round >= 2) are smoothed by exactly that a throughout, and the
     low-confidence pick is off; when no pair has one, the paper's smoothing applies.
+    precompute_reference: with the paper's reference (ref_logps None) and no noise detection (refine None or
+    lam == 0), score every pair with the adapter-off model once, before the first step (reference_pass), instead
+    of in every step of every epoch; False keeps the per-step reference forward (tests compare the two).
     out_dir is the Trainer's scratch folder: nothing is saved there (save_strategy="no").
     Deterministic on CPU for a given seed, model and pairs. Raises RunError if the loss becomes NaN or inf.
     """
@@ -436,6 +477,11 @@ def train_dpo(
     trainer.remove_callback(PrinterCallback)  # disable_tqdm swaps the progress bar for print(logs)
 
     start = time.perf_counter()
+    detect = trainer.picker is not None and lam > 0  # noise detection feeds the low-confidence pick only
+    reference_seconds = None
+    if ref_logps is None and not detect and precompute_reference:
+        trainer.ref_logps = reference_pass(trainer, train.batch_size)
+        reference_seconds = time.perf_counter() - start
     trainer.train()
     seconds = time.perf_counter() - start
 
@@ -471,6 +517,8 @@ def train_dpo(
         "learning_rate": train.learning_rate,  # the round's peak rate (robust.lr_decay scales it per round)
         "gold_pairs": len(trainer.gold_pair_ids),  # replayed human pairs (robust.gold_replay), never smoothed
         "train_reference": "given" if ref_logps is not None else "adapter-off",
+        # the adapter-off reference scored once before training (reference_pass): seconds, included in "seconds"
+        "reference_pass_seconds": reference_seconds,
     }
     return TrainResult(metrics=metrics, pair_stats=dict(stats))
 

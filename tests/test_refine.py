@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from selfie_lite.loss import LastHidden
 from selfie_lite.refine import (
     LowConfidencePicker,
     alpha_at,
@@ -147,3 +148,40 @@ def test_alpha_warmup_schedule():
     assert alpha_at(0, 10, 0.1, 0.0) == 0.1  # no warm-up
     assert alpha_at(9, 10, 0.1, 1.0) == 0.0  # all warm-up
     assert alpha_at(5, 10, 0.0, 0.2) == 0.0  # alpha 0 = no smoothing at all
+
+
+# ---------------------------------------------------------------------------------------------
+# From hidden states, in chunks of positions and of the vocabulary, against the direct computation
+
+
+def direct_extrapolated_logps(policy_logits, ref_logits, labels, mask, lam):
+    """The unchunked reference: log_softmax over the whole vocabulary of h_g = (1+lam) h_theta - lam h_ref."""
+    h_g = (1 + lam) * policy_logits.double() - lam * ref_logits.double()
+    token = torch.log_softmax(h_g, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask.bool(), token, 0.0).sum(-1).float()
+
+
+@pytest.mark.parametrize("vocab_chunk,chunk_tokens", [(8192, None), (5000, 3), (32000, 64), (777, 1)])
+def test_extrapolated_margin_from_hidden_equals_direct_32k(vocab_chunk, chunk_tokens):
+    g = torch.Generator().manual_seed(0)
+    rows, T, H, V, lam, beta = 4, 12, 16, 32000, 0.5, 0.1
+    weight = torch.randn(V, H, generator=g) * 0.25
+    h_theta, h_ref = torch.randn(rows, T, H, generator=g), torch.randn(rows, T, H, generator=g)
+    labels = torch.randint(0, V, (rows, T), generator=g)
+    mask = torch.rand(rows, T, generator=g) > 0.3
+    labels[~mask] = -100
+    policy, ref = LastHidden(h_theta, weight), LastHidden(h_ref, weight)
+    pol_logits, ref_logits = h_theta @ weight.T, h_ref @ weight.T  # [rows, T, V]: what the old code held
+
+    got = extrapolated_logps(policy, ref, labels, mask, lam, vocab_chunk, chunk_tokens=chunk_tokens)
+    torch.testing.assert_close(got, direct_extrapolated_logps(pol_logits, ref_logits, labels, mask, lam),
+                               atol=1e-5, rtol=2**-23)
+    # The same from full logits (the path for models that compute their own logits).
+    torch.testing.assert_close(extrapolated_logps(pol_logits, ref_logits, labels, mask, lam, vocab_chunk), got,
+                               atol=1e-5, rtol=2**-23)
+    z_g = extrapolated_margin(policy, ref, labels, mask, beta=beta, lam=lam, vocab_chunk=vocab_chunk,
+                              chunk_tokens=chunk_tokens)
+    g_d = direct_extrapolated_logps(pol_logits, ref_logits, labels, mask, lam)
+    r_d = direct_extrapolated_logps(ref_logits, ref_logits, labels, mask, 0.0)
+    expected = beta * ((g_d[:2] - r_d[:2]) - (g_d[2:] - r_d[2:]))
+    torch.testing.assert_close(z_g, expected, atol=1e-5, rtol=2**-23)

@@ -247,3 +247,42 @@ def test_long_prompts_are_cut_to_their_end_not_dropped(tmp_path, monkeypatch):
     assert len(full_prompt) > 32
     assert seen[0] == full_prompt[-12:]  # the end: the generation prompt stays next to the response
     assert all(len(ids) <= 12 for ids in seen)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference scored once before training when nothing else needs its logits
+
+
+@pytest.mark.parametrize("refine,lam", [(None, 0.5), (RefineConfig(alpha=0.1, low_conf_frac=0.25, warmup_frac=0.2,
+                                                                    window_pairs=16), 0.0)])
+def test_reference_pass_once_equals_the_reference_in_every_step(tmp_path, monkeypatch, refine, lam):
+    import selfie_lite.train as train_mod
+
+    calls = []
+    original = train_mod.last_hidden
+    monkeypatch.setattr(train_mod, "last_hidden", lambda *a, **k: calls.append(1) or original(*a, **k))
+    runs = {}
+    for precompute in (True, False):
+        calls.clear()
+        model = tiny_model()
+        result = train_dpo(model, tiny_tokenizer(), tiny_pairs(16), beta=0.1, train=TRAIN, refine=refine, lam=lam,
+                           epochs=2, out_dir=tmp_path, seed=0, precompute_reference=precompute)
+        runs[precompute] = (_lora_weights(model), result, len(calls))
+    (w_once, r_once, n_once), (w_step, r_step, n_step) = runs[True], runs[False]
+    # 16 pairs / 4 per micro-batch = 4 micro-batches per epoch, 2 epochs: 8 policy forwards either way; the
+    # reference: 4 forwards (one pass) instead of 8 (one per step).
+    assert (n_once, n_step) == (4 + 8, 8 + 8)
+    assert r_once.metrics["reference_pass_seconds"] > 0 and r_step.metrics["reference_pass_seconds"] is None
+    assert r_once.metrics["train_reference"] == r_step.metrics["train_reference"] == "adapter-off"
+    # The same training up to float rounding (the pass batches the pairs in another order than the epochs do).
+    for k in w_once:
+        torch.testing.assert_close(w_once[k], w_step[k], atol=1e-6, rtol=1e-5)
+    for pid, s in r_once.pair_stats.items():
+        assert s["margin"] == pytest.approx(r_step.pair_stats[pid]["margin"], abs=1e-5)
+        assert s["smoothed"] == r_step.pair_stats[pid]["smoothed"]
+
+
+def test_noise_detection_keeps_the_reference_forward_in_every_step(tmp_path):
+    result = train_dpo(tiny_model(), tiny_tokenizer(), tiny_pairs(8), beta=0.1, train=TRAIN,
+                       refine=RefineConfig(alpha=0.1), lam=0.5, epochs=1, out_dir=tmp_path, seed=0)
+    assert result.metrics["reference_pass_seconds"] is None  # h_ref is needed in every step: no pass before

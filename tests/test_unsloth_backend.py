@@ -145,6 +145,7 @@ class FakeFastLanguageModel:
     calls: list = []
     save_error: Exception | None = None
     save_leaves_lora = False
+    logits_mode = "logits"  # what the patched CausalLM forward puts in .logits: see _unsloth_like_forward
 
     @classmethod
     def from_pretrained(cls, model_name, max_seq_length=2048, dtype=None, load_in_4bit=True, trust_remote_code=False,
@@ -155,7 +156,10 @@ class FakeFastLanguageModel:
         cls.calls.append(("from_pretrained", dict(max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
                                                   use_gradient_checkpointing=use_gradient_checkpointing,
                                                   fix_tokenizer=fix_tokenizer, local_files_only=local_files_only)))
-        return AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype), AutoTokenizer.from_pretrained(model_name)
+        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
+        if cls.logits_mode != "logits":
+            _unsloth_like_forward(model, cls.logits_mode)
+        return model, AutoTokenizer.from_pretrained(model_name)
 
     @classmethod
     def get_peft_model(cls, model, r=16, target_modules=None, lora_alpha=16, lora_dropout=0.0, bias="none",
@@ -180,6 +184,20 @@ class FakeFastLanguageModel:
         cls.calls.append(("for_training", use_gradient_checkpointing))
         model.train()
         return model
+
+
+def _unsloth_like_forward(model, mode):
+    """Replace the CausalLM forward as Unsloth's patched one may behave: "empty" returns an empty tensor as logits
+    (its fused-loss training path), "hidden" the last hidden states (UNSLOTH_RETURN_HIDDEN_STATES=1). Records calls."""
+    import torch
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    def forward(input_ids=None, attention_mask=None, **kwargs):
+        FakeFastLanguageModel.calls.append(("causal_lm_forward", mode))
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask)[0]
+        return CausalLMOutputWithPast(logits=torch.empty(0) if mode == "empty" else hidden)
+
+    model.forward = forward
 
 
 def _patch_saving_functions(model):
@@ -208,6 +226,7 @@ def fake_unsloth(monkeypatch):
     FakeFastLanguageModel.calls = []
     FakeFastLanguageModel.save_error = None
     FakeFastLanguageModel.save_leaves_lora = False
+    FakeFastLanguageModel.logits_mode = "logits"
     import selfie_lite.backends.unsloth as mod
 
     yield mod
@@ -299,6 +318,61 @@ def test_scores_match_the_hf_backend(fake_unsloth, tiny_model):
     ref_model, _ = HFBackend(RunConfig()).load(tiny_model)
     theirs = HFBackend(RunConfig()).sequence_logps(ref_model, seqs, batch_size=2)
     assert ours == pytest.approx(theirs, abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["logits", "empty", "hidden"])
+def test_scoring_and_training_do_not_need_the_patched_forwards_logits(fake_unsloth, tiny_model, tmp_path, mode):
+    """Our loss reads the last hidden states and applies the output layer itself (loss.last_hidden), so it gives
+    the same log-probs and the same training whether Unsloth's patched forward returns logits, an empty tensor or
+    hidden states: it never calls that forward."""
+    import torch
+
+    from selfie_lite.backends.hf import HFBackend
+    from selfie_lite.config import RefineConfig
+    from selfie_lite.train import train_dpo
+
+    seqs = [([1, 5, 10, 11, 6], [20, 21, 2]), ([1, 5, 12, 6], [30, 2])]
+    hf = HFBackend(RunConfig())
+    expected = hf.sequence_logps(hf.load(tiny_model)[0], seqs, batch_size=2)
+
+    FakeFastLanguageModel.logits_mode = mode
+    be = fake_unsloth.UnslothBackend(_cfg(tiny_model, gc=False))
+    model, tok = be.load(tiny_model)
+    assert be.sequence_logps(model, seqs, batch_size=2) == pytest.approx(expected, abs=1e-5)
+
+    def train(backend):
+        m, t = backend.load(tiny_model, trainable=True)
+        m = backend.add_lora(m, LoraConfig(r=4, alpha=8), seed=1)
+        before = {n: p.detach().clone() for n, p in m.named_parameters() if "lora_" in n}
+        pairs = [{"pair_id": i, "prompt": f"w{10 + i} w{20 + i}", "chosen": f"w{30 + i} w31", "rejected": "w40"}
+                 for i in range(4)]
+        train_dpo(m, t, pairs, beta=0.1, train=TrainConfig(max_length=32, max_prompt_length=16, batch_size=2,
+                                                           grad_accum=1, learning_rate=1e-2,
+                                                           gradient_checkpointing=False),
+                  refine=RefineConfig(alpha=0.1, warmup_frac=0.0), lam=0.5, epochs=1, out_dir=tmp_path / "t", seed=1)
+        after = {n: p.detach().clone() for n, p in m.named_parameters() if "lora_" in n}
+        assert any(not torch.equal(before[k], after[k]) for k in after)  # it trained
+        return after
+
+    FakeFastLanguageModel.logits_mode = "logits"
+    plain = train(fake_unsloth.UnslothBackend(_cfg(tiny_model, gc=False)))
+    FakeFastLanguageModel.logits_mode = mode
+    FakeFastLanguageModel.calls = []
+    patched = train(fake_unsloth.UnslothBackend(_cfg(tiny_model, gc=False)))
+    assert all(torch.equal(plain[k], patched[k]) for k in plain)
+    assert not any(name == "causal_lm_forward" for name, _ in FakeFastLanguageModel.calls)
+
+
+def test_a_model_that_needs_its_own_logits_and_returns_none_fails_in_one_line(fake_unsloth, tiny_model):
+    """Where we cannot apply the output layer ourselves (here: a logit scale in the config), the model's logits are
+    needed; a patched forward that returns none is then one clear error, not a shape error deep in the loss."""
+    FakeFastLanguageModel.logits_mode = "empty"
+    be = fake_unsloth.UnslothBackend(_cfg(tiny_model))
+    model, _ = be.load(tiny_model)
+    model.config.logit_scale = 0.5
+    with pytest.raises(RuntimeError, match=r"forward returned no \[rows, T, V\] logits") as e:
+        be.sequence_logps(model, [([1, 5, 10], [20, 2])], batch_size=1)
+    assert "\n" not in str(e.value)
 
 
 def _train_adapter(be, model_dir, out_dir):

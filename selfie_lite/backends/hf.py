@@ -14,6 +14,7 @@ from pathlib import Path
 
 from selfie_lite.config import LoraConfig, RunConfig
 from selfie_lite.errors import RunError, UserError
+from selfie_lite.loss import last_hidden, sequence_logps
 
 # bitsandbytes logs a warning about the optional `kernels` hub package on import; it fetches code from the
 # hub at run time, which we never want, so the warning is noise.
@@ -219,11 +220,9 @@ class HFBackend:
                 labels_mask[row, len(p) : len(p) + len(r)] = True
             ids, attn, labels_mask = ids.to(model.device), attn.to(model.device), labels_mask.to(model.device)
             with torch.inference_mode():
-                logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # [B, T-1, V] predicts ids[:, 1:]
-                target = ids[:, 1:]
-                token_logp = torch.gather(logits, -1, target.unsqueeze(-1)).squeeze(-1).float()
-                token_logp = token_logp - torch.logsumexp(logits.float(), dim=-1)
-                sums = (token_logp * labels_mask[:, 1:]).sum(-1)
+                # loss.sequence_logps from the last hidden states, a chunk of response positions at a time: the
+                # judging peak is one [chunk, V] block, not the [batch, T, V] logits (docs/performance.md).
+                sums = sequence_logps(last_hidden(model, ids, attn), ids[:, 1:], labels_mask[:, 1:])  # [B]
             for row, i in enumerate(idx):
                 result[i] = float(sums[row])
             if on_batch:

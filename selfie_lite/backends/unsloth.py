@@ -9,6 +9,10 @@ What Unsloth changes, stage by stage (everything else is inherited from HFBacken
             the model came in training mode, so sampling in the middle of training is safe.
   train     nothing here: this module imports unsloth before transformers, peft and trl, so TRL's DPOTrainer (and
             train.py's subclass of it) is Unsloth's patched one whenever this backend was selected.
+  log-probs (judging, training) never read the patched CausalLM forward's `.logits`: Unsloth's may return an
+            empty tensor (its fused-loss path) or hidden states (UNSLOTH_RETURN_HIDDEN_STATES) there. loss.last_hidden
+            runs the decoder stack (Unsloth's fast kernels, LoRA included) and applies the output layer itself, in
+            chunks (tests/test_unsloth_backend.py checks all three behaviours through the stand-in).
   merge     through 16-bit weights: Unsloth's save_pretrained_merged(..., save_method="merged_16bit") dequantizes a
             4-bit base and merges the adapter layer by layer (a 4-bit merge would re-quantize: lossy, and Unsloth
             refuses it). If that path is missing or fails, the base is loaded in 16-bit (dequantized when the folder
