@@ -28,14 +28,18 @@ from selfie_lite.judge import judge_round
 from selfie_lite.merge import merge_round
 from selfie_lite.numerics import resolve_threads, torch_threads
 from selfie_lite.rundir import (
+    adapter_bytes,
     atomic_write_json,
     atomic_write_jsonl,
+    check_free_space,
     config_rev,
+    format_bytes,
     fresh_tmp_dir,
     is_done,
     mark_done,
     marker,
     maybe_kill,
+    merged_model_bytes,
     read_json,
     read_jsonl,
     replace_dir,
@@ -207,6 +211,11 @@ def train_stage(cfg: RunConfig, round_dir: Path, backend, base_dir: Path, pairs:
 
     model, tok = backend.load(base_dir, trainable=True)
     model = backend.add_lora(model, cfg.lora, seed=cfg.random_seed + round_idx)
+    # Room for what this round writes after training (its adapter, then the merged model), checked before the
+    # training that a full disk would otherwise throw away.
+    adapter, merged = adapter_bytes(model), merged_model_bytes(base_dir, getattr(backend, "device", "cpu"))
+    check_free_space(round_dir, adapter + (merged or 0), f"train round {round_idx} and merge it",
+                     f"adapter {format_bytes(adapter)} + merged model {format_bytes(merged or 0)}")
     seed_round = round_idx == 0
     task = progress.start("train (seed DPO)" if seed_round else "train (SPA DPO)", total=1, unit="steps") if progress else None
 
@@ -227,14 +236,15 @@ def train_stage(cfg: RunConfig, round_dir: Path, backend, base_dir: Path, pairs:
         epochs=cfg.train.seed_epochs if seed_round else cfg.train.round_epochs,
         out_dir=round_dir / "trainer", seed=cfg.random_seed + round_idx, on_step=on_step,
         ref_logps=read_reference_table(round_dir) if sft_ref else None,
+        report_to=getattr(getattr(progress, "tracker", None), "report_to", "none"),
     )
+    tmp = fresh_tmp_dir(round_dir / "adapter")  # the adapter first: the training is lost until it is on disk
+    backend.save_adapter(model, tmp)
+    replace_dir(tmp, round_dir / "adapter")
     if progress:
         progress.finish(task)
     with contextlib.suppress(OSError):
         (round_dir / "trainer").rmdir()  # the Trainer's output_dir: empty, since nothing is saved through it
-    tmp = fresh_tmp_dir(round_dir / "adapter")
-    backend.save_adapter(model, tmp)
-    replace_dir(tmp, round_dir / "adapter")
     backend.free(model)
     rows = [dict(p, **result.pair_stats.get(p["pair_id"], {})) for p in pairs]
     atomic_write_jsonl(round_dir / "pairs.jsonl", rows)
@@ -330,6 +340,8 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console:
         atomic_write_json(rd / "metrics.json", metrics)
         history.append({"round": i, **metrics})
         console.print(round_table(i, metrics))
+        if progress is not None and hasattr(progress, "round_done"):
+            progress.round_done(i, metrics)  # --report-to
         prev = rd / "model"
     last = len(history) - 1
     final, why = last, "the last round (guard.select = last: the paper's loop)"

@@ -344,6 +344,7 @@ def train_dpo(
     seed: int,
     on_step: Callable[[int, int, dict], None] | None = None,
     ref_logps: dict[int, dict] | None = None,
+    report_to: str | list[str] = "none",
 ) -> TrainResult:
     """Train the LoRA adapter of `model` (a peft.PeftModel) with DPO on `pairs`, in place.
 
@@ -353,6 +354,7 @@ def train_dpo(
     ref_logps (robust.train_reference = "sft"): pair_id -> precomputed reference log-probs (see
     reference_table), used in the DPO margin instead of the adapter-off model; None = the paper's reference.
     out_dir is the Trainer's scratch folder: nothing is saved there (save_strategy="no").
+    report_to: transformers' experiment trackers for the step logs (`--report-to`: "tensorboard", "wandb").
     Deterministic on CPU for a given seed, model and pairs. Raises RunError if the loss becomes NaN or inf.
     """
     if not pairs:
@@ -390,7 +392,7 @@ def train_dpo(
         dataloader_num_workers=0,
         dataloader_pin_memory=cuda,
         # Quiet: our callback does the logging, the loop does the saving
-        report_to="none",
+        report_to=report_to,
         disable_tqdm=True,
         logging_strategy="steps",
         logging_steps=1,
@@ -438,6 +440,7 @@ def train_dpo(
         "pairs_per_s": n_pairs * epochs / seconds if seconds > 0 else math.nan,
         "loss_start": history[0]["loss"] if history else math.nan,
         "loss_end": history[-1]["loss"] if history else math.nan,
+        "loss_curve": [round(h["loss"], 5) for h in history],  # every optimizer step's loss, for `report`'s plot
         "margin_start": history[0].get("rewards/margins", math.nan) if history else math.nan,
         # Over every pair, as last seen (the final epoch):
         "mean_margin": mean(s["margin"] for s in stats.values()),
