@@ -104,7 +104,8 @@ class Reporter:
         task = self.progress.add_task(name, total=total, completed=done, unit=unit, rate="")
         self._tokens[task] = 0
         if not self.live:
-            self._log(task, f"start, {self._counts(task)}" + (" already done" if done else ""))
+            # total 1 is a placeholder until the stage knows its size (training: set_total at the first step)
+            self._log(task, "start" + (f", {self._counts(task)}" + (" already done" if done else "") if total > 1 else ""))
         return task
 
     def advance(self, task: int, n: int = 1, tokens: int | None = None, **fields) -> None:
