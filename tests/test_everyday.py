@@ -209,7 +209,8 @@ def test_run_json_is_the_summary_on_stdout(tiny_preset, tmp_path, stub_rounds): 
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)  # summary.json as run_rounds returned it, plus the run folder and the time
     assert summary["final_model"] == str(out / "round-0" / "model")
-    assert summary["run_dir"] == str(out.resolve()) and summary["seconds"] > 0
+    assert summary["run_dir"] == str(out.resolve())
+    assert isinstance(summary["seconds"], float) and summary["seconds"] >= 0  # a stubbed run can take < 0.05 s
     assert "labelled seed: 24 pairs" in r.stderr and "done in" in r.stderr
 
 
