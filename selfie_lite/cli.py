@@ -9,16 +9,32 @@ import json
 import os
 import sys
 import time
+import warnings
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from selfie_lite import __version__, cli_eval, doctor
-from selfie_lite.console import STATE, console, err_console, friendly_errors
+from selfie_lite.console import STATE, console, err_console, esc, friendly_errors, json_output
 from selfie_lite.errors import RunError, UserError
 
+
+class _Commands(TyperGroup):
+    """`--debug` belongs to the app, but the error hint tells users to append it ("run again with --debug"): accept
+    it after the command too, by moving it to the front (never past a `--`)."""
+
+    def parse_args(self, ctx, args):
+        end = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[1:end]:
+            args = ["--debug", *(a for i, a in enumerate(args) if not (a == "--debug" and i < end))]
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="selfie-lite",
     help="Align a chat model from a small labelled preference set with Spread Preference Annotation (SPA).\n\n"
     "Examples:\n\n"
@@ -45,6 +61,9 @@ def main_callback(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ):
     STATE["debug"] = debug
+    # transformers 5.24 warns on every run that PEFT/TRL call a renamed method (is_gradient_checkpointing): noise a
+    # user can do nothing about. Only that message is silenced.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -81,6 +100,32 @@ def build_config(preset, config_file, seed, model, data, rounds, random_seed, ba
     return absolute_paths(load_config(preset, config_file, overrides + [direct], base=base)), preset
 
 
+class ReportTo(StrEnum):
+    none = "none"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+
+
+def canonical_seed(text: str) -> str:
+    """The labelled share as config.json stores it: 3.3% and 3.3 pct -> "3.3pct", 0042 -> "42", so that a
+    resume with another spelling of the same share is not a change of settings."""
+    from selfie_lite.config import parse_seed
+
+    value = parse_seed(text)
+    return f"{value * 100:.10g}pct" if isinstance(value, float) else str(value)
+
+
+def _same_seed_spelling(saved: dict, new: dict) -> dict:
+    """`saved` with its data.seed spelled as in `new` when both mean the same share (runs made before seeds were
+    stored canonically kept "3.3%")."""
+    old_seed, new_seed = saved.get("data", {}).get("seed"), new.get("data", {}).get("seed")
+    try:
+        same = old_seed is not None and new_seed is not None and canonical_seed(old_seed) == canonical_seed(new_seed)
+    except UserError:
+        same = False
+    return {**saved, "data": {**saved["data"], "seed": new_seed}} if same and old_seed != new_seed else saved
+
+
 @app.command()
 @friendly_errors
 def run(
@@ -102,6 +147,8 @@ def run(
     chat_template: Annotated[str | None, typer.Option("--chat-template", help="Jinja chat template file for models without one.")] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model folder. Off unless asked.")] = False,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Any setting as KEY=VALUE, e.g. --set train.learning_rate=1e-5 (repeatable).")] = None,
+    report_to: Annotated[ReportTo, typer.Option("--report-to", help="Experiment tracking: the training steps (TRL) and each round's metrics go to tensorboard (RUN/tensorboard, RUN/round-*/trainer/runs) or wandb.")] = ReportTo.none,
+    as_json: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout at the end (everything else goes to stderr).")] = False,
 ):
     """Run SPA: seed DPO, then sample -> self-judge -> refine + LoRA DPO -> merge, round after round.
 
@@ -114,43 +161,58 @@ def run(
       selfie-lite run --resume runs/zephyr
     """
     from selfie_lite.config import diff_configs, from_dict, to_dict, validate
-    from selfie_lite.rundir import RunLock, atomic_write_json, ctrl_c_noted, read_json
+    from selfie_lite.rundir import RunLock, atomic_write_json, check_writable, claim_run_dir, ctrl_c_noted, read_json
+    from selfie_lite.tracking import check_available
 
+    t0 = time.perf_counter()
+    check_available(report_to.value)
     if select_by is not None:
         sets = [*(sets or []), f"guard.select={json.dumps(select_by)}"]
+    if seed is not None:
+        seed = canonical_seed(seed)
     given = any(v is not None for v in (seed, preset, config_file, model, data, rounds, random_seed, backend, beta,
                                         chat_template, sampler)) \
         or load_in_4bit or trust_remote_code or bool(sets)
     forced: list[str] = []  # settings a --force resume changes: the old ones are kept as config.<rev>.json
+    claim = None  # the default folder, runs/<timestamp>: made (unique) only once the input has passed every check
     if resume is not None:
         if out is not None:
             raise UserError("--resume and --out both name a run folder; give one", hint="--resume DIR continues DIR")
         run_dir = resume
         if not (run_dir / "config.json").is_file():
             raise UserError(f"{run_dir} is not a selfie-lite run folder (no config.json)")
+        check_writable(run_dir, "--resume")
         saved = read_json(run_dir / "config.json")
         cfg = from_dict(saved)
         if given:
             new_cfg, _ = build_config(preset, config_file, seed, model, data, rounds, random_seed, backend,
                                       load_in_4bit, beta, chat_template, trust_remote_code, sets, sampler, base=saved)
-            diffs = diff_configs(saved, to_dict(new_cfg))
+            diffs = diff_configs(_same_seed_spelling(saved, to_dict(new_cfg)), to_dict(new_cfg))
             if diffs and not force:
                 raise UserError(
                     f"{run_dir} was made with other settings: {'; '.join(diffs[:6])}" + (" ..." if len(diffs) > 6 else ""),
                     hint="drop those flags to resume as it was, or add --force to continue with the new settings",
                 )
-            cfg, forced = new_cfg, diffs
+            cfg, forced = new_cfg if diffs else cfg, diffs
         validate(cfg)
     else:
         cfg, preset = build_config(preset, config_file, seed, model, data, rounds, random_seed, backend, load_in_4bit,
                                    beta, chat_template, trust_remote_code, sets, sampler)
-        run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        if (run_dir / "config.json").is_file():
-            raise UserError(f"{run_dir} already holds a run", hint=f"continue it with --resume {run_dir}, or pick another --out")
+        if out is not None:
+            run_dir = out
+            check_writable(run_dir, "--out")
+            if (run_dir / "config.json").is_file():
+                raise UserError(f"{run_dir} already holds a run",
+                                hint=f"continue it with --resume {run_dir}, or pick another --out")
+        else:
+            claim = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+            check_writable(claim.parent, "--out (default runs/)")
+            run_dir = claim
     from selfie_lite.backends import get_backend
     from selfie_lite.inputs import check_resume_sft, preflight, resolve_inputs
     from selfie_lite.loop import run_rounds
     from selfie_lite.progress import Reporter
+    from selfie_lite.tracking import Tracker
 
     if not cfg.model:
         err_console.print("[cyan]No --model given: using the built-in tiny preset (a small model, task and oracle "
@@ -166,28 +228,125 @@ def run(
         check_resume_sft(run_dir, inputs.model_dir)  # the tiny preset's model, known once resolved
     # Bad input stops here, before any weights load and before the run folder is written.
     split = None if resume is not None else preflight(cfg, be, inputs)
-    if split is not None and split.n_identical:
-        err_console.print(f"[yellow]warning:[/yellow] {split.n_identical} of {split.n_rows + split.n_identical} rows "
-                          "have chosen identical to rejected (no preference): dropped", highlight=False)
-    with RunLock(run_dir), ctrl_c_noted():
+    if split is not None:
+        _say_data(split, inputs.data_source)
+    if claim is not None:
+        run_dir = claim_run_dir(claim)  # runs/<timestamp>, or runs/<timestamp>-2 when another run took it this second
+    with json_output(as_json) as emit, RunLock(run_dir, on_takeover=_say_takeover), ctrl_c_noted():
         try:
             if forced:
                 _save_forced_settings(run_dir, saved, forced)
             atomic_write_json(run_dir / "config.json", to_dict(cfg))
-            _print_config(cfg, run_dir, resumed=resume is not None)
-            err_console.print(f"backend: [bold]{be.name}[/bold] ({why}), device: {getattr(be, 'device', '?')}; "
-                              f"sampler: [bold]{cfg.sample.sampler}[/bold] ({sampler_why})")
-            with Reporter(err_console) as progress:
-                summary = run_rounds(cfg, run_dir, be, inputs, console, progress, split)
+            _print_start(cfg, run_dir, preset, resumed=resume is not None, split=split)
+            err_console.print(f"backend: [bold]{be.name}[/bold] ({esc(why)}), device: {getattr(be, 'device', '?')}; "
+                              f"sampler: [bold]{cfg.sample.sampler}[/bold] ({esc(sampler_why)})")
+            tracker = None if report_to == ReportTo.none else Tracker(report_to.value, run_dir, to_dict(cfg))
+            try:
+                with Reporter(err_console, out=console, tracker=tracker) as progress:
+                    # The loop prints its tables and verdicts through the reporter: above the live bars.
+                    summary = run_rounds(cfg, run_dir, be, inputs, progress, progress, split)
+            finally:
+                if tracker is not None:
+                    tracker.close()
         except KeyboardInterrupt:
             err_console.print(f"[yellow]interrupted.[/yellow] Finished stages are kept. Resume with:\n"
-                              f"  selfie-lite run --resume {run_dir}")
+                              f"  selfie-lite run --resume {esc(run_dir)}", highlight=False)
             raise typer.Exit(130) from None
         except (RunError, UserError) as e:
             e.hint = (e.hint + "; " if e.hint else "") + f"finished stages are kept: selfie-lite run --resume {run_dir}"
             raise
-    console.print(f"[bold green]done.[/bold green] final model: {summary['final_model']}  "
-                  f"summary: {run_dir / 'summary.json'}")
+        seconds = time.perf_counter() - t0
+        console.print(f"[bold green]done[/bold green] in {_duration(seconds)}"
+                      + (" (this session)" if resume is not None else "")
+                      + (f". Final model (round {summary['final_round']})" if "final_round" in summary else ". Final model")
+                      + f": {esc(summary['final_model'])}\n"
+                      f"next: selfie-lite eval {esc(run_dir)}   (win rate against the SFT model; then "
+                      f"selfie-lite report {esc(run_dir)})", highlight=False, soft_wrap=True)
+        emit({**summary, "run_dir": str(Path(run_dir).resolve()), "seconds": round(seconds, 1)})
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def _say_takeover(line: str) -> None:
+    err_console.print(f"[yellow]lock:[/yellow] {esc(line)}", highlight=False, soft_wrap=True)
+
+
+def _say_data(split, source: str) -> None:
+    """What the preflight found in the data, before anything trains: rows skipped or dropped."""
+    total = split.n_rows + split.n_bad + split.n_identical
+    if split.n_bad:
+        err_console.print(f"[yellow]warning:[/yellow] skipped {split.n_bad:,} invalid row(s) of {total:,} in "
+                          f"{esc(source)} (within data.max_bad_rows; recorded as skipped_bad_rows in data/split.json)",
+                          highlight=False, soft_wrap=True)
+    if split.n_identical:
+        err_console.print(f"[yellow]warning:[/yellow] {split.n_identical} of {split.n_rows + split.n_identical} rows "
+                          "have chosen identical to rejected (no preference): dropped", highlight=False)
+
+
+def _seed_line(cfg, run_dir: Path, split) -> str | None:
+    """`labelled seed: 42 pairs (0.7% of 6,000); the random seed is --random-seed 42`: --seed is the labelled share
+    (the paper's meaning), which a bare number reads as a pair count; this line says which it was."""
+    if split is not None:
+        n_seed, n_rows = len(split.seed_pairs), split.n_rows
+    else:
+        p = run_dir / "data" / "split.json"
+        if not p.is_file():
+            return None
+        from selfie_lite.rundir import read_json
+
+        info = read_json(p)
+        n_seed, n_rows = info.get("seed_pairs"), info.get("valid_rows")
+        if not n_seed or not n_rows:
+            return None
+    spelled = "" if str(cfg.data.seed) == str(n_seed) else f", --seed {cfg.data.seed}"
+    return (f"labelled seed: {n_seed:,} pairs ({100 * n_seed / n_rows:.1f}% of {n_rows:,}{spelled}); "
+            f"the random seed is --random-seed {cfg.random_seed}")
+
+
+def _reused(run_dir: Path) -> str:
+    """What a resume finds finished and will not redo."""
+    from selfie_lite.rundir import stage_metrics
+
+    parts = []
+    if (run_dir / "data" / "split.json").is_file():
+        parts.append("the data split")
+    rounds = sorted((d for d in run_dir.glob("round-*") if d.name[6:].isdigit()), key=lambda d: int(d.name[6:]))
+    for d in rounds:
+        stages = list(stage_metrics(d))
+        chunks = len(list((d / "samples").glob("chunk-*.jsonl"))) if "sample" not in stages else 0
+        if chunks:
+            stages.append(f"{chunks} sample chunk{'s' if chunks > 1 else ''}")
+        if stages:
+            parts.append(f"{d.name} ({', '.join(stages)})")
+    return ("reusing " + "; ".join(parts) + "; the rest runs now") if parts else "nothing finished yet: starting over"
+
+
+def _print_start(cfg, run_dir: Path, preset: str | None, resumed: bool, split=None) -> None:
+    """The run folder, the settings that differ from the defaults (all of them are in config.json), the labelled
+    seed, and on a resume what is reused."""
+    from selfie_lite.config import RunConfig, diff_configs, to_dict
+
+    head = f"{'resuming' if resumed else 'run'} [bold]{esc(run_dir)}[/bold]" + (f" (preset {esc(preset)})" if preset else "")
+    err_console.print(head, highlight=False, soft_wrap=True)
+    changed = diff_configs(to_dict(RunConfig()), to_dict(cfg))
+    if changed:
+        err_console.print("  settings other than the defaults:", highlight=False)
+        for d in changed:
+            key, _, change = d.partition(": ")
+            err_console.print(f"    {esc(key)} = {esc(change.split(' -> ', 1)[-1])}", highlight=False, soft_wrap=True)
+    err_console.print(f"  all settings: {esc(run_dir / 'config.json')}", highlight=False, soft_wrap=True)
+    line = _seed_line(cfg, run_dir, split)
+    if line:
+        err_console.print(f"  {line}", highlight=False, soft_wrap=True)
+    if resumed:
+        err_console.print(f"  {esc(_reused(run_dir))}", highlight=False, soft_wrap=True)
 
 
 def _save_forced_settings(run_dir: Path, saved: dict, changes: list[str]) -> None:
@@ -196,31 +355,13 @@ def _save_forced_settings(run_dir: Path, saved: dict, changes: list[str]) -> Non
     from selfie_lite.rundir import save_config_revision, stages_by_rev
 
     rev = save_config_revision(run_dir, saved, changes)
-    err_console.print(f"[yellow]settings changed (--force):[/yellow] config rev {rev - 1} -> {rev}: {'; '.join(changes)}. "
-                      f"The old settings are kept in {run_dir / f'config.{rev - 1}.json'}.", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]settings changed (--force):[/yellow] config rev {rev - 1} -> {rev}: "
+                      f"{esc('; '.join(changes))}. The old settings are kept in {esc(run_dir / f'config.{rev - 1}.json')}.",
+                      highlight=False, soft_wrap=True)
     for r, stages in stages_by_rev(run_dir).items():
         err_console.print(f"  ran under config rev {r}: {', '.join(stages)}", highlight=False, soft_wrap=True)
     err_console.print(f"  unfinished stages run under config rev {rev}", highlight=False)
 
-
-def _print_config(cfg, run_dir: Path, resumed: bool):
-    from rich.table import Table
-
-    from selfie_lite.config import to_dict
-
-    t = Table(title=f"{'resuming' if resumed else 'run'} {run_dir}", title_justify="left", show_header=False, box=None)
-    t.add_column(style="dim")
-    t.add_column()
-
-    def walk(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                t.add_row(prefix + k, json.dumps(v))
-
-    walk(to_dict(cfg))
-    err_console.print(t)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -237,6 +378,7 @@ def judge(
     beta: Annotated[float, typer.Option("--beta", help="DPO temperature (paper 0.1).")] = 0.1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 32,
     chat_template: Annotated[str | None, typer.Option("--chat-template", help="Jinja chat template file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the counts and the output path as JSON to stdout.")] = False,
 ):
     """Label responses with a model's implicit DPO reward against a reference: r = beta * (log pi - log ref).
 
@@ -251,10 +393,11 @@ def judge(
     from selfie_lite.backends.hf import HFBackend, chat_prompt_ids, chat_response_ids
     from selfie_lite.judge import flat_sequences, judge_pairs, score_with
     from selfie_lite.progress import Reporter
-    from selfie_lite.rundir import atomic_write_jsonl
+    from selfie_lite.rundir import atomic_write_jsonl, check_writable
 
     if not input_file.is_file():
         raise UserError(f"{input_file} does not exist")
+    check_writable(output, "--output", kind="file")
     rows = []
     for n, line in enumerate(input_file.read_text().splitlines()):
         if not line.strip():
@@ -285,8 +428,10 @@ def judge(
         ref, _ = score_with(be, reference, seqs, batch_size, progress, "judge (reference)")
     pairs, drops = judge_pairs(rows, pol, ref, beta)
     atomic_write_jsonl(output, pairs)
-    console.print(f"wrote {len(pairs)} pairs to {output} (dropped {drops['dropped_identical']} identical or tied, "
-                  f"{drops['dropped_empty_chosen']} with an empty chosen response)")
+    with json_output(as_json) as emit:
+        console.print(f"wrote {len(pairs)} pairs to {esc(output)} (dropped {drops['dropped_identical']} identical or "
+                      f"tied, {drops['dropped_empty_chosen']} with an empty chosen response)", highlight=False)
+        emit({"output": str(output.resolve()), "pairs": len(pairs), **drops})
 
 
 # -------------------------------------------------------------------------------------------------
@@ -310,7 +455,7 @@ def tiny_build(
     t0 = time.perf_counter()
     with err_console.status("building the tiny preset") as status:
         preset = build_tiny(cache_dir, force=force, progress=lambda stage, frac: status.update(f"building: {stage} ({frac:.0%})"))
-    console.print(f"tiny preset ready in {preset.root} ({time.perf_counter() - t0:.1f} s)")
+    console.print(f"tiny preset ready in {esc(preset.root)} ({time.perf_counter() - t0:.1f} s)", highlight=False)
 
 
 @tiny_app.command("info")
@@ -318,6 +463,7 @@ def tiny_build(
 def tiny_info(
     prompts: Annotated[int, typer.Option("--prompts", help="Held-out prompts to sample for the SFT figures.")] = 200,
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="The preset's folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest, the SFT figures and the calibration as JSON to stdout.")] = False,
 ):
     """What the tiny preset holds, and how its SFT model scores under the oracle on held-out prompts.
 
@@ -333,7 +479,7 @@ def tiny_info(
         raise UserError(f"--prompts must be at least 1, got {prompts}")
     preset = build_tiny(cache_dir)
     m = preset.manifest
-    t = Table(title=f"tiny preset: {preset.root}", title_justify="left", show_header=False)
+    t = Table(title=f"tiny preset: {esc(preset.root)}", title_justify="left", show_header=False)
     t.add_column(style="dim")
     t.add_column()
     files = m.get("files", {})
@@ -360,8 +506,10 @@ def tiny_info(
     by_kind = rep.get("frac_good_by_kind", {})
     if by_kind:
         t.add_row("  frac_good by task", ", ".join(f"{k} {v:.2f}" for k, v in sorted(by_kind.items())))
-    console.print(t)
-    _print_calibration()
+    with json_output(as_json) as emit:
+        console.print(t)
+        calib = _print_calibration()
+        emit({"root": str(preset.root), "manifest": m, "sft": rep, "calibration": calib})
 
 
 def _print_calibration():
@@ -374,7 +522,7 @@ def _print_calibration():
     calib = calibration.load()
     if calib is None:
         console.print("[dim]no calibration figures shipped: run python benchmarks/results.py[/dim]")
-        return
+        return None
     t = Table(title=f"calibration against the paper's baselines ({len(calib['seeds'])} random seeds; "
               f"{escape(calib['source'])})", title_justify="left")
     for col in ("figure", "target", "mean ± sd", "holds"):
@@ -383,6 +531,7 @@ def _print_calibration():
         t.add_row(f["what"], calibration.target_text(*f["target"]), f"{f['mean']:.3f} ± {f['sd']:.3f}",
                   "yes" if f["holds"] else "[red]no[/red]")
     console.print(t)
+    return calib
 
 
 # Registered here, after run and judge, so --help lists the commands in the order a user reaches for them.

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from selfie_lite.console import console, err_console, friendly_errors
+from selfie_lite.console import console, err_console, esc, friendly_errors, json_output
 from selfie_lite.errors import UserError
 
 
@@ -87,6 +87,7 @@ def eval_cmd(
     export: Annotated[str | None, typer.Option("--export", help="alpaca-eval: also write each model's outputs in AlpacaEval's model_outputs JSON format.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Where eval.json and outputs go. Default: the run folder, or eval/ for model folders.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Prompts per generate() call and sequences per scoring pass.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print eval.json to stdout (the table goes to stderr).")] = False,
 ):
     """Compare models against a baseline on held-out prompts: win rate (ties count half) and mean score under a
     judge, seed-pair accuracy of the implicit reward, self-label gold agreement per round, mean response length.
@@ -132,6 +133,10 @@ def eval_cmd(
     for t in targets:
         if not t.exists():
             raise UserError(f"{t} does not exist")
+    from selfie_lite.rundir import check_writable
+
+    if out is not None:
+        check_writable(out, "--out")
     run_dir = targets[0] if len(targets) == 1 and is_run_dir(targets[0]) else None
     if run_dir is None:
         for t in targets:
@@ -217,6 +222,8 @@ def eval_cmd(
         beta=cfg.beta,
     )
     out_dir = out or (run_dir if run_dir is not None else Path("eval"))
+    if out is None:
+        check_writable(out_dir, "the run folder" if run_dir is not None else "--out (default eval/)")
     reference = sft if run_dir is not None and sft is not None else base
     record = settings_record(settings, judge_obj, len(prompt_texts), base, reference, len(labelled or []))
     record["prompts_file"] = str(prompts) if prompts else ("tiny eval prompts" if tiny else "test split")
@@ -229,9 +236,9 @@ def eval_cmd(
 
     backend, _ = get_backend(cfg)
     err_console.print(
-        f"evaluating {len(models)} model(s) against {base} on {len(prompt_texts)} prompts "
+        f"evaluating {len(models)} model(s) against {esc(base)} on {len(prompt_texts)} prompts "
         f"(temperature {settings.temperature}, {settings.samples_per_prompt} sample(s) per prompt, seed "
-        f"{settings.random_seed}); judge: {judge_obj.name if judge_obj else 'none'}"
+        f"{settings.random_seed}); judge: {esc(judge_obj.name) if judge_obj else 'none'}", highlight=False, soft_wrap=True
     )
     from selfie_lite.numerics import resolve_threads, torch_threads
 
@@ -253,13 +260,22 @@ def eval_cmd(
     atomic_write_json(out_dir / "eval.json", result)
     from selfie_lite.report import eval_table
 
-    console.print(eval_table(result))
-    if export == "alpaca-eval":
-        paths = export_alpaca_eval(outputs, prompt_rows, out_dir / "eval" / "alpaca-eval",
-                                   prefix=f"{run_dir.name}-" if run_dir is not None else "")
-        console.print(f"AlpacaEval outputs: {paths[0].parent}/ ({len(paths)} files). Score one with:\n"
-                      f"  alpaca_eval --model_outputs {paths[-1]}")
-    console.print(f"wrote {out_dir / 'eval.json'}")
+    with json_output(as_json) as emit:
+        console.print(eval_table(_escaped_eval(result)))
+        if export == "alpaca-eval":
+            paths = export_alpaca_eval(outputs, prompt_rows, out_dir / "eval" / "alpaca-eval",
+                                       prefix=f"{run_dir.name}-" if run_dir is not None else "")
+            console.print(f"AlpacaEval outputs: {esc(paths[0].parent)}/ ({len(paths)} files). Score one with:\n"
+                          f"  alpaca_eval --model_outputs {esc(paths[-1])}", highlight=False, soft_wrap=True)
+        console.print(f"wrote {esc(out_dir / 'eval.json')}", highlight=False, soft_wrap=True)
+        emit(result)
+
+
+def _escaped_eval(result: dict) -> dict:
+    """eval.json with the user's strings (model folder names, baseline path, judge spec) escaped for the Rich table."""
+    s = result["settings"]
+    return {**result, "settings": {**s, "baseline": esc(s["baseline"]), "judge": esc(s["judge"]) if s["judge"] else s["judge"]},
+            "models": {esc(k): v for k, v in result["models"].items()}}
 
 
 @friendly_errors
@@ -267,6 +283,7 @@ def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run folder made by `selfie-lite run`.")],
     png: Annotated[Path | None, typer.Option("--png", help="Where to write the figure. Default: RUN_DIR/report.png.")] = None,
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Only the table, no figure.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every round's metrics and the eval as JSON to stdout (the tables go to stderr).")] = False,
 ):
     """A table per round (pairs, gold agreement, smoothing, loss, margins, length, eval win rate) and a PNG: win
     rate per round, fraction smoothed, margins of smoothed vs kept pairs, response length.
@@ -277,29 +294,42 @@ def report_cmd(
 
       selfie-lite report runs/tiny --png report.png
     """
-    from selfie_lite.report import collect, eval_table, plot_report, report_table
+    from selfie_lite.report import collect, eval_table, report_table
 
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} does not exist")
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir} is not a selfie-lite run folder (no config.json and round-* folders)")
+    if not no_plot:
+        from selfie_lite.rundir import check_writable
+
+        check_writable(png or run_dir / "report.png", "--png" if png else "the figure (or pass --png)", kind="file")
     data = collect(run_dir)
     if not data["rounds"]:
         raise UserError(f"{run_dir} has no round with metrics yet", hint=f"continue it: selfie-lite run --resume {run_dir}")
-    console.print(report_table(data))
-    if data.get("eval") is not None:
-        console.print(eval_table(data["eval"]))
-    else:
-        console.print("[dim]no eval.json: run `selfie-lite eval " + str(run_dir) + "` for win rates[/dim]")
-    if no_plot:
-        return
+    with json_output(as_json) as emit:
+        console.print(report_table({**data, "run_dir": esc(data["run_dir"])}))
+        if data.get("eval") is not None:
+            console.print(eval_table(_escaped_eval(data["eval"])))
+        else:
+            console.print(f"[dim]no eval.json: run `selfie-lite eval {esc(run_dir)}` for win rates[/dim]", highlight=False)
+        png_path = None if no_plot else _plot(data, png, run_dir)
+        emit({"run_dir": str(run_dir.resolve()), "config": data["config"], "eval": data["eval"],
+              "rounds": [{"round": r["round"], "metrics": r["metrics"]} for r in data["rounds"]],
+              "png": str(png_path.resolve()) if png_path else None})
+
+
+def _plot(data: dict, png: Path | None, run_dir: Path) -> Path | None:
+    from selfie_lite.report import plot_report
+
     try:
         import matplotlib  # noqa: F401
     except ImportError:
+        # A default install has it (pyproject); a broken or trimmed environment may not.
         if png is not None:
-            raise UserError("--png needs matplotlib", hint="pip install 'selfie-lite[plot]'") from None
-        console.print("[dim]no figure: matplotlib is not installed (pip install 'selfie-lite[plot]')[/dim]")
-        return
+            raise UserError("--png needs matplotlib, which is not installed", hint="pip install matplotlib") from None
+        console.print("[dim]no figure: matplotlib is not installed (pip install matplotlib)[/dim]")
+        return None
     path = plot_report(data, png or run_dir / "report.png")
-    console.print(f"wrote {path}")
-
+    console.print(f"wrote {esc(path)}", highlight=False, soft_wrap=True)
+    return path

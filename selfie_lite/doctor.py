@@ -2,7 +2,7 @@
 
 Checks: Python, torch, CUDA and GPU memory (plus bf16 on a GPU), the library versions against the supported matrix
 (the same ranges as pyproject.toml), the optional extras (bitsandbytes, unsloth) and the `kernels` package, hub
-reachability, and free disk where runs go and in the Hugging Face cache.
+reachability, whether the runs folder (--out) can be written, and free disk there and in the Hugging Face cache.
 
 Every check is a small function that returns a `Check`; the inputs (versions, GPU facts, the hub probe, disk usage)
 are arguments, so the logic is testable with fake values and no GPU or network. `run_checks()` gathers the real
@@ -12,6 +12,7 @@ Nothing here imports unsloth (versions come from importlib.metadata) and torch i
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 import shutil
@@ -26,7 +27,7 @@ from typing import Annotated
 
 import typer
 
-from selfie_lite.console import console, friendly_errors
+from selfie_lite.console import console, friendly_errors, json_output
 from selfie_lite.errors import RunError
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -300,6 +301,16 @@ def hf_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "huggingface"
 
 
+def check_writable_dir(name: str, folder: Path, fix: str) -> Check:
+    """Can a run be written there: the folder, or the nearest existing parent it would be made in."""
+    from selfie_lite.rundir import writable_problem
+
+    problem = writable_problem(Path(folder))
+    if problem:
+        return Check(name, FAIL, f"{folder}: {problem}", fix)
+    return Check(name, OK, f"{folder}: writable" + ("" if Path(folder).exists() else " (will be created)"))
+
+
 def check_disk(name: str, folder: Path, fix: str, disk_usage: Callable = shutil.disk_usage) -> Check:
     """Free space on the disk that holds `folder` (or its nearest existing parent: it may not exist yet)."""
     probe = Path(folder).expanduser().absolute()
@@ -343,6 +354,8 @@ def run_checks(
         check_unsloth(v.get("unsloth"), v, gpu.available),
         check_kernels(v.get("kernels")),
         check_hub(hub_probe),
+        check_writable_dir("write: runs", out if out is not None else default_runs_dir(),
+                           "pick a folder you can write to (--out), or fix its permissions"),
         check_disk("disk: runs", out if out is not None else default_runs_dir(),
                    "free some space, or point --out at a larger disk", disk_usage),
         check_disk("disk: HF cache", hf_cache_dir(),
@@ -371,8 +384,9 @@ def render_table(checks: list[Check]):
 @friendly_errors
 def doctor_cmd(
     out: Annotated[Path | None, typer.Option(
-        "--out", help="Where runs will go; its disk's free space is checked. Default: ./runs, else the current folder.",
+        "--out", help="Where runs will go: whether it can be written and its disk's free space. Default: ./runs, else the current folder.",
     )] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON to stdout (the table goes to stderr).")] = False,
 ):
     """Check this machine: Python, torch, CUDA and GPU memory, library versions, hub access and free disk.
 
@@ -383,11 +397,13 @@ def doctor_cmd(
       selfie-lite doctor --out /data/runs
     """
     checks = run_checks(out)
-    console.print(render_table(checks), soft_wrap=False)
     warns = [c.name for c in checks if c.status == WARN]
     fails = [c.name for c in checks if c.status == FAIL]
-    console.print(f"{len(checks)} checks: {len(checks) - len(warns) - len(fails)} OK, {len(warns)} WARN, {len(fails)} FAIL",
-                  highlight=False)
+    with json_output(as_json) as emit:
+        console.print(render_table(checks), soft_wrap=False)
+        console.print(f"{len(checks)} checks: {len(checks) - len(warns) - len(fails)} OK, {len(warns)} WARN, "
+                      f"{len(fails)} FAIL", highlight=False)
+        emit({"ok": not fails, "checks": [dataclasses.asdict(c) for c in checks]})
     if fails:
         raise RunError(f"{len(fails)} check{'s' if len(fails) > 1 else ''} failed: {', '.join(fails)}",
                        hint="apply the fixes in the table, then run selfie-lite doctor again")

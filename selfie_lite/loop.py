@@ -86,6 +86,8 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console:
         atomic_write_json(r.dir / "metrics.json", metrics)
         history.append({"round": i, **metrics})
         console.print(round_table(i, metrics))
+        if hasattr(r.progress, "round_done"):
+            r.progress.round_done(i, metrics)  # --report-to
     last = len(history) - 1
     final, why = last, "the last round (guard.select = last: the paper's loop)"
     if stopped:

@@ -11,7 +11,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from selfie_lite.rundir import check_free_space, folder_bytes, fresh_tmp_dir, maybe_kill, replace_dir
+from selfie_lite.rundir import (
+    check_free_space,
+    folder_bytes,
+    fresh_tmp_dir,
+    maybe_kill,
+    merged_model_bytes,
+    replace_dir,
+)
 from selfie_lite.stage import Round
 
 
@@ -21,9 +28,10 @@ def merge_stage(r: Round) -> dict:
 
 
 def merge_round(backend, base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
-    # A merged model in full precision can be up to 2x a bf16 base (fp32 on CPU): ask for that plus 10%.
-    need = int(folder_bytes(base_dir) * 2.2) if Path(base_dir).is_dir() else 0
-    check_free_space(out_dir.parent, need, f"merge the adapter into {out_dir}")
+    # Every parameter at the merge's precision (fp32 on a CPU, 16 bit on a GPU), from the base's safetensors
+    # headers (a hub id: its cached snapshot); unknown: not checked.
+    need = merged_model_bytes(base_dir, getattr(backend, "device", "cpu"))
+    check_free_space(out_dir.parent, need, f"merge the adapter into {out_dir}", "the merged model")
     t0 = time.perf_counter()
     tmp = fresh_tmp_dir(out_dir)
     backend.merge(base_dir, adapter_dir, tmp)

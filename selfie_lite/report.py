@@ -2,7 +2,7 @@
 
 Reads: <run>/config.json, round-<i>/done/<stage>.json (the stages' metrics), round-<i>/pairs.jsonl (per-pair
 margins and who was smoothed, from train.py's pair_stats) and <run>/eval.json when `selfie-lite eval` has run.
-Writes: nothing but the PNG it is asked for. matplotlib is an optional extra (selfie-lite[plot]).
+Writes: nothing but the PNG it is asked for (matplotlib, part of the default install).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def eval_table(result: dict) -> Table:
 
 
 def plot_report(data: dict, path: Path) -> Path:
-    """A 2-row figure. Top: win rate / agreement per round, fraction smoothed, response length.
+    """A 2-row figure. Top: win rate / agreement per round, fraction smoothed, response length, DPO loss per step.
     Bottom: one histogram per self-labelled round of the margin that picks who is smoothed (z_g),
     smoothed pairs against kept ones."""
     import matplotlib
@@ -176,14 +176,11 @@ def plot_report(data: dict, path: Path) -> Path:
     judge = ev.get("settings", {}).get("judge")
     self_rounds = [r for r in rounds if r["round"] > 0 and r["pairs"]]
     n_hist = max(1, len(self_rounds))
-    fig = plt.figure(figsize=(max(13, 4.2 * n_hist), 8.6), layout="constrained")
-    grid = fig.add_gridspec(2, max(3, n_hist) * 2)
-    top_w = max(3, n_hist) * 2 // 3
-    ax_win = fig.add_subplot(grid[0, 0:top_w])
-    ax_sm = fig.add_subplot(grid[0, top_w : 2 * top_w])
-    ax_len = fig.add_subplot(grid[0, 2 * top_w :])
-    hist_w = max(3, n_hist) * 2 // n_hist
-    hist_axes = [fig.add_subplot(grid[1, k * hist_w : (k + 1) * hist_w]) for k in range(n_hist)]
+    fig = plt.figure(figsize=(max(17, 4.2 * n_hist), 8.6), layout="constrained")
+    rows = fig.add_gridspec(2, 1)
+    top, bottom = rows[0].subgridspec(1, 4), rows[1].subgridspec(1, n_hist)
+    ax_win, ax_sm, ax_len, ax_loss = (fig.add_subplot(top[0, k]) for k in range(4))
+    hist_axes = [fig.add_subplot(bottom[0, k]) for k in range(n_hist)]
 
     # x positions: SFT at -1, round i at i.
     xs_all = [-1] + [r["round"] for r in rounds]
@@ -259,11 +256,12 @@ def plot_report(data: dict, path: Path) -> Path:
                     label="training samples drawn from it")
     ax_len.set_title("Mean response length")
     ax_len.set_ylabel("tokens")
-    tops = [y for _, y in le + samp]
-    ax_len.set_ylim(0, max(tops) * 1.15 if tops else 1)
+    ax_len.margins(y=0.25)  # not from 0: a change of a few tokens is what matters, and it would look flat
     setup_x(ax_len)
     if le or samp:
-        ax_len.legend(loc="lower right", fontsize=8)
+        ax_len.legend(loc="best", fontsize=8)
+
+    _plot_loss(ax_loss, rounds)
 
     # 4. Margins of smoothed vs kept pairs.
     for ax, r in zip(hist_axes, self_rounds or [None], strict=False):
@@ -310,3 +308,28 @@ def plot_report(data: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_loss(ax, rounds: list[dict]) -> None:
+    """The DPO loss at every optimizer step, round after round on one step axis (train.json's loss_curve); runs made
+    before it was recorded show each round's first and last loss."""
+    offset = 0
+    for r in rounds:
+        tr = r["metrics"].get("train", {})
+        curve = tr.get("loss_curve") or [v for v in (tr.get("loss_start"), tr.get("loss_end")) if v is not None]
+        if not curve:
+            continue
+        xs = range(offset + 1, offset + len(curve) + 1)
+        ax.plot(xs, curve, lw=1.5, marker="" if len(curve) > 2 else "o", label="seed DPO" if r["round"] == 0 else f"round {r['round']}")
+        if offset:
+            ax.axvline(offset + 0.5, color="grey", lw=0.8, ls=":")
+        offset += len(curve)
+    ax.axhline(math.log(2), color="grey", lw=1, ls="--", label="log 2 (no preference yet)")
+    ax.set_title("DPO loss per optimizer step")
+    ax.set_xlabel("step (rounds one after another)")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if offset:
+        ax.legend(loc="best", fontsize=7.5)
+    else:
+        ax.text(0.5, 0.5, "no training yet", transform=ax.transAxes, ha="center", va="center", color="grey")

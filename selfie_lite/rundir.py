@@ -7,12 +7,14 @@ last thing the stage writes, after its outputs were renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -131,15 +133,32 @@ def stages_by_rev(run_dir: Path) -> dict[int, list[str]]:
 # -- disk space ---------------------------------------------------------------------------------
 
 
-def check_free_space(folder: Path, needed_bytes: int, what: str) -> None:
-    folder = Path(folder)
-    probe = folder
-    while not probe.exists():
+def format_bytes(n: float) -> str:
+    """1.9 MB, 14.2 GB: a tiny-preset model must not read as 0.00 GB."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def free_bytes(folder: Path) -> tuple[int, Path]:
+    """Free space on the disk that holds `folder` (or its nearest existing parent), and that parent."""
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    return shutil.disk_usage(probe).free, probe
+
+
+def check_free_space(folder: Path, needed_bytes: int | None, what: str, parts: str = "") -> None:
+    """Refuse to start `what` when the disk under `folder` has less than needed_bytes free. None: the need is not
+    known (no local weights to measure), so nothing is checked rather than a made-up number."""
+    if not needed_bytes:
+        return
+    free, probe = free_bytes(folder)
     if free < needed_bytes:
         raise RunError(
-            f"not enough disk space to {what}: need {needed_bytes / 1e9:.2f} GB in {probe}, {free / 1e9:.2f} GB free",
+            f"not enough disk space to {what}: need {format_bytes(needed_bytes)}{f' ({parts})' if parts else ''} "
+            f"in {probe}, {format_bytes(free)} free",
             hint="free some space or point --out at a larger disk, then add --resume",
         )
 
@@ -148,7 +167,110 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
+_SAFETENSORS_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1,
+                            "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
+
+
+def local_model_dir(model) -> Path | None:
+    """A model's local folder: the folder itself, or a hub id's snapshot in the Hugging Face cache (no download);
+    None when neither is there."""
+    path = Path(str(model)).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model), local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception:
+        return None
+
+
+def model_params(model) -> int | None:
+    """Parameters stored in a model's *.safetensors files, from their headers (a few kB read, no weights loaded).
+    A 4-bit checkpoint counts its packed bytes, so it reads low: merges load it in 16 bit anyway."""
+    folder = local_model_dir(model)
+    if folder is None:
+        return None
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")) or b"{}")
+        for name, t in header.items():
+            if name != "__metadata__":
+                n = 1
+                for d in t.get("shape", []):
+                    n *= d
+                total += n
+    return total or None
+
+
+def merged_model_bytes(base_model, device: str = "cpu") -> int | None:
+    """What merging an adapter into `base_model` writes: every parameter at the merge's precision (fp32 on a CPU,
+    16 bit on a GPU: merge.py), plus 10% for the tokenizer and headroom. None: unknown (no local weights)."""
+    n = model_params(base_model)
+    return None if n is None else int(n * (2 if device == "cuda" else 4) * 1.1)
+
+
+def adapter_bytes(model) -> int:
+    """Bytes of a PEFT model's trainable (LoRA) parameters, as save_adapter writes them, plus 10%."""
+    return int(1.1 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad))
+
+
+# -- output paths -------------------------------------------------------------------------------
+
+
+def writable_problem(path: Path, kind: str = "folder") -> str | None:
+    """Why `path` (a folder, or a file to be made) cannot be written, or None. Nothing is created to find out."""
+    path = Path(path).expanduser()
+    if path.exists():
+        if kind == "folder" and not path.is_dir():
+            return "a file is in the way (need a folder)"
+        if kind == "file" and path.is_dir():
+            return "is a folder (need a file name)"
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"cannot write to {probe} (permission denied or a read-only disk)"
+    return None
+
+
+def check_writable(path: Path, flag: str, kind: str = "folder") -> None:
+    """Bad input, not a failed run: `path` cannot be written. Checked before any work, so `--out /read-only/x`
+    stops at once with the path named instead of failing after the first stage."""
+    problem = writable_problem(path, kind)
+    if problem:
+        raise UserError(f"{flag} {path}: {problem}", hint="pick a place you can write to, or fix its permissions")
+
+
+def claim_run_dir(base: Path) -> Path:
+    """A new run folder at `base`, or base-2, base-3, ... when it is taken: mkdir is atomic, so two runs started in
+    the same second (same runs/<timestamp>) still get a folder each."""
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 1000):
+        candidate = base if k == 1 else base.with_name(f"{base.name}-{k}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise UserError(f"could not make a new run folder next to {base}", hint="pass --out DIR")
+
+
 # -- lock ---------------------------------------------------------------------------------------
+# .lock holds {"pid", "host", "boot_id", "pid_start", "started", "beat"}; a thread rewrites "beat" every HEARTBEAT_S
+# while the run lives. A lock is taken over, with one line saying why, when its run is certainly gone:
+#   - same host and boot: its pid is dead, or alive but started at another time (a reused pid);
+#   - same host, another boot id: the machine restarted since;
+#   - another host (a lost Colab VM, a cluster node): no heartbeat for STALE_AFTER_S;
+#   - empty or unreadable (the VM died while writing it) and older than a few seconds.
+
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 180.0  # 6 missed heartbeats
+EMPTY_LOCK_GRACE_S = 10.0
 
 
 def _alive(pid: int) -> bool:
@@ -161,37 +283,112 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class RunLock:
-    """One run per directory. A lock left by a dead process (kill -9, lost Colab VM) is taken over."""
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
 
-    def __init__(self, run_dir: Path):
+
+def _pid_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux /proc); None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), counted after the command name
+    except (OSError, IndexError):
+        return None
+
+
+def _ago(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+def stale_lock_reason(info: dict, lock_age_s: float, host: str, boot_id: str | None, now: float) -> str | None:
+    """Why a lock's run is certainly gone (it may be taken over), or None (it may be alive: refuse)."""
+    if not info:
+        return "the lock file is empty or unreadable" if lock_age_s > EMPTY_LOCK_GRACE_S else None
+    pid = int(info.get("pid", 0) or 0)
+    if info.get("host") != host:
+        beat = float(info.get("beat") or info.get("started") or 0)
+        silent = now - beat if beat else lock_age_s
+        if silent > STALE_AFTER_S:
+            return f"no sign of life from {info.get('host', '?')} for {_ago(silent)}"
+        return None
+    if boot_id and info.get("boot_id") and info["boot_id"] != boot_id:
+        return "this machine has restarted since"
+    if not pid or not _alive(pid):
+        return f"its process {pid or '?'} is gone"
+    if info.get("pid_start") and _pid_start(pid) not in (None, info["pid_start"]):
+        return f"pid {pid} now belongs to another process"
+    return None
+
+
+class RunLock:
+    """One run per directory. A lock whose run is certainly gone (kill -9, a lost Colab VM, a reboot) is taken
+    over, and on_takeover(line) is told why."""
+
+    def __init__(self, run_dir: Path, on_takeover=None):
         self.path = Path(run_dir) / ".lock"
+        self.on_takeover = on_takeover
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.info: dict = {}
+
+    def _read(self) -> tuple[dict, float]:
+        try:
+            text = self.path.read_text()
+            age = time.time() - self.path.stat().st_mtime
+        except OSError:
+            return {}, 0.0
+        try:
+            info = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError:
+            info = {}
+        return (info if isinstance(info, dict) else {}), age
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        host = socket.gethostname()
-        for _ in range(2):
+        host, boot = socket.gethostname(), _boot_id()
+        now = time.time()
+        self.info = {"pid": os.getpid(), "host": host, "boot_id": boot, "pid_start": _pid_start(os.getpid()),
+                     "started": now, "beat": now}
+        for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                try:
-                    info = json.loads(self.path.read_text() or "{}")
-                except (OSError, json.JSONDecodeError):
-                    info = {}
-                pid = int(info.get("pid", 0))
-                if info.get("host") == host and pid and not _alive(pid):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                raise UserError(
-                    f"{self.path.parent} is in use by another run (pid {pid or '?'} on {info.get('host', '?')})",
-                    hint=f"wait for it to finish, or delete {self.path} if you are sure it is gone",
-                ) from None
+                info, age = self._read()
+                why = stale_lock_reason(info, age, host, boot, time.time())
+                if why is None:
+                    beat = info.get("beat")
+                    seen = f", last sign of life {_ago(time.time() - float(beat))} ago" if beat else ""
+                    raise UserError(
+                        f"{self.path.parent} is in use by another run (pid {info.get('pid') or '?'} on "
+                        f"{info.get('host', '?')}{seen})",
+                        hint=f"wait for it to finish; a lock from another machine is taken over after "
+                        f"{_ago(STALE_AFTER_S)} without a heartbeat, or delete {self.path} if you are sure it is gone",
+                    ) from None
+                self.path.unlink(missing_ok=True)
+                if self.on_takeover is not None:
+                    who = f"pid {info['pid']} on {info.get('host', '?')}" if info.get("pid") else "an unknown run"
+                    self.on_takeover(f"taking over the lock of {who}: {why}")
+                continue
             with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": host, "started": time.time()}, f)
+                json.dump(self.info, f)
+            self._thread = threading.Thread(target=self._heartbeat, name="selfie-lite-lock", daemon=True)
+            self._thread.start()
             return self
         raise UserError(f"could not take the lock {self.path}")
 
+    def _heartbeat(self):
+        while not self._stop.wait(HEARTBEAT_S):
+            self.info["beat"] = time.time()
+            with contextlib.suppress(OSError):
+                atomic_write_text(self.path, json.dumps(self.info))
+
     def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
         self.path.unlink(missing_ok=True)
         return False
 

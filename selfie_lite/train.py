@@ -396,6 +396,7 @@ def train_dpo(
     on_step: Callable[[int, int, dict], None] | None = None,
     ref_logps: dict[int, dict] | None = None,
     precompute_reference: bool = True,
+    report_to: str | list[str] = "none",
 ) -> TrainResult:
     """Train the LoRA adapter of `model` (a peft.PeftModel) with DPO on `pairs`, in place.
 
@@ -410,6 +411,7 @@ def train_dpo(
     lam == 0), score every pair with the adapter-off model once, before the first step (reference_pass), instead
     of in every step of every epoch; False keeps the per-step reference forward (tests compare the two).
     out_dir is the Trainer's scratch folder: nothing is saved there (save_strategy="no").
+    report_to: transformers' experiment trackers for the step logs (`--report-to`: "tensorboard", "wandb").
     Deterministic on CPU for a given seed, model and pairs. Raises RunError if the loss becomes NaN or inf.
     """
     if not pairs:
@@ -447,7 +449,7 @@ def train_dpo(
         dataloader_num_workers=0,
         dataloader_pin_memory=cuda,
         # Quiet: our callback does the logging, the loop does the saving
-        report_to="none",
+        report_to=report_to,
         disable_tqdm=True,
         logging_strategy="steps",
         logging_steps=1,
@@ -502,6 +504,7 @@ def train_dpo(
         "pairs_per_s": n_pairs * epochs / seconds if seconds > 0 else math.nan,
         "loss_start": history[0]["loss"] if history else math.nan,
         "loss_end": history[-1]["loss"] if history else math.nan,
+        "loss_curve": [round(h["loss"], 5) for h in history],  # every optimizer step's loss, for `report`'s plot
         "margin_start": history[0].get("rewards/margins", math.nan) if history else math.nan,
         # Over every pair, as last seen (the final epoch):
         "mean_margin": mean(s["margin"] for s in stats.values()),
@@ -536,12 +539,26 @@ def train_stage(r: Round) -> dict:
     import dataclasses
 
     from selfie_lite.robust import read_reference_table, round_learning_rate, training_pairs
-    from selfie_lite.rundir import atomic_write_jsonl, fresh_tmp_dir, maybe_kill, replace_dir
+    from selfie_lite.rundir import (
+        adapter_bytes,
+        atomic_write_jsonl,
+        check_free_space,
+        format_bytes,
+        fresh_tmp_dir,
+        maybe_kill,
+        merged_model_bytes,
+        replace_dir,
+    )
 
     cfg, backend, progress, i = r.cfg, r.backend, r.progress, r.index
     pairs = training_pairs(r)
     model, tok = backend.load(r.prev_dir, trainable=True)
     model = backend.add_lora(model, cfg.lora, seed=cfg.random_seed + i)
+    # Room for what this round writes after training (its adapter, then the merged model), checked before the
+    # training that a full disk would otherwise throw away.
+    adapter, merged = adapter_bytes(model), merged_model_bytes(r.prev_dir, getattr(backend, "device", "cpu"))
+    check_free_space(r.dir, adapter + (merged or 0), f"train round {i} and merge it",
+                     f"adapter {format_bytes(adapter)} + merged model {format_bytes(merged or 0)}")
     seed_round = i == 0
     task = progress.start("train (seed DPO)" if seed_round else "train (SPA DPO)", total=1, unit="steps")
 
@@ -562,13 +579,14 @@ def train_stage(r: Round) -> dict:
         epochs=cfg.train.seed_epochs if seed_round else cfg.train.round_epochs,
         out_dir=r.dir / "trainer", seed=cfg.random_seed + i, on_step=on_step,
         ref_logps=read_reference_table(r.dir) if sft_ref else None,
+        report_to=getattr(getattr(progress, "tracker", None), "report_to", "none"),
     )
+    tmp = fresh_tmp_dir(r.dir / "adapter")  # the adapter first: the training is lost until it is on disk
+    backend.save_adapter(model, tmp)
+    replace_dir(tmp, r.dir / "adapter")
     progress.finish(task)
     with contextlib.suppress(OSError):
         (r.dir / "trainer").rmdir()  # the Trainer's output_dir: empty, since nothing is saved through it
-    tmp = fresh_tmp_dir(r.dir / "adapter")
-    backend.save_adapter(model, tmp)
-    replace_dir(tmp, r.dir / "adapter")
     backend.free(model)
     rows = [dict(p, **result.pair_stats.get(p["pair_id"], {})) for p in pairs]
     atomic_write_jsonl(r.dir / "pairs.jsonl", rows)

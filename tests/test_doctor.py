@@ -375,7 +375,7 @@ def test_default_runs_dir(tmp_path):
 def test_run_checks_order_and_names():
     names = [c.name for c in doctor.run_checks(versions=GOOD, gpu=H100, disk_usage=plenty)]
     assert names == ["python", "torch", "cuda", "bf16", "transformers", "trl", "peft", "datasets", "accelerate",
-                     "bitsandbytes", "unsloth", "kernels", "hub", "disk: runs", "disk: HF cache"]
+                     "bitsandbytes", "unsloth", "kernels", "hub", "write: runs", "disk: runs", "disk: HF cache"]
 
 
 # -------------------------------------------------------------------------------------------------

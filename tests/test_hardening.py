@@ -148,20 +148,32 @@ def test_trust_remote_code_is_off_unless_asked(monkeypatch, tiny_preset):
 
 
 def test_disk_full_before_a_merge_names_the_space_and_resumes(tiny_preset, tmp_path, monkeypatch):
+    """The disk fills up while round 0 trains (the check before training passed): the merge refuses with the
+    merged model's estimated size, the adapter is already saved, and --resume merges it without training again."""
     import shutil as sh
 
     from selfie_lite import rundir
 
     real = sh.disk_usage
-    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    calls = []
+
+    def filling_up(p):
+        calls.append(p)
+        return real(p)._replace(free=500) if len(calls) > 1 else real(p)
+
+    monkeypatch.setattr(rundir.shutil, "disk_usage", filling_up)
     out = tmp_path / "run"
     r = invoke("run", *SMALL, "--out", out)
-    assert_one_line_error(r, 1, "not enough disk space to merge the adapter", "GB free", f"--resume {out}")
+    assert_one_line_error(r, 1, "not enough disk space to merge the adapter", "MB (the merged model)", "500 B free",
+                          f"--resume {out}")
     assert (out / "round-0" / "done" / "train.json").exists() and not (out / "round-0" / "model").exists()
+    assert (out / "round-0" / "adapter" / "adapter_model.safetensors").exists()
+    trained = (out / "round-0" / "done" / "train.json").stat().st_mtime_ns
     monkeypatch.setattr(rundir.shutil, "disk_usage", real)
     r = invoke("run", "--resume", out)
     assert r.exit_code == 0, r.output
     assert (out / "round-1" / "model" / "model.safetensors").exists()
+    assert (out / "round-0" / "done" / "train.json").stat().st_mtime_ns == trained  # not trained again
 
 
 def test_nan_loss_stops_the_round_and_keeps_the_last_good_model(tiny_preset, tmp_path, monkeypatch):

@@ -61,7 +61,7 @@ def reference_run(tiny_preset, tmp_path_factory):
 def test_full_loop_writes_every_artifact(reference_run):
     out, output = reference_run
     assert "built-in tiny preset" in output or "tiny" in output
-    assert "done." in output and "round 2" in output
+    assert "done in " in output and "round 2" in output
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["seed"] == "48" and config["rounds"] == 2
     split = json.loads((out / "data" / "split.json").read_text())
