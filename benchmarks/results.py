@@ -113,18 +113,13 @@ def make_config(overrides: list[dict]):
 
 
 def run(cfg, run_dir: Path, quiet: Console):
-    """Continue (or start) a run in run_dir with cfg, as `selfie-lite run --resume DIR --force` would."""
-    from selfie_lite.backends import get_backend
-    from selfie_lite.config import to_dict
-    from selfie_lite.inputs import resolve_inputs
-    from selfie_lite.loop import run_rounds
-    from selfie_lite.rundir import atomic_write_json
+    """Continue (or start) a run in run_dir with cfg, as `selfie-lite run --resume DIR --force` would: through the
+    Python API, so with the CLI's checks and lock."""
+    from selfie_lite import api
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", to_dict(cfg))
-    backend, _ = get_backend(cfg)
+    resume = (run_dir / "config.json").is_file()
     t0 = time.perf_counter()
-    run_rounds(cfg, run_dir, backend, resolve_inputs(cfg), quiet)
+    api.execute(api.prepare(cfg, run_dir, resume=resume, console=quiet), console=quiet)
     return time.perf_counter() - t0
 
 

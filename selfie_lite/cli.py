@@ -161,7 +161,7 @@ def run(
       selfie-lite run --resume runs/zephyr
     """
     from selfie_lite.config import diff_configs, from_dict, to_dict, validate
-    from selfie_lite.rundir import RunLock, atomic_write_json, check_writable, claim_run_dir, ctrl_c_noted, read_json
+    from selfie_lite.rundir import check_writable, claim_run_dir, read_json
     from selfie_lite.tracking import check_available
 
     t0 = time.perf_counter()
@@ -208,46 +208,39 @@ def run(
             claim = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
             check_writable(claim.parent, "--out (default runs/)")
             run_dir = claim
-    from selfie_lite.backends import get_backend
-    from selfie_lite.inputs import check_resume_sft, preflight, resolve_inputs
-    from selfie_lite.loop import run_rounds
+    from selfie_lite import api
     from selfie_lite.progress import Reporter
     from selfie_lite.tracking import Tracker
 
     if not cfg.model:
         err_console.print("[cyan]No --model given: using the built-in tiny preset (a small model, task and oracle "
                           "that run on a CPU).[/cyan]")
-    be, why = get_backend(cfg)
-    from selfie_lite.sampler_vllm import get_sampler
-
-    _, sampler_why = get_sampler(cfg.sample.sampler, be, cfg)
-    if resume is not None:
-        check_resume_sft(run_dir, cfg.model or None)  # the SFT model the run started from, before anything resolves
-    inputs = resolve_inputs(cfg, err_console)
-    if resume is not None and not cfg.model:
-        check_resume_sft(run_dir, inputs.model_dir)  # the tiny preset's model, known once resolved
-    # Bad input stops here, before any weights load and before the run folder is written.
-    split = None if resume is not None else preflight(cfg, be, inputs)
-    if split is not None:
-        _say_data(split, inputs.data_source)
+    # Every check, before anything is written (api.prepare); the run itself is api.execute.
+    prepared = api.prepare(cfg, claim or run_dir, resume=resume is not None, console=err_console,
+                           unique=claim is not None)
+    if prepared.split is not None:
+        _say_data(prepared.split, prepared.inputs.data_source)
     if claim is not None:
-        run_dir = claim_run_dir(claim)  # runs/<timestamp>, or runs/<timestamp>-2 when another run took it this second
-    with json_output(as_json) as emit, RunLock(run_dir, on_takeover=_say_takeover), ctrl_c_noted():
+        run_dir = prepared.run_dir = claim_run_dir(claim)  # runs/<timestamp>, or -2 when another run took it
+    tracker = None
+
+    def start():
+        if forced:
+            _save_forced_settings(run_dir, saved, forced)
+        _print_start(cfg, run_dir, preset, resumed=resume is not None, split=prepared.split)
+        err_console.print(f"backend: [bold]{prepared.backend.name}[/bold] ({esc(prepared.backend_why)}), device: "
+                          f"{getattr(prepared.backend, 'device', '?')}; sampler: [bold]{cfg.sample.sampler}[/bold] "
+                          f"({esc(prepared.sampler_why)})")
+
+    def reporter():
+        # The loop prints its tables and verdicts through the reporter: above the live bars.
+        nonlocal tracker
+        tracker = None if report_to == ReportTo.none else Tracker(report_to.value, run_dir, to_dict(cfg))
+        return Reporter(err_console, out=console, tracker=tracker)
+
+    with json_output(as_json) as emit:
         try:
-            if forced:
-                _save_forced_settings(run_dir, saved, forced)
-            atomic_write_json(run_dir / "config.json", to_dict(cfg))
-            _print_start(cfg, run_dir, preset, resumed=resume is not None, split=split)
-            err_console.print(f"backend: [bold]{be.name}[/bold] ({esc(why)}), device: {getattr(be, 'device', '?')}; "
-                              f"sampler: [bold]{cfg.sample.sampler}[/bold] ({esc(sampler_why)})")
-            tracker = None if report_to == ReportTo.none else Tracker(report_to.value, run_dir, to_dict(cfg))
-            try:
-                with Reporter(err_console, out=console, tracker=tracker) as progress:
-                    # The loop prints its tables and verdicts through the reporter: above the live bars.
-                    summary = run_rounds(cfg, run_dir, be, inputs, progress, progress, split)
-            finally:
-                if tracker is not None:
-                    tracker.close()
+            summary = api.execute(prepared, progress=reporter, before=start, on_takeover=_say_takeover)
         except KeyboardInterrupt:
             err_console.print(f"[yellow]interrupted.[/yellow] Finished stages are kept. Resume with:\n"
                               f"  selfie-lite run --resume {esc(run_dir)}", highlight=False)
@@ -255,6 +248,9 @@ def run(
         except (RunError, UserError) as e:
             e.hint = (e.hint + "; " if e.hint else "") + f"finished stages are kept: selfie-lite run --resume {run_dir}"
             raise
+        finally:
+            if tracker is not None:
+                tracker.close()
         seconds = time.perf_counter() - t0
         console.print(f"[bold green]done[/bold green] in {_duration(seconds)}"
                       + (" (this session)" if resume is not None else "")
