@@ -21,7 +21,7 @@ from pathlib import Path
 
 from selfie_lite.config import RunConfig
 from selfie_lite.evaluate import implicit_rewards
-from selfie_lite.rundir import atomic_write_json, atomic_write_jsonl, maybe_kill, read_json
+from selfie_lite.rundir import atomic_write_json, atomic_write_jsonl, read_json, safe_point
 from selfie_lite.stage import NULL_PROGRESS, Round
 
 
@@ -203,7 +203,7 @@ def judge_round(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], poli
             backend, model_dir, sequences, cfg.judge.batch_size, progress, f"judge ({name})"
         )
         atomic_write_json(path, cached[name])
-        maybe_kill("judge", len(cached))
+        safe_point("judge", len(cached))
     debias = {}
     a = 0.0
     if cfg.robust.length_debias:

@@ -15,9 +15,9 @@ from selfie_lite.rundir import (
     check_free_space,
     folder_bytes,
     fresh_tmp_dir,
-    maybe_kill,
     merged_model_bytes,
     replace_dir,
+    safe_point,
 )
 from selfie_lite.stage import Round
 
@@ -35,6 +35,6 @@ def merge_round(backend, base_dir: Path, adapter_dir: Path, out_dir: Path) -> di
     t0 = time.perf_counter()
     tmp = fresh_tmp_dir(out_dir)
     backend.merge(base_dir, adapter_dir, tmp)
-    maybe_kill("merge", 1)  # a kill here leaves only the temp folder, which the next attempt discards
+    safe_point("merge", 1)  # a kill here leaves only the temp folder, which the next attempt discards
     replace_dir(tmp, out_dir)
     return {"seconds": round(time.perf_counter() - t0, 3), "model_bytes": folder_bytes(out_dir)}

@@ -400,7 +400,7 @@ _interrupted = False
 
 @contextmanager
 def ctrl_c_noted():
-    """Ctrl-C raises KeyboardInterrupt at once, as usual, and is also noted, so that maybe_kill (called after every
+    """Ctrl-C raises KeyboardInterrupt at once, as usual, and is also noted, so that safe_point (called after every
     finished item of every stage) raises it again. Python drops a KeyboardInterrupt that lands in a weakref callback
     or a __del__ (e.g. inside a lazy import: "Exception ignored in ... _get_module_lock"); without the note the run
     would carry on to the end as if nothing was pressed."""
@@ -442,12 +442,11 @@ def ctrl_c_noted():
 # -- fault injection (tests and the curious): SELFIE_LITE_KILL_AT="<stage>:<items>" ------------------
 
 
-def maybe_kill(stage: str, items_done: int) -> None:
-    """Simulate a crash (SIGKILL, no clean-up) once `items_done` items of `stage` are finished.
-
-    Used by the resume tests to prove that a kill at any point loses no work and changes no result. Also the place
-    where a Ctrl-C that Python swallowed (see ctrl_c_noted) stops the run, at the next item boundary.
-    """
+def safe_point(stage: str, items_done: int) -> None:
+    """A point between two finished items of `stage` (a sampling chunk, a scoring pass, an optimizer step), where
+    stopping loses nothing: a Ctrl-C that Python swallowed (see ctrl_c_noted) stops the run here, and with
+    SELFIE_LITE_KILL_AT=stage:n the process kills itself (SIGKILL, no clean-up) once n items are done, which the
+    resume tests use to prove that a kill at any point loses no work and changes no result."""
     if _interrupted:
         raise KeyboardInterrupt
     spec = os.environ.get("SELFIE_LITE_KILL_AT", "")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from selfie_lite.config import RunConfig
-from selfie_lite.rundir import atomic_write_jsonl, maybe_kill, read_jsonl
+from selfie_lite.rundir import atomic_write_jsonl, read_jsonl, safe_point
 from selfie_lite.stage import NULL_PROGRESS, Round
 
 
@@ -59,7 +59,7 @@ def sample_round(cfg: RunConfig, round_dir: Path, backend, model_dir: Path, prom
             seconds += time.perf_counter() - t0
             tokens += sum(counted)
             n_done_prompts += len(ps)
-            maybe_kill("sample", n_done_prompts)
+            safe_point("sample", n_done_prompts)
         sampler.free(model)
     progress.finish(task)
     rows = load_samples(round_dir)

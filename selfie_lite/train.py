@@ -545,9 +545,9 @@ def train_stage(r: Round) -> dict:
         check_free_space,
         format_bytes,
         fresh_tmp_dir,
-        maybe_kill,
         merged_model_bytes,
         replace_dir,
+        safe_point,
     )
 
     cfg, backend, progress, i = r.cfg, r.backend, r.progress, r.index
@@ -565,7 +565,7 @@ def train_stage(r: Round) -> dict:
     def on_step(step, total, logs):
         progress.set_total(task, total)
         progress.advance(task, 1)
-        maybe_kill("train", step)
+        safe_point("train", step)
 
     lr = round_learning_rate(cfg.train.learning_rate, cfg.robust.lr_decay, i)
     train = cfg.train if lr == cfg.train.learning_rate else dataclasses.replace(cfg.train, learning_rate=lr)

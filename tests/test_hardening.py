@@ -238,22 +238,22 @@ def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tiny_preset, tmp_pat
 
 
 def test_a_swallowed_ctrl_c_still_stops_the_run_at_the_next_item():
-    from selfie_lite.rundir import ctrl_c_noted, maybe_kill
+    from selfie_lite.rundir import ctrl_c_noted, safe_point
 
     # A terminal's Ctrl-C: SIGINT at its default disposition, whatever this test process inherited (a CI shell's
     # background job starts with SIGINT ignored, which ctrl_c_noted respects: see the next test).
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with ctrl_c_noted():
-            maybe_kill("sample", 1)  # nothing pressed yet: carries on
+            safe_point("sample", 1)  # nothing pressed yet: carries on
             try:  # Python drops a KeyboardInterrupt raised inside a weakref callback or __del__; this stands for that
                 signal.raise_signal(signal.SIGINT)  # delivered synchronously to this thread: no timing involved
             except KeyboardInterrupt:
                 pass
             with pytest.raises(KeyboardInterrupt):
-                maybe_kill("sample", 2)
+                safe_point("sample", 2)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # our handler was taken out again
-        maybe_kill("sample", 3)  # the note ends with the run
+        safe_point("sample", 3)  # the note ends with the run
     finally:
         signal.signal(signal.SIGINT, before)
 
@@ -261,7 +261,7 @@ def test_a_swallowed_ctrl_c_still_stops_the_run_at_the_next_item():
 def test_a_ctrl_c_inside_a_destructor_prints_no_traceback_and_still_stops(capsys):
     import gc
 
-    from selfie_lite.rundir import ctrl_c_noted, maybe_kill
+    from selfie_lite.rundir import ctrl_c_noted, safe_point
 
     class Interrupted:
         def __del__(self):
@@ -272,20 +272,20 @@ def test_a_ctrl_c_inside_a_destructor_prints_no_traceback_and_still_stops(capsys
         Interrupted()  # collected at once: Python can only report the exception through sys.unraisablehook
         gc.collect()
         with pytest.raises(KeyboardInterrupt):
-            maybe_kill("sample", 1)
+            safe_point("sample", 1)
     assert "Traceback" not in capsys.readouterr().err
     assert sys.unraisablehook is hook  # the caller's hook is back
 
 
 def test_ctrl_c_noted_keeps_an_ignored_sigint_ignored():
-    from selfie_lite.rundir import ctrl_c_noted, maybe_kill
+    from selfie_lite.rundir import ctrl_c_noted, safe_point
 
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in `nohup selfie-lite run &`
     try:
         with ctrl_c_noted():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             signal.raise_signal(signal.SIGINT)  # ignored: no exception, nothing noted
-            maybe_kill("sample", 1)
+            safe_point("sample", 1)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
