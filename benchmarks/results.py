@@ -153,7 +153,7 @@ def train_all(seed: int, out: Path, args, quiet: Console, timings: dict) -> dict
     # "spa" is the paper's loop: every robust.* setting off (config.PAPER), whatever the defaults are.
     from selfie_lite.config import PAPER
 
-    base = [{"random_seed": seed, "data": {"seed": "3.3pct"}, "robust": PAPER["robust"],
+    base = [{"random_seed": seed, "data": {"labelled_share": "3.3pct"}, "robust": PAPER["robust"],
              "guard": {"select": "guard", "min_anchor_agreement": 0.0, "from_round": 2}}]
     base += args.overrides
     folders = {}
@@ -168,7 +168,7 @@ def train_all(seed: int, out: Path, args, quiet: Console, timings: dict) -> dict
     n_full = gold_pair_count(preset.preferences) - cfg.data.test_size
     epochs = 3 if n_full <= 2000 else 1  # the paper: 3 epochs for a seed of <= 2K pairs, 1 on all of UltraFeedback
     full = out / f"seed-{seed}" / "dpo-100"
-    cfg_full = make_config(base + [{"rounds": 0, "data": {"seed": str(n_full)}, "train": {"seed_epochs": epochs}}])
+    cfg_full = make_config(base + [{"rounds": 0, "data": {"labelled_share": str(n_full)}, "train": {"seed_epochs": epochs}}])
     log(f"seed {seed}: DPO on 100% of the gold pairs ({n_full} pairs, {epochs} epoch(s))")
     timings[f"seed {seed}: DPO-100%"] = run(cfg_full, full, quiet)
     folders["dpo-100"] = full

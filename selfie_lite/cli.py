@@ -86,7 +86,7 @@ def build_config(preset, config_file, seed, model, data, rounds, random_seed, ba
         direct["load_in_4bit"] = True
     if trust_remote_code:
         direct["trust_remote_code"] = True
-    data_over = {k: v for k, v in {"seed": seed, "source": data}.items() if v is not None}
+    data_over = {k: v for k, v in {"labelled_share": seed, "source": data}.items() if v is not None}
     if data_over:
         direct["data"] = data_over
     if sampler is not None:
@@ -109,21 +109,21 @@ class ReportTo(StrEnum):
 def canonical_seed(text: str) -> str:
     """The labelled share as config.json stores it: 3.3% and 3.3 pct -> "3.3pct", 0042 -> "42", so that a
     resume with another spelling of the same share is not a change of settings."""
-    from selfie_lite.config import parse_seed
+    from selfie_lite.config import parse_labelled_share
 
-    value = parse_seed(text)
+    value = parse_labelled_share(text)
     return f"{value * 100:.10g}pct" if isinstance(value, float) else str(value)
 
 
 def _same_seed_spelling(saved: dict, new: dict) -> dict:
-    """`saved` with its data.seed spelled as in `new` when both mean the same share (runs made before seeds were
+    """`saved` with its data.labelled_share spelled as in `new` when both mean the same share (runs made before seeds were
     stored canonically kept "3.3%")."""
-    old_seed, new_seed = saved.get("data", {}).get("seed"), new.get("data", {}).get("seed")
+    old_seed, new_seed = saved.get("data", {}).get("labelled_share"), new.get("data", {}).get("labelled_share")
     try:
         same = old_seed is not None and new_seed is not None and canonical_seed(old_seed) == canonical_seed(new_seed)
     except UserError:
         same = False
-    return {**saved, "data": {**saved["data"], "seed": new_seed}} if same and old_seed != new_seed else saved
+    return {**saved, "data": {**saved["data"], "labelled_share": new_seed}} if same and old_seed != new_seed else saved
 
 
 @app.command()
@@ -160,7 +160,7 @@ def run(
 
       selfie-lite run --resume runs/zephyr
     """
-    from selfie_lite.config import diff_configs, from_dict, to_dict, validate
+    from selfie_lite.config import diff_configs, from_dict, migrate, to_dict, validate
     from selfie_lite.rundir import check_writable, claim_run_dir, read_json
     from selfie_lite.tracking import check_available
 
@@ -182,7 +182,7 @@ def run(
         if not (run_dir / "config.json").is_file():
             raise UserError(f"{run_dir} is not a selfie-lite run folder (no config.json)")
         check_writable(run_dir, "--resume")
-        saved = read_json(run_dir / "config.json")
+        saved = migrate(read_json(run_dir / "config.json"))  # older runs call the labelled share data.seed
         cfg = from_dict(saved)
         if given:
             new_cfg, _ = build_config(preset, config_file, seed, model, data, rounds, random_seed, backend,
@@ -301,7 +301,7 @@ def _seed_line(cfg, run_dir: Path, split) -> str | None:
         n_seed, n_rows = info.get("seed_pairs"), info.get("valid_rows")
         if not n_seed or not n_rows:
             return None
-    spelled = "" if str(cfg.data.seed) == str(n_seed) else f", --seed {cfg.data.seed}"
+    spelled = "" if str(cfg.data.labelled_share) == str(n_seed) else f", --seed {cfg.data.labelled_share}"
     return (f"labelled seed: {n_seed:,} pairs ({100 * n_seed / n_rows:.1f}% of {n_rows:,}{spelled}); "
             f"the random seed is --random-seed {cfg.random_seed}")
 

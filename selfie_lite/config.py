@@ -24,7 +24,9 @@ PACKAGED_PRESETS = Path(__file__).resolve().parent / "presets"
 class DataConfig:
     source: str = ""  # hub name, .jsonl/.parquet file or save_to_disk folder; "" = the tiny preset's gold set
     split: str = "train"  # split name when `source` is a hub dataset or a DatasetDict folder
-    seed: str = "3.3pct"  # LABELLED share kept as human pairs: "3.3pct", "3.3%" or a count like "2000"
+    # The LABELLED share kept as human pairs (`--seed`, the paper's word): "3.3pct", "3.3%" or a count like "2000".
+    # Not a random seed (that is random_seed). Saved configs from before 2026-12-02 call it data.seed (migrate).
+    labelled_share: str = "3.3pct"
     test_size: int = 1000  # held-out labelled pairs for evaluation (rows), taken before the pools
     pool_ratio: list[float] = field(default_factory=lambda: [8.0, 20.0, 30.0])  # paper: 8K:20K:30K
     pool_sizes: list[int] = field(default_factory=list)  # explicit prompts per round; overrides pool_ratio
@@ -139,7 +141,7 @@ class RunConfig:
     # "selfie" (default): the measured-best loop, today the paper's plus the round guard (docs/results.md);
     # "paper": the paper's loop exactly (guard.select = last, every robust.* setting off, whatever else says).
     method: str = "selfie"
-    random_seed: int = 42  # NOT the labelled share: that is data.seed
+    random_seed: int = 42  # NOT the labelled share: that is data.labelled_share
     threads: int = 0  # torch CPU threads; 0 = auto (1 for a small model on a CPU, else torch's default): numerics.py
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -155,7 +157,7 @@ class RunConfig:
 # Labelled share: "3.3pct" | "3.3%" | "2000"
 
 
-def parse_seed(text: str, n_rows: int | None = None) -> int | float:
+def parse_labelled_share(text: str, n_rows: int | None = None) -> int | float:
     """Return a fraction (0 < f <= 1) for percentages or an int count; with n_rows, always the count."""
     raw = str(text).strip()
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(pct|%)", raw, flags=re.IGNORECASE)
@@ -280,13 +282,13 @@ def load_config(preset: str | None = None, config_file: Path | None = None, over
                 base: dict | None = None):
     """Defaults (or `base`, a saved config.json on --resume) < preset < file < overrides. Returns a validated
     RunConfig."""
-    data: dict = dict(base or {})
+    data: dict = migrate(dict(base or {}))
     if preset:
-        data = _deep_merge(data, read_toml(preset_path(preset)))
+        data = _deep_merge(data, migrate(read_toml(preset_path(preset))))
     if config_file:
-        data = _deep_merge(data, read_toml(config_file))
+        data = _deep_merge(data, migrate(read_toml(config_file)))
     for o in overrides or []:
-        data = _deep_merge(data, o)
+        data = _deep_merge(data, migrate(o))
     if data.get("method") == "paper":
         data = _paper(data)
     cfg = _build(RunConfig, data)
@@ -329,7 +331,19 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 
 def from_dict(data: dict) -> RunConfig:
-    return _build(RunConfig, data)
+    return _build(RunConfig, migrate(data))
+
+
+def migrate(data: dict) -> dict:
+    """Settings in an older spelling, renamed: data.seed (before 2026-12-02) is data.labelled_share. A saved
+    config.json, a TOML file or a --set override may use either; the new name wins where both are given."""
+    section = data.get("data")
+    if not isinstance(section, dict) or "seed" not in section:
+        return data
+    section = dict(section)
+    old = section.pop("seed")
+    section.setdefault("labelled_share", old)
+    return {**data, "data": section}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +456,7 @@ def _get(cfg, key: str):
 def validate(cfg: RunConfig) -> None:
     """Every numeric setting against RANGES first (one message per key), then the cross-field checks that the
     types and ranges alone cannot express."""
-    parse_seed(cfg.data.seed)
+    parse_labelled_share(cfg.data.labelled_share)
     for key in RANGES:
         check_range(key, _get(cfg, key))
     pools = cfg.data.pool_sizes or cfg.data.pool_ratio

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfie_lite.config import DataConfig, parse_seed
+from selfie_lite.config import DataConfig, parse_labelled_share
 from selfie_lite.errors import UserError
 
 REQUIRED = ("chosen", "rejected")
@@ -212,7 +212,7 @@ def split_rows(rows: list[dict], cfg: DataConfig, rounds: int, random_seed: int,
                n_identical: int = 0) -> Split:
     """One fixed shuffle: [seed pairs | pool 1 | ... | pool T | (unused) | test pairs]."""
     n = len(rows)
-    n_seed = parse_seed(cfg.seed, n)
+    n_seed = parse_labelled_share(cfg.labelled_share, n)
     # Seed and test pairs must never overlap; with rounds > 0 the pools need at least one row between them too.
     if n_seed + cfg.test_size > n or (n_seed + cfg.test_size == n and rounds > 0):
         raise UserError(

@@ -16,7 +16,7 @@ def toy_cfg(tmp_path_factory):
     model, data = build_toy_model(root / "sft"), toy_preferences(root / "prefs.jsonl", n=120)
     return load_config(None, None, [{
         "model": str(model), "rounds": 1,
-        "data": {"source": str(data), "seed": "24", "pool_sizes": [12], "test_size": 20},
+        "data": {"source": str(data), "labelled_share": "24", "pool_sizes": [12], "test_size": 20},
         "sample": {"max_new_tokens": 6, "chunk_size": 8},
         "train": {"batch_size": 4, "grad_accum": 1, "max_length": 64, "max_prompt_length": 32,
                   "gradient_checkpointing": False},

@@ -2,7 +2,7 @@
 
 import pytest
 
-from selfie_lite.config import diff_configs, load_config, parse_override, parse_seed, to_dict
+from selfie_lite.config import diff_configs, load_config, parse_labelled_share, parse_override, to_dict
 from selfie_lite.errors import UserError
 
 
@@ -11,13 +11,13 @@ from selfie_lite.errors import UserError
     [("3.3pct", 6000, 198), ("3.3%", 6000, 198), ("3.3 PCT", 60000, 1980), ("100%", 50, 50), ("2000", 60000, 2000),
      ("0.01pct", 100, 1)],
 )
-def test_parse_seed_counts(text, n_rows, expected):
-    assert parse_seed(text, n_rows) == expected
+def test_parse_labelled_share_counts(text, n_rows, expected):
+    assert parse_labelled_share(text, n_rows) == expected
 
 
-def test_parse_seed_without_rows_keeps_the_kind():
-    assert parse_seed("3.3pct") == pytest.approx(0.033)
-    assert parse_seed("2000") == 2000
+def test_parse_labelled_share_without_rows_keeps_the_kind():
+    assert parse_labelled_share("3.3pct") == pytest.approx(0.033)
+    assert parse_labelled_share("2000") == 2000
 
 
 @pytest.mark.parametrize(
@@ -25,9 +25,9 @@ def test_parse_seed_without_rows_keeps_the_kind():
     [("0", None, "at least one"), ("0pct", None, "above 0%"), ("101%", None, "at most 100%"), ("abc", None, "not a labelled share"),
      ("-5", None, "not a labelled share"), ("3.3", None, "not a labelled share"), ("7000", 6000, "has 6000 valid rows")],
 )
-def test_parse_seed_rejects(text, n_rows, fragment):
+def test_parse_labelled_share_rejects(text, n_rows, fragment):
     with pytest.raises(UserError, match=fragment):
-        parse_seed(text, n_rows)
+        parse_labelled_share(text, n_rows)
 
 
 def test_defaults_are_the_papers():
@@ -37,7 +37,7 @@ def test_defaults_are_the_papers():
     assert cfg.sample.max_new_tokens == 300
     assert cfg.refine.alpha == 0.1 and cfg.refine.low_conf_frac == 0.1 and cfg.refine.warmup_frac == 0.2
     assert cfg.refine.lambdas == [0.5, 0.25, 0.125]
-    assert cfg.data.pool_ratio == [8.0, 20.0, 30.0] and cfg.data.seed == "3.3pct"
+    assert cfg.data.pool_ratio == [8.0, 20.0, 30.0] and cfg.data.labelled_share == "3.3pct"
     assert cfg.train.seed_epochs == 3 and cfg.train.round_epochs == 1
 
 
@@ -49,7 +49,7 @@ def test_layers_preset_then_file_then_flags(tmp_path):
     assert cfg.train.learning_rate == 1e-4  # file over preset (tiny sets 1e-3)
     assert cfg.train.batch_size == 2  # flag over file
     assert cfg.data.pool_sizes == [400, 1000, 1500]  # from the preset
-    assert cfg.data.seed == "5%"
+    assert cfg.data.labelled_share == "5%"  # data.seed: the old name, still read
 
 
 def test_unknown_key_is_named(tmp_path):
@@ -154,3 +154,13 @@ def test_method_paper_is_the_papers_loop_exactly(tmp_path):
     assert (paper.train, paper.refine, paper.beta) == (default.train, default.refine, default.beta)
     with pytest.raises(UserError, match="method must be"):
         load_config("tiny", None, [{"method": "fast"}])
+
+
+def test_the_labelled_share_has_its_own_name_and_old_configs_still_read():
+    from selfie_lite.config import from_dict, migrate
+
+    cfg = from_dict({"data": {"seed": "48"}, "random_seed": 7})  # a config.json saved before the rename
+    assert cfg.data.labelled_share == "48" and cfg.random_seed == 7
+    assert "seed" not in to_dict(cfg)["data"]
+    assert migrate({"data": {"seed": "1%", "labelled_share": "2%"}})["data"] == {"labelled_share": "2%"}
+    assert migrate({"rounds": 2}) == {"rounds": 2}

@@ -105,7 +105,7 @@ def test_hub_name_while_offline_is_a_clear_error(monkeypatch):
 
 def test_split_sizes_and_determinism():
     rows = make_rows(1000)
-    cfg = DataConfig(seed="3.3pct", test_size=100)
+    cfg = DataConfig(labelled_share="3.3pct", test_size=100)
     a = split_rows(rows, cfg, rounds=3, random_seed=7)
     b = split_rows(rows, cfg, rounds=3, random_seed=7)
     c = split_rows(rows, cfg, rounds=3, random_seed=8)
@@ -120,22 +120,22 @@ def test_split_sizes_and_determinism():
 
 def test_explicit_pool_sizes_and_too_small_data():
     rows = make_rows(300)
-    s = split_rows(rows, DataConfig(seed="10", test_size=50, pool_sizes=[20, 30, 40]), rounds=3, random_seed=0)
+    s = split_rows(rows, DataConfig(labelled_share="10", test_size=50, pool_sizes=[20, 30, 40]), rounds=3, random_seed=0)
     assert [len(p) for p in s.pools] == [20, 30, 40]
     with pytest.raises(UserError, match="do not fit"):
-        split_rows(rows, DataConfig(seed="10", test_size=50, pool_sizes=[100, 100, 100]), rounds=3, random_seed=0)
+        split_rows(rows, DataConfig(labelled_share="10", test_size=50, pool_sizes=[100, 100, 100]), rounds=3, random_seed=0)
     with pytest.raises(UserError, match="cannot hold"):
-        split_rows(rows, DataConfig(seed="280", test_size=50), rounds=3, random_seed=0)
+        split_rows(rows, DataConfig(labelled_share="280", test_size=50), rounds=3, random_seed=0)
     # Seed-only DPO (rounds = 0) may use every row, but seed and test pairs still never overlap.
-    s = split_rows(rows, DataConfig(seed="250", test_size=50), rounds=0, random_seed=0)
+    s = split_rows(rows, DataConfig(labelled_share="250", test_size=50), rounds=0, random_seed=0)
     assert len(s.seed_pairs) == 250 and len(s.test_pairs) == 50 and s.pools == []
     with pytest.raises(UserError, match="cannot hold 280 seed pairs, a 50-row test split$"):
-        split_rows(rows, DataConfig(seed="280", test_size=50), rounds=0, random_seed=0)
+        split_rows(rows, DataConfig(labelled_share="280", test_size=50), rounds=0, random_seed=0)
 
 
 def test_load_split_end_to_end(tmp_path):
     path = write_jsonl(tmp_path / "prefs.jsonl", make_rows(400, messages=True))
-    s = load_split(DataConfig(source=str(path), seed="5%", test_size=40), rounds=2, random_seed=1)
+    s = load_split(DataConfig(source=str(path), labelled_share="5%", test_size=40), rounds=2, random_seed=1)
     assert len(s.seed_pairs) == 20 and len(s.pools) == 2 and s.n_rows == 400 and s.n_bad == 0
 
 
@@ -154,12 +154,12 @@ def test_identical_pairs_are_dropped_and_counted(tmp_path):
     rows = make_rows(100)
     for r in rows[:7]:
         r["rejected"] = r["chosen"]
-    s = load_split(DataConfig(source=str(write_jsonl(tmp_path / "d.jsonl", rows)), seed="10", test_size=20,
+    s = load_split(DataConfig(source=str(write_jsonl(tmp_path / "d.jsonl", rows)), labelled_share="10", test_size=20,
                               pool_sizes=[30]), 1, 0)
     assert s.n_identical == 7 and s.n_rows == 93
     assert all(p["chosen"] != p["rejected"] for p in s.seed_pairs + s.test_pairs)
     for r in rows[:60]:
         r["rejected"] = r["chosen"]
     with pytest.raises(UserError, match="60 of 100 rows in .* have chosen identical to rejected"):
-        load_split(DataConfig(source=str(write_jsonl(tmp_path / "d.jsonl", rows)), seed="10", test_size=20,
+        load_split(DataConfig(source=str(write_jsonl(tmp_path / "d.jsonl", rows)), labelled_share="10", test_size=20,
                               pool_sizes=[30]), 1, 0)

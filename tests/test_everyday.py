@@ -136,7 +136,7 @@ def test_a_run_in_a_terminal(tiny_preset, tmp_path):
     assert "round 0 (seed DPO)" in shown and "round 1" in shown
     assert re.search(r"│ merge +│ 1 model", shown) and shown.count("│ merge ") == 2, shown  # both tables whole
     assert "labelled seed: 24 pairs (0.4% of 6,000); the random seed is --random-seed 42" in shown
-    assert "settings other than the defaults:" in shown and "data.seed = \"24\"" in shown
+    assert "settings other than the defaults:" in shown and "data.labelled_share = \"24\"" in shown
     assert "lora.target_modules" not in shown and "refine.lambdas" not in shown  # defaults: in config.json only
     assert "FutureWarning" not in raw
     assert re.search(r"done in [\d a-z]+\. Final model \(round 1\): " + re.escape(str(tmp_path / "out")), shown)
@@ -387,12 +387,12 @@ def test_seed_spellings_are_one_share_and_the_seed_line_says_what_it_is(tiny_pre
     r = invoke("run", *small, "--seed", "3.3%", "--out", out)
     assert r.exit_code == 0, r.output
     assert "labelled seed: 198 pairs (3.3% of 6,000, --seed 3.3pct); the random seed is --random-seed 42" in r.output
-    assert json.loads((out / "config.json").read_text())["data"]["seed"] == "3.3pct"
+    assert json.loads((out / "config.json").read_text())["data"]["labelled_share"] == "3.3pct"
     for spelling in ("3.3pct", "3.3 %", "3.30%"):
         r = invoke("run", "--resume", out, "--seed", spelling)
         assert r.exit_code == 0, (spelling, r.output)
     r = invoke("run", "--resume", out, "--seed", "198")  # the same count, but another setting
-    assert_one_line_error(r, 2, 'data.seed: "3.3pct" -> "198"')
+    assert_one_line_error(r, 2, 'data.labelled_share: "3.3pct" -> "198"')
 
 
 def test_resume_says_what_it_reuses(tiny_preset, tmp_path, stub_rounds):  # noqa: F811

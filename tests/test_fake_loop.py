@@ -27,7 +27,7 @@ def toy(tmp_path_factory):
 def config(toy, **over):
     model, data = toy
     layers = [{"model": str(model), "rounds": 2,
-               "data": {"source": str(data), "seed": "24", "pool_sizes": [16, 16, 16], "test_size": 20},
+               "data": {"source": str(data), "labelled_share": "24", "pool_sizes": [16, 16, 16], "test_size": 20},
                "sample": {"max_new_tokens": 8, "chunk_size": 8},
                "train": {"batch_size": 4, "grad_accum": 1, "max_length": 64, "max_prompt_length": 32,
                          "gradient_checkpointing": False, "learning_rate": 1e-3},

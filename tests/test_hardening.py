@@ -64,7 +64,7 @@ def test_mixed_shapes_are_fine_when_each_row_is_valid(prefs):
     from selfie_lite.config import DataConfig
     from selfie_lite.data import load_split
 
-    s = load_split(DataConfig(source=str(prefs(rows)), seed="24", test_size=50, pool_sizes=[24]), 1, 0)
+    s = load_split(DataConfig(source=str(prefs(rows)), labelled_share="24", test_size=50, pool_sizes=[24]), 1, 0)
     assert s.n_bad == 0 and len(s.seed_pairs) == 24
 
 

@@ -63,7 +63,7 @@ def test_full_loop_writes_every_artifact(reference_run):
     assert "built-in tiny preset" in output or "tiny" in output
     assert "done in " in output and "round 2" in output
     config = json.loads((out / "config.json").read_text())
-    assert config["data"]["seed"] == "48" and config["rounds"] == 2
+    assert config["data"]["labelled_share"] == "48" and config["rounds"] == 2
     split = json.loads((out / "data" / "split.json").read_text())
     assert split["seed_pairs"] == 48
     from selfie_lite.tiny import build_tiny
