@@ -48,8 +48,10 @@ def win_rate(scores: list[float], baseline_scores: list[float]) -> dict:
 
 
 def implicit_rewards(policy_logps: list[float], reference_logps: list[float], beta: float) -> list[float]:
-    """r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)), sequence sums (docs/method.md (E2))."""
-    return [beta * (p - r) for p, r in zip(policy_logps, reference_logps, strict=True)]
+    """r(x, y) for lists of sequence log-probs (docs/method.md (E2); the formula is loss.implicit_reward)."""
+    from selfie_lite.loss import implicit_reward
+
+    return [implicit_reward(p, r, beta) for p, r in zip(policy_logps, reference_logps, strict=True)]
 
 
 def pair_accuracy(chosen_rewards: list[float], rejected_rewards: list[float]) -> float:

@@ -236,6 +236,18 @@ def last_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 # The loss
 
 
+def implicit_reward(policy_logp, reference_logp, beta: float):
+    """docs/method.md (E2): r = beta * (log pi(y|x) - log pi_ref(y|x)), elementwise on floats or tensors. The judge,
+    the round guard, consistency weighting, eval's seed-pair accuracy and the loss below all take it from here."""
+    return beta * (policy_logp - reference_logp)
+
+
+def dpo_margin(policy_chosen, ref_chosen, policy_rejected, ref_rejected, beta: float):
+    """docs/method.md (E4, E7): z = beta * [(log pi(yw) - log ref(yw)) - (log pi(yl) - log ref(yl))], elementwise;
+    with pi_g's log-probs in place of pi's it is the extrapolated margin z_g."""
+    return beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+
+
 def dpo_losses(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -251,8 +263,8 @@ def dpo_losses(
     the rewards and margins are detached (they are for logging and for picking low-confidence pairs).
     """
     # Implicit rewards: how much more likely the policy makes each response than the reference does.
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)  # [B]
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)  # [B]
+    chosen_rewards = implicit_reward(policy_chosen_logps, ref_chosen_logps, beta)  # [B]
+    rejected_rewards = implicit_reward(policy_rejected_logps, ref_rejected_logps, beta)  # [B]
     z = chosen_rewards - rejected_rewards  # [B] the DPO margin
 
     a = torch.as_tensor(smoothing, dtype=z.dtype, device=z.device)  # scalar or [B]

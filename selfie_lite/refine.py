@@ -30,7 +30,7 @@ from collections import deque
 
 import torch
 
-from selfie_lite.loss import CHUNK_ELEMENTS, LastHidden, Logits, response_positions, sequence_logps
+from selfie_lite.loss import CHUNK_ELEMENTS, LastHidden, Logits, dpo_margin, response_positions, sequence_logps
 
 __all__ = ["LowConfidencePicker", "alpha_at", "extrapolated_logps", "extrapolated_margin", "sequence_logps"]
 
@@ -118,7 +118,7 @@ def extrapolated_margin(
     ref_lp = sequence_logps(ref, labels, mask) if ref_logps is None else ref_logps  # [2B]
     g_c, g_r = g.chunk(2)
     ref_c, ref_r = ref_lp.chunk(2)
-    return beta * ((g_c - ref_c) - (g_r - ref_r))
+    return dpo_margin(g_c, ref_c, g_r, ref_r, beta)
 
 
 class LowConfidencePicker:

@@ -40,7 +40,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from selfie_lite.config import RefineConfig, TrainConfig
 from selfie_lite.errors import RunError, UserError
-from selfie_lite.loss import dpo_losses, last_hidden, sequence_logps
+from selfie_lite.loss import dpo_losses, dpo_margin, last_hidden, sequence_logps
 from selfie_lite.refine import LowConfidencePicker, alpha_at, extrapolated_margin
 from selfie_lite.stage import Round
 
@@ -158,7 +158,7 @@ class SPADPOTrainer(DPOTrainer):
         ref_chosen, ref_rejected = ref_logps.chunk(2)
 
         # Plain margin z, without gradient, to pick by when lam == 0 (dpo_losses recomputes it with gradient).
-        z = self.beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)).detach()  # [B]
+        z = dpo_margin(policy_chosen, ref_chosen, policy_rejected, ref_rejected, self.beta).detach()  # [B]
         if detect:
             z_g = extrapolated_margin(
                 policy.detach(), ref, labels, mask,
