@@ -76,7 +76,7 @@ class PairCollator(DataCollatorForPreference):
 class SPADPOTrainer(DPOTrainer):
     """DPOTrainer whose loss is docs/method.md's per-pair smoothed DPO (E5) with decoupled noise detection."""
 
-    def __init__(self, *args, refine: RefineConfig | None = None, lam: float = 0.0,
+    def __init__(self, *args, beta: float, refine: RefineConfig | None = None, lam: float = 0.0,
                  max_prompt_length: int | None = None, gold_pair_ids: set[int] | frozenset[int] = frozenset(),
                  ref_logps: dict[int, dict] | None = None, pair_smoothing: dict[int, float] | None = None,
                  **kwargs):
@@ -100,6 +100,9 @@ class SPADPOTrainer(DPOTrainer):
         self.seen_after_warmup = 0
         self.smoothed_after_warmup = 0
         super().__init__(*args, **kwargs)
+        # beta of (E2, E4) is ours, handed in: never read back from TRL's config (DPOTrainer sets self.beta from
+        # args.beta; train_dpo passes the same value to both, the loss uses this one).
+        self.beta = beta
         # Handed a PeftModel, TRL 1.16 adds a "ref" adapter (a copy of the current one) and uses it as the
         # reference. Our reference is the adapter-disabled model (docs/method.md, "The loop": the adapter is fresh on
         # merged weights), so drop the copy: it would cost memory and end up in saved adapters.
@@ -468,6 +471,7 @@ def train_dpo(
             train_dataset=Dataset.from_list([_to_conversation(p) for p in pairs]),
             processing_class=tokenizer,
             callbacks=[step_log],
+            beta=beta,
             refine=refine,
             lam=lam,
             max_prompt_length=train.max_prompt_length,

@@ -195,7 +195,7 @@ def _trainer(tmp_path, model, tok, pairs, max_length=64, max_prompt_length=None,
     return SPADPOTrainer(model=model, args=args, train_dataset=Dataset.from_list([_to_conversation(p) for p in pairs]),
                          processing_class=tok, data_collator=PairCollator(pad_token_id=tok.pad_token_id,
                                                                           max_length=max_length),
-                         max_prompt_length=max_prompt_length, **kwargs)
+                         max_prompt_length=max_prompt_length, beta=0.1, **kwargs)
 
 
 def _batch(trainer, n):

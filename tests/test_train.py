@@ -100,7 +100,7 @@ def test_zero_smoothing_equals_trl_stock_sigmoid_loss(tmp_path, refine, lam):
 
     ours = SPADPOTrainer(model=model, args=args(), train_dataset=dataset, processing_class=tok,
                          data_collator=PairCollator(pad_token_id=tok.pad_token_id, max_length=64),
-                         refine=refine, lam=lam)
+                         beta=0.1, refine=refine, lam=lam)
     assert set(model.peft_config) == {"default"}  # we dropped TRL's "ref" adapter copy
     stock = DPOTrainer(model=model, args=args(), train_dataset=dataset.remove_columns("pair_id"), processing_class=tok)
     # Stock TRL copies the adapter into a "ref" adapter and uses it as the reference; without it, it falls back
