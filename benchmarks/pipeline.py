@@ -68,8 +68,9 @@ def main():
     from selfie_lite.backends.hf import HFBackend
     from selfie_lite.config import load_config, parse_override
     from selfie_lite.judge import flat_sequences, judge_round
+    from selfie_lite.rundir import read_jsonl
     from selfie_lite.sample import load_samples, sample_round
-    from selfie_lite.tiny.build import build_tiny, read_jsonl
+    from selfie_lite.tiny.build import build_tiny
 
     preset = build_tiny()
     model_dir = Path(args.model or preset.model_dir)
@@ -83,7 +84,7 @@ def main():
     model, tok = be.load(model_dir)
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
-    from selfie_lite.backends.hf import chat_prompt_ids
+    from selfie_lite.chat import chat_prompt_ids
 
     prompt_ids = [chat_prompt_ids(tok, p) for p in prompts]
     s = cfg.sample

@@ -308,13 +308,12 @@ def _seed_line(cfg, run_dir: Path, split) -> str | None:
 
 def _reused(run_dir: Path) -> str:
     """What a resume finds finished and will not redo."""
-    from selfie_lite.rundir import stage_metrics
+    from selfie_lite.rundir import round_dirs, stage_metrics
 
     parts = []
     if (run_dir / "data" / "split.json").is_file():
         parts.append("the data split")
-    rounds = sorted((d for d in run_dir.glob("round-*") if d.name[6:].isdigit()), key=lambda d: int(d.name[6:]))
-    for d in rounds:
+    for _, d in round_dirs(run_dir):
         stages = list(stage_metrics(d))
         chunks = len(list((d / "samples").glob("chunk-*.jsonl"))) if "sample" not in stages else 0
         if chunks:
@@ -386,7 +385,8 @@ def judge(
 
     check_range("beta", beta, "--beta")  # beta <= 0 would invert (or zero) every label and still exit 0
     check_range("judge.batch_size", batch_size, "--batch-size")
-    from selfie_lite.backends.hf import HFBackend, chat_prompt_ids, chat_response_ids
+    from selfie_lite.backends.hf import HFBackend
+    from selfie_lite.chat import chat_prompt_ids, chat_response_ids
     from selfie_lite.judge import flat_sequences, judge_pairs, score_with
     from selfie_lite.progress import Reporter
     from selfie_lite.rundir import atomic_write_jsonl, check_writable
@@ -469,6 +469,7 @@ def tiny_info(
     """
     from rich.table import Table
 
+    from selfie_lite.rundir import format_bytes
     from selfie_lite.tiny.build import build_tiny, sft_report
 
     if prompts < 1:
@@ -485,7 +486,7 @@ def tiny_info(
     model = m.get("model", {})
     if model:
         c = model.get("config", {})
-        t.add_row("SFT model", f"Llama, {model['params']:,} parameters ({model['bytes'] / 1e6:.1f} MB), "
+        t.add_row("SFT model", f"Llama, {model['params']:,} parameters ({format_bytes(model['bytes'])}), "
                   f"{c.get('num_hidden_layers')} layers x {c.get('hidden_size')}, vocabulary {model.get('vocab_size')}")
     if "oracle" in m:
         w = m["oracle"]["weights"]

@@ -230,10 +230,11 @@ def _build(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """base with over's keys laid on top, nested tables merged key by key (a preset, then a file, then flags)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -284,11 +285,11 @@ def load_config(preset: str | None = None, config_file: Path | None = None, over
     RunConfig."""
     data: dict = migrate(dict(base or {}))
     if preset:
-        data = _deep_merge(data, migrate(read_toml(preset_path(preset))))
+        data = deep_merge(data, migrate(read_toml(preset_path(preset))))
     if config_file:
-        data = _deep_merge(data, migrate(read_toml(config_file)))
+        data = deep_merge(data, migrate(read_toml(config_file)))
     for o in overrides or []:
-        data = _deep_merge(data, migrate(o))
+        data = deep_merge(data, migrate(o))
     if data.get("method") == "paper":
         data = _paper(data)
     cfg = _build(RunConfig, data)

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from selfie_lite.errors import RunError, UserError
+from selfie_lite.errors import RunError, UserError, describe
 
 console = Console()
 err_console = Console(stderr=True)
@@ -58,8 +58,7 @@ def friendly_errors(fn):
                 raise
             mapped = _map_library_error(e)
             if mapped is None:
-                first = str(e).splitlines()[0] if str(e) else ""
-                err_console.print(f"[bold red]error:[/bold red] {type(e).__name__}: {esc(first)}", highlight=False,
+                err_console.print(f"[bold red]error:[/bold red] {esc(describe(e))}", highlight=False,
                                   soft_wrap=True)
                 err_console.print("[dim]run again with --debug for the full traceback[/dim]")
                 raise typer.Exit(1) from None

@@ -9,13 +9,13 @@ their labels, the next rows become prompt-only pools for rounds 1..T, the last r
 from __future__ import annotations
 
 import difflib
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfie_lite import hub
 from selfie_lite.config import DataConfig, parse_labelled_share
-from selfie_lite.errors import UserError
+from selfie_lite.errors import UserError, describe
 
 REQUIRED = ("chosen", "rejected")
 MAX_IDENTICAL = 0.5  # share of rows with chosen == rejected above which the data set is refused, not cleaned
@@ -29,10 +29,6 @@ class Split:
     n_rows: int  # valid rows before splitting
     n_bad: int  # rows skipped as invalid
     n_identical: int = 0  # valid rows dropped because chosen == rejected (no preference to learn)
-
-
-def _looks_like_hub_id(source: str) -> bool:
-    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not os.path.exists(source)
 
 
 def load_rows(source: str, split: str = "train") -> list[dict]:
@@ -57,8 +53,8 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
                 ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
             else:
                 raise UserError(f"{path}: unsupported file type {suffix!r}", hint="use .jsonl, .json or .parquet")
-        elif _looks_like_hub_id(source):
-            if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        elif hub.looks_like_hub_id(source):
+            if hub.offline(datasets=True):
                 raise UserError(
                     f"{source!r} is a hub dataset but the hub is offline (HF_HUB_OFFLINE=1)",
                     hint="download it once with network access, or pass a local .jsonl/.parquet file or folder",
@@ -69,7 +65,7 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
     except UserError:
         raise
     except Exception as e:  # datasets raises many types for a bad file; the user needs one line
-        raise UserError(f"could not read dataset {source!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"could not read dataset {source!r}: {describe(e)[:200]}") from None
     if len(ds) == 0:
         raise UserError(f"dataset {source!r} has no rows")
     return ds.to_list()

@@ -27,8 +27,9 @@ from typing import Annotated
 
 import typer
 
+from selfie_lite import hub
 from selfie_lite.console import console, friendly_errors, json_output
-from selfie_lite.errors import RunError
+from selfie_lite.errors import RunError, describe
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
@@ -199,7 +200,7 @@ def probe_gpu() -> GpuInfo:
     try:
         import torch
     except Exception as e:  # a broken CUDA install can raise OSError, not only ImportError
-        return GpuInfo(torch_imports=False, torch_error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return GpuInfo(torch_imports=False, torch_error=describe(e))
     cuda_build = torch.version.cuda
     try:
         if not torch.cuda.is_available():
@@ -234,11 +235,6 @@ def check_bf16(gpu: GpuInfo) -> Check:
         return Check("bf16", OK, "supported: train.precision auto trains in bf16")
     return Check("bf16", WARN, "not supported on this GPU (pre-Ampere): precision auto falls back to fp32",
                  "set train.precision = \"fp16\" to halve memory, or use an Ampere or newer GPU")
-
-
-def _hub_offline_by_setting() -> bool:
-    # huggingface_hub reads the same truthy spellings
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def hub_endpoint() -> str:
@@ -277,7 +273,7 @@ def probe_hub(url: str, timeout_s: float = HUB_TIMEOUT_S) -> tuple[bool, str]:
 
 
 def check_hub(probe: Callable[[str], tuple[bool, str]] | None = None, endpoint: str | None = None) -> Check:
-    if _hub_offline_by_setting():
+    if hub.offline():
         return Check("hub", WARN, "offline by setting (HF_HUB_OFFLINE=1): hub models and datasets will not download",
                      "unset HF_HUB_OFFLINE to download, or pass local folders (--model ./my-model)")
     endpoint = endpoint or hub_endpoint()

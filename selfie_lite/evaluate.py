@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from selfie_lite.errors import UserError
-from selfie_lite.rundir import read_jsonl
+from selfie_lite.errors import UserError, describe
+from selfie_lite.rundir import read_jsonl, round_dirs
 
 # ---------------------------------------------------------------------------------------------
 # Arithmetic
@@ -103,7 +103,7 @@ class AnchorJudge:
         pass
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        from selfie_lite.backends.hf import chat_prompt_ids, chat_response_ids
+        from selfie_lite.chat import chat_prompt_ids, chat_response_ids
 
         tok = self.backend.load_tokenizer(self.init_dir)
         seqs = [(chat_prompt_ids(tok, p), chat_response_ids(tok, p, r)) for p, r in zip(prompts, responses, strict=True)]
@@ -180,11 +180,12 @@ class RewardModelJudge:
     def _load(self):
         if self._model is not None:
             return
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        from selfie_lite.numerics import pick_device, pick_dtype
+
+        device = pick_device()
+        dtype = pick_dtype("auto", device)
         tok = AutoTokenizer.from_pretrained(str(self.path))
         model = AutoModelForSequenceClassification.from_pretrained(str(self.path), dtype=dtype, use_safetensors=True)
         if model.config.num_labels != 1:
@@ -268,7 +269,7 @@ class PythonJudge:
         try:
             value = self._fn(prompt, response)
         except Exception as e:  # the scorer is user code: any failure is reported, with the prompt it failed on
-            raise UserError(f"{where} raised {type(e).__name__}: {_first_line(e)}") from None
+            raise UserError(f"{where} raised {describe(e)}") from None
         # bool is an int: a pass/fail checker returning True/False scores 1/0, which is what it means.
         if not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
             raise UserError(f"{where} returned {value!r}; a scorer returns a finite number (higher is better)")
@@ -276,11 +277,6 @@ class PythonJudge:
 
     def close(self) -> None:
         pass
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "(no message)"
 
 
 def _import_scorer_module(module: str):
@@ -315,9 +311,9 @@ def _import_scorer_module(module: str):
         if e.name and module.startswith(e.name) and not is_path:
             raise UserError(f"--judge python:{module}:...: module {module!r} not found on sys.path or in the "
                             "current folder", hint="pass a path to the .py file instead, e.g. python:./checks.py:score") from None
-        raise UserError(f"--judge python:{module}:...: importing it failed: ModuleNotFoundError: {_first_line(e)}") from None
+        raise UserError(f"--judge python:{module}:...: importing it failed: {describe(e)}") from None
     except Exception as e:  # a syntax error or an exception at import time, in user code
-        raise UserError(f"--judge python:{module}:...: importing it failed: {type(e).__name__}: {_first_line(e)}") from None
+        raise UserError(f"--judge python:{module}:...: importing it failed: {describe(e)}") from None
 
 
 def parse_judge(spec: str | None, batch_size: int = 8) -> Judge | None:
@@ -371,9 +367,9 @@ def load_pairs(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"labelled pair file {path} does not exist")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path, user_file=True)
     for n, r in enumerate(rows):
-        if not all(isinstance(r.get(k), str) for k in ("prompt", "chosen", "rejected")):
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("prompt", "chosen", "rejected")):
             raise UserError(f"{path} row {n + 1}: need string fields prompt, chosen and rejected")
     return rows
 
@@ -405,7 +401,7 @@ def generate_outputs(backend, model, tok, prompts: list[str], s: EvalSettings) -
 
 def pair_sequences(tok, pairs: list[dict]) -> list[tuple[list[int], list[int]]]:
     """[(prompt_ids, chosen_ids)]*N + [(prompt_ids, rejected_ids)]*N, laid out by the chat template."""
-    from selfie_lite.backends.hf import chat_prompt_ids, chat_response_ids
+    from selfie_lite.chat import chat_prompt_ids, chat_response_ids
 
     prompt_ids = [chat_prompt_ids(tok, p["prompt"]) for p in pairs]
     chosen = [(pi, chat_response_ids(tok, p["prompt"], p["chosen"])) for pi, p in zip(prompt_ids, pairs, strict=True)]
@@ -561,14 +557,8 @@ def _chunks(values, sizes):
 
 def run_models(run_dir: Path, rounds: list[int] | None = None) -> dict[str, Path]:
     """round-<i>/model for every round whose merge finished (optionally only the listed rounds), in order."""
-    found = {}
-    for d in sorted(Path(run_dir).glob("round-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1):
-        idx = d.name.split("-")[1]
-        if not idx.isdigit() or not (d / "done" / "merge.json").is_file():
-            continue
-        if rounds is None or int(idx) in rounds:
-            found[d.name] = d / "model"
-    return found
+    return {d.name: d / "model" for i, d in round_dirs(run_dir)
+            if (d / "done" / "merge.json").is_file() and (rounds is None or i in rounds)}
 
 
 def gold_agreement(pairs: list[dict], gold) -> dict:
@@ -588,8 +578,8 @@ def self_label_agreement(run_dir: Path, gold=None) -> dict[str, float]:
     """Per self-labelled round: the share of its judged pairs whose chosen response the gold scorer also prefers
     (ties count 1/2). Read from the judge stage's metrics; computed from judged.jsonl when they lack it."""
     out = {}
-    for d in sorted(Path(run_dir).glob("round-*")):
-        if not d.name.split("-")[1].isdigit() or d.name == "round-0":
+    for i, d in round_dirs(run_dir):
+        if i == 0:
             continue
         marker = d / "done" / "judge.json"
         if not marker.is_file():
@@ -601,7 +591,7 @@ def self_label_agreement(run_dir: Path, gold=None) -> dict[str, float]:
             rows = read_jsonl(d / "judged.jsonl")
             if rows:
                 out[d.name] = gold_agreement(rows, gold)["gold_agreement"]
-    return dict(sorted(out.items(), key=lambda kv: int(kv[0].split("-")[1])))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""CPU numerics a run can rely on: the same floats in every process, and a thread count that suits the model.
+"""Numerics a run can rely on: the device and dtype a model runs in (one place for that choice), the same CPU
+floats in every process, and a thread count that suits the model.
 
 Why this exists (measured with benchmarks/numerics.py, docs/performance.md "Reproducible numerics"): torch's CPU
 matrix products go through Intel MKL, whose kernels pick their blocking by thread count (and, for unaligned
@@ -24,6 +25,26 @@ from pathlib import Path
 
 MKL_CBWR = "AUTO,STRICT"
 SMALL_MODEL_BYTES = 400 * 2**20  # about 100M fp32 parameters: below this, one thread wins on a shared CPU
+
+
+def pick_device() -> str:
+    """Where models run: the first CUDA GPU if torch sees one, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(precision: str, device: str, gpu_fallback: str = "fp32"):
+    """train.precision -> torch dtype. "auto": bf16 on a GPU that has it, else gpu_fallback on a GPU (fp32 for
+    transformers; Unsloth computes in 16 bits, so fp16 there), and fp32 on a CPU."""
+    import torch
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if precision == "auto":
+        if device != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else dtypes[gpu_fallback]
+    return dtypes[precision]
 
 
 def pin_mkl_reproducibility() -> None:

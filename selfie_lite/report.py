@@ -15,27 +15,18 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from selfie_lite.rundir import read_json, read_jsonl, stage_metrics
+from selfie_lite.rundir import format_bytes, read_json, read_jsonl, round_dirs, stage_metrics
 
 # Per-pair keys written by train.py (TrainResult.pair_stats): the plain DPO margin z, the extrapolated margin z_g
 # that decides who is smoothed, and whether the pair was smoothed the last time it was seen.
 MARGIN_KEY, PICK_KEY, SMOOTHED_KEY = "margin", "extrapolated_margin", "smoothed"
 
 
-def _round_dirs(run_dir: Path) -> list[tuple[int, Path]]:
-    out = []
-    for d in Path(run_dir).glob("round-*"):
-        idx = d.name.split("-", 1)[1]
-        if idx.isdigit():
-            out.append((int(idx), d))
-    return sorted(out)
-
-
 def collect(run_dir: Path) -> dict:
     """Everything the table and the figure need, from the run folder's files."""
     run_dir = Path(run_dir)
     rounds = []
-    for i, d in _round_dirs(run_dir):
+    for i, d in round_dirs(run_dir):
         metrics = stage_metrics(d)
         if not metrics:
             continue
@@ -122,7 +113,7 @@ def round_table(i: int, m: dict) -> Table:
                   f"loss {_f(trained.get('loss_start'))} -> {_f(trained.get('loss_end'))}, margin {_f(trained.get('mean_margin'))}, "
                   f"smoothed {_f(trained.get('frac_smoothed'), '.2f')}")
     if merged:
-        t.add_row("merge", "1 model", _f(merged.get("seconds"), ".1f"), "", f"{merged['model_bytes'] / 1e6:.1f} MB")
+        t.add_row("merge", "1 model", _f(merged.get("seconds"), ".1f"), "", format_bytes(merged['model_bytes']))
     return t
 
 

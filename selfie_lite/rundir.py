@@ -46,9 +46,27 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path: Path, user_file: bool = False) -> list:
+    """Every non-blank line of a JSON Lines file. user_file=True: a file the user gave, so a line that is not JSON is
+    a one-line UserError naming it (our own files are written whole by atomic_write_jsonl)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if not user_file:
+                    raise
+                raise UserError(f"{path} line {n} is not JSON") from None
+    return rows
+
+
+def round_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """(i, round-<i>/) for every round folder of a run, in round order."""
+    found = [(int(d.name[6:]), d) for d in Path(run_dir).glob("round-*") if d.name[6:].isdigit()]
+    return sorted(found)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -123,8 +141,7 @@ def stages_by_rev(run_dir: Path) -> dict[int, list[str]]:
     """Finished stages grouped by the config revision they ran under ("round-0 train", ...); markers written
     before revisions were recorded count as revision 0."""
     out: dict[int, list[str]] = {}
-    rounds = [d for d in Path(run_dir).glob("round-*") if d.name[6:].isdigit()]
-    for d in sorted(rounds, key=lambda d: int(d.name[6:])):
+    for _, d in round_dirs(run_dir):
         for name, m in stage_metrics(d).items():
             out.setdefault(int(m.get("config_rev", 0)), []).append(f"{d.name} {name}")
     return dict(sorted(out.items()))

@@ -6,7 +6,7 @@ vLLM when it is installed and a CUDA GPU is present, and says which it took. Jud
 use the backend: vLLM only samples, and frees the GPU before the judge loads.
 
 What stays the same as the generate path, so that the two samplers are interchangeable inside a run:
-  - prompts are tokenised by OUR tokenizer and chat template (backends.hf.chat_prompt_ids) and handed to vLLM as
+  - prompts are tokenised by OUR tokenizer and chat template (chat.chat_prompt_ids) and handed to vLLM as
     token ids, and responses are decoded by our tokenizer: vLLM's own tokenizer never shapes the data;
   - a response ends at (and includes) the first end-of-sequence token, like the generate path's cut;
   - every prompt has its own seed, derived from the chunk seed (sample.chunk_seed) and its place in the chunk, so a
@@ -163,7 +163,7 @@ class VLLMSampler:
                  seed, on_batch=None):
         from vllm import SamplingParams
 
-        from selfie_lite.backends.hf import chat_prompt_ids
+        from selfie_lite.chat import chat_prompt_ids
 
         eos_ids = set(getattr(llm, "_selfie_eos_ids", None) or ())
         if not eos_ids and tokenizer.eos_token_id is not None:

@@ -21,7 +21,8 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from selfie_lite.backends.hf import HFBackend, chat_prompt_ids, chat_response_ids
+from selfie_lite.backends.hf import HFBackend
+from selfie_lite.chat import chat_prompt_ids, chat_response_ids
 from selfie_lite.config import RunConfig
 
 WORDS = ("the a cat dog sat ran on under mat log red blue big small why how what is are you we good bad yes no "

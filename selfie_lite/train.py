@@ -41,6 +41,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from selfie_lite.config import RefineConfig, TrainConfig
 from selfie_lite.errors import RunError, UserError
 from selfie_lite.loss import dpo_losses, dpo_margin, last_hidden, sequence_logps
+from selfie_lite.numerics import pick_device, pick_dtype
 from selfie_lite.refine import LowConfidencePicker, alpha_at, extrapolated_margin
 from selfie_lite.stage import Round
 
@@ -281,12 +282,11 @@ def _no_dataset_progress_bars():
 
 
 def _precision(precision: str) -> dict:
-    cuda = torch.cuda.is_available()
-    if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp16" and not cuda:
+    device = pick_device()
+    if precision == "fp16" and device != "cuda":
         raise UserError("train.precision = fp16 needs a CUDA GPU", hint="use fp32 (or auto) on a CPU")
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+    dtype = pick_dtype(precision, device)
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
 
 def _checkpointing(on: bool) -> dict:

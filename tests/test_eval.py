@@ -25,7 +25,7 @@ from selfie_lite.evaluate import (
     self_label_agreement,
     win_rate,
 )
-from selfie_lite.tiny import task as T
+from selfie_lite.tiny import task
 
 runner = CliRunner()  # drives the real `selfie-lite` app, as a user would
 
@@ -84,13 +84,13 @@ class FakeBackend:
 
 
 def _answer(prompt: str) -> str:
-    return T.parse_prompt(prompt).answer
+    return task.parse_prompt(prompt).answer
 
 
 def test_evaluate_models_on_canned_outputs(monkeypatch):
     rng = random.Random(0)
-    prompts = [T.make_prompt(rng) for _ in range(2)]
-    wrong = T.wrong_answer(T.parse_prompt(prompts[0]), rng)
+    prompts = [task.make_prompt(rng) for _ in range(2)]
+    wrong = task.wrong_answer(task.parse_prompt(prompts[0]), rng)
     answers = {
         "sft": {prompts[0]: f"The answer is {wrong}.", prompts[1]: f"The answer is {_answer(prompts[1])}."},
         "good": {prompts[0]: f"The answer is {_answer(prompts[0])}.", prompts[1]: f"The answer is {_answer(prompts[1])}."},
@@ -111,7 +111,7 @@ def test_evaluate_models_on_canned_outputs(monkeypatch):
     assert sft["win_rate"] == 0.5 and sft["seed_pair_accuracy"] == 0.5
     # good wins prompt 1 (right vs wrong), ties prompt 2 (same answer)
     assert (good["wins"], good["ties"], good["losses"]) == (1, 1, 0) and good["win_rate"] == 0.75
-    sft_wrong = T.score(prompts[0], answers["sft"][prompts[0]])  # 0.4, or 0.25 when the wrong answer is also too long
+    sft_wrong = task.score(prompts[0], answers["sft"][prompts[0]])  # 0.4, or 0.25 when the wrong answer is also too long
     assert sft_wrong in (0.4, 0.25)
     assert good["mean_score"] == pytest.approx(1.0) and good["baseline_mean_score"] == pytest.approx((sft_wrong + 1.0) / 2)
     assert good["seed_pair_accuracy"] == 0.5
@@ -125,8 +125,8 @@ def test_evaluate_models_on_canned_outputs(monkeypatch):
 
 def test_oracle_judge_scores_and_refuses_foreign_prompts():
     j = OracleJudge()
-    p = T.make_prompt(random.Random(3))
-    a, wrong = _answer(p), T.wrong_answer(T.parse_prompt(p), random.Random(4))
+    p = task.make_prompt(random.Random(3))
+    a, wrong = _answer(p), task.wrong_answer(task.parse_prompt(p), random.Random(4))
     # The oracle's weights: 0.60 correct + 0.25 formatted ("The answer is X.") + 0.15 concise.
     assert j.score([p, p, p], [f"The answer is {a}.", a, f"The answer is {wrong}."]) == [1.0, 0.75, 0.4]
     j.check([p])
@@ -146,8 +146,8 @@ def _texts(n=300, seed=0):
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        p = T.make_prompt(rng)
-        out += [p, T.random_response(p, rng)]
+        p = task.make_prompt(rng)
+        out += [p, task.random_response(p, rng)]
     return out
 
 
@@ -186,8 +186,8 @@ def test_reward_model_judge_matches_a_plain_forward_whatever_the_batch(small_mod
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     rng = random.Random(5)
-    prompts = [T.make_prompt(rng) for _ in range(7)]
-    responses = [T.random_response(p, rng) + " extra words" * k for k, p in enumerate(prompts)]  # varied lengths
+    prompts = [task.make_prompt(rng) for _ in range(7)]
+    responses = [task.random_response(p, rng) + " extra words" * k for k, p in enumerate(prompts)]  # varied lengths
     judge = parse_judge(f"reward-model:{small_models['rm']}", batch_size=3)
     assert isinstance(judge, RewardModelJudge) and judge.name.startswith("reward-model:")
     batched = judge.score(prompts, responses)
@@ -252,16 +252,16 @@ def _write(path: Path, text: str) -> Path:
 
 def _prompt_file(tmp_path, n=6):
     rng = random.Random(1)
-    return _write(tmp_path / "prompts.jsonl", "".join(json.dumps({"prompt": T.make_prompt(rng)}) + "\n" for _ in range(n)))
+    return _write(tmp_path / "prompts.jsonl", "".join(json.dumps({"prompt": task.make_prompt(rng)}) + "\n" for _ in range(n)))
 
 
 def _pair_file(tmp_path, n=8):
     rng = random.Random(2)
     rows = []
     for _ in range(n):
-        p = T.make_prompt(rng)
-        rows.append({"prompt": p, "chosen": T.make_response(p, rng, "canonical", True),
-                     "rejected": T.make_response(p, rng, "ramble", False)})
+        p = task.make_prompt(rng)
+        rows.append({"prompt": p, "chosen": task.make_response(p, rng, "canonical", True),
+                     "rejected": task.make_response(p, rng, "ramble", False)})
     return _write(tmp_path / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -321,12 +321,12 @@ def test_self_label_agreement_reads_the_judge_metrics_or_recomputes(tmp_path):
     for i, m in ((1, {"pairs": 2, "gold_agreement": 0.75}), (2, {"pairs": 2})):
         (tmp_path / f"round-{i}" / "done").mkdir(parents=True)
         (tmp_path / f"round-{i}" / "done" / "judge.json").write_text(json.dumps(m))
-    p = T.make_prompt(random.Random(3))
-    a, wrong = _answer(p), T.wrong_answer(T.parse_prompt(p), random.Random(4))
+    p = task.make_prompt(random.Random(3))
+    a, wrong = _answer(p), task.wrong_answer(task.parse_prompt(p), random.Random(4))
     (tmp_path / "round-2" / "judged.jsonl").write_text(
         json.dumps({"prompt": p, "chosen": f"The answer is {a}.", "rejected": a}) + "\n"
         + json.dumps({"prompt": p, "chosen": f"The answer is {wrong}.", "rejected": f"The answer is {a}."}) + "\n")
-    assert self_label_agreement(tmp_path, T.score) == {"round-1": 0.75, "round-2": 0.5}
+    assert self_label_agreement(tmp_path, task.score) == {"round-1": 0.75, "round-2": 0.5}
     assert self_label_agreement(tmp_path) == {"round-1": 0.75}
 
 

@@ -288,11 +288,11 @@ def test_disk_need_is_estimated_from_the_model(tiny_preset):
 
 
 def test_a_full_disk_stops_before_training_with_real_numbers(tiny_preset, tmp_path, monkeypatch):
-    import shutil as sh
+    import shutil
 
     from selfie_lite import rundir
 
-    real = sh.disk_usage
+    real = shutil.disk_usage
     monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: real(p)._replace(free=500))
     out = tmp_path / "run"
     r = invoke("run", *SMALL, "--out", out)

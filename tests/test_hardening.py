@@ -150,11 +150,11 @@ def test_trust_remote_code_is_off_unless_asked(monkeypatch, tiny_preset):
 def test_disk_full_before_a_merge_names_the_space_and_resumes(tiny_preset, tmp_path, monkeypatch):
     """The disk fills up while round 0 trains (the check before training passed): the merge refuses with the
     merged model's estimated size, the adapter is already saved, and --resume merges it without training again."""
-    import shutil as sh
+    import shutil
 
     from selfie_lite import rundir
 
-    real = sh.disk_usage
+    real = shutil.disk_usage
     calls = []
 
     def filling_up(p):

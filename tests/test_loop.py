@@ -159,7 +159,8 @@ def test_degenerate_samples_are_dropped():
 
 
 def test_judge_command_labels_a_file(tiny_preset, reference_run, tmp_path):
-    from selfie_lite.backends.hf import HFBackend, chat_prompt_ids, chat_response_ids
+    from selfie_lite.backends.hf import HFBackend
+    from selfie_lite.chat import chat_prompt_ids, chat_response_ids
     from selfie_lite.config import RunConfig
 
     ref_run, _ = reference_run

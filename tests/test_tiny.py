@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from selfie_lite.tiny import build as B
-from selfie_lite.tiny import build_tiny, data_hash, default_cache_dir, generate_data, sft_report
-from selfie_lite.tiny import task as T
+from selfie_lite.chat import chat_conversation_ids, chat_prompt_ids
+from selfie_lite.rundir import read_jsonl
+from selfie_lite.tiny import build, build_tiny, data_hash, default_cache_dir, generate_data, sft_report, task
 
 # ---------------------------------------------------------------------------------------------
 # Oracle on hand-written responses, one row per task kind
@@ -28,14 +28,14 @@ CASES = [
 
 @pytest.mark.parametrize("kind,prompt,answer,wrong", CASES)
 def test_oracle_parses_each_kind(kind, prompt, answer, wrong):
-    task = T.parse_prompt(prompt)
-    assert (task.kind, task.answer) == (kind, answer)
+    parsed = task.parse_prompt(prompt)
+    assert (parsed.kind, parsed.answer) == (kind, answer)
 
 
 @pytest.mark.parametrize("kind,prompt,answer,wrong", CASES)
 def test_oracle_scores_hand_written_responses(kind, prompt, answer, wrong):
     def verdict(response):
-        d = T.score_details(prompt, response)
+        d = task.score_details(prompt, response)
         return d["correct"], d["formatted"], d["concise"], d["score"]
 
     assert verdict(f"The answer is {answer}.") == (True, True, True, 1.0)
@@ -48,16 +48,16 @@ def test_oracle_scores_hand_written_responses(kind, prompt, answer, wrong):
     assert verdict(rambling) == (True, False, False, 0.6)
     assert verdict(f"Hmm, hard one. Well, maybe the result is {wrong}.") == (False, False, False, 0.0)
     assert verdict("") == (False, False, False, 0.0)
-    assert T.score(prompt, f"The answer is {answer}.") >= T.GOOD_SCORE > T.score(prompt, answer)
+    assert task.score(prompt, f"The answer is {answer}.") >= task.GOOD_SCORE > task.score(prompt, answer)
 
 
 def test_oracle_edge_cases():
     p = "Add 3 and 5."
-    assert T.score_details(p, "The answer is 8. The answer is 8.")["formatted"] is False  # one answer only
-    assert T.score_details(p, "The answer is 7. The answer is 8.")["correct"] is True  # the last one counts
-    assert T.score_details(p, "Answer: 8")["correct"] is True
-    assert T.score_details(p, "  The answer is 8.\n")["score"] == 1.0
-    assert T.score("Write cat in capital letters.", "The answer is cat.") == 0.4  # case matters
+    assert task.score_details(p, "The answer is 8. The answer is 8.")["formatted"] is False  # one answer only
+    assert task.score_details(p, "The answer is 7. The answer is 8.")["correct"] is True  # the last one counts
+    assert task.score_details(p, "Answer: 8")["correct"] is True
+    assert task.score_details(p, "  The answer is 8.\n")["score"] == 1.0
+    assert task.score("Write cat in capital letters.", "The answer is cat.") == 0.4  # case matters
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_oracle_edge_cases():
 )
 def test_oracle_rejects_unknown_prompts(prompt):
     with pytest.raises(ValueError, match="not a tiny-preset prompt"):
-        T.score(prompt, "The answer is 8.")
+        task.score(prompt, "The answer is 8.")
 
 
 def test_generators_hit_the_intended_quality():
@@ -75,15 +75,15 @@ def test_generators_hit_the_intended_quality():
     expected |= {"trailing": (False, False), "ramble": (False, False)}
     kinds = set()
     for _ in range(300):
-        prompt = T.make_prompt(rng)
-        kinds.add(T.parse_prompt(prompt).kind)
+        prompt = task.make_prompt(rng)
+        kinds.add(task.parse_prompt(prompt).kind)
         for style, (formatted, concise) in expected.items():
             for correct in (True, False):
-                d = T.score_details(prompt, T.make_response(prompt, rng, style, correct))
+                d = task.score_details(prompt, task.make_response(prompt, rng, style, correct))
                 assert (d["correct"], d["formatted"]) == (correct, formatted), (prompt, style)
                 if correct:  # a wrong answer may also be too long (e.g. a word said three times, not two)
                     assert d["concise"] == concise, (prompt, style)
-    assert kinds == set(T.KINDS)
+    assert kinds == set(task.KINDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,10 +99,10 @@ def test_generate_data_is_deterministic(data):
     assert data_hash(generate_data()) == data_hash(data)
     assert data_hash(generate_data(seed=1)) != data_hash(data)
     assert {k: len(v) for k, v in data.items()} == {
-        "preferences": B.N_PREFERENCES,
-        "eval_prompts": B.N_EVAL,
-        "val_prompts": B.N_VAL,
-        "sft": B.N_SFT,
+        "preferences": build.N_PREFERENCES,
+        "eval_prompts": build.N_EVAL,
+        "val_prompts": build.N_VAL,
+        "sft": build.N_SFT,
     }
 
 
@@ -111,12 +111,12 @@ def test_preference_rows_are_well_formed(data):
     for row in data["preferences"]:
         assert set(row) == keys
         assert all(isinstance(row[k], str) and row[k] for k in ("prompt", "chosen", "rejected"))
-        assert row["score_chosen"] == T.score(row["prompt"], row["chosen"])
-        assert row["score_rejected"] == T.score(row["prompt"], row["rejected"])
+        assert row["score_chosen"] == task.score(row["prompt"], row["chosen"])
+        assert row["score_rejected"] == task.score(row["prompt"], row["rejected"])
         assert row["score_chosen"] > row["score_rejected"]
-    kinds = {T.parse_prompt(r["prompt"]).kind for r in data["preferences"]}
-    assert kinds == set(T.KINDS)
-    good_chosen = sum(r["score_chosen"] >= T.GOOD_SCORE for r in data["preferences"]) / len(data["preferences"])
+    kinds = {task.parse_prompt(r["prompt"]).kind for r in data["preferences"]}
+    assert kinds == set(task.KINDS)
+    good_chosen = sum(r["score_chosen"] >= task.GOOD_SCORE for r in data["preferences"]) / len(data["preferences"])
     assert 0.3 < good_chosen < 0.9  # gold labels carry signal, and not every pair is trivial
 
 
@@ -125,7 +125,7 @@ def test_quality_is_a_property_of_who_answers(data):
     a mixture that the seed DPO can shift, and correctness travels with form (as in UltraFeedback)."""
     by_style: dict[str, list[bool]] = {}
     for row in data["sft"]:
-        d = T.score_details(row["prompt"], row["response"])
+        d = task.score_details(row["prompt"], row["response"])
         r = row["response"]
         style = ("canonical" if r.startswith("The answer is") and r.endswith(".") and "answer" not in r[13:] else
                  "loose" if r.startswith("the answer is") else "trailing" if r.startswith("The answer is") else None)
@@ -133,8 +133,8 @@ def test_quality_is_a_property_of_who_answers(data):
             by_style.setdefault(style, []).append(d["correct"])
     rate = {k: sum(v) / len(v) for k, v in by_style.items()}
     assert rate["canonical"] > 0.9 > rate["trailing"] > rate["loose"] > 0.45
-    assert abs(rate["canonical"] - B.RESPONDERS["canonical"]) < 0.03
-    good = sum(T.is_good(r["prompt"], r["response"]) for r in data["sft"]) / len(data["sft"])
+    assert abs(rate["canonical"] - build.RESPONDERS["canonical"]) < 0.03
+    good = sum(task.is_good(r["prompt"], r["response"]) for r in data["sft"]) / len(data["sft"])
     assert 1 / 3 < good < 2 / 3  # something to prefer, something to avoid
 
 
@@ -146,7 +146,7 @@ def test_held_out_prompts_are_disjoint(data):
     assert not set(eval_p) & set(val_p)
     assert not (set(eval_p) | set(val_p)) & train_p
     for p in eval_p + val_p:
-        T.parse_prompt(p)  # every held-out prompt is one the oracle can score
+        task.parse_prompt(p)  # every held-out prompt is one the oracle can score
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
@@ -163,20 +163,20 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 def test_tokenizer_round_trips_with_chat_template(data, tmp_path):
     from transformers import AutoTokenizer
 
-    tok = B.train_tokenizer(B.tokenizer_corpus(data))
-    assert len(tok) == B.VOCAB_SIZE
+    tok = build.train_tokenizer(build.tokenizer_corpus(data))
+    assert len(tok) == build.VOCAB_SIZE
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)
     messages = [{"role": "user", "content": "Add 3 and 5."}, {"role": "assistant", "content": "The answer is 8."}]
     text = again.apply_chat_template(messages, tokenize=False)
     assert text == "<s><|user|>Add 3 and 5.<|assistant|>The answer is 8.</s>"
-    full = B.chat_ids(again, "Add 3 and 5.", "The answer is 8.")
-    prompt = B.chat_ids(again, "Add 3 and 5.")
-    assert full == B.chat_ids(tok, "Add 3 and 5.", "The answer is 8.")
+    full = chat_conversation_ids(again, "Add 3 and 5.", "The answer is 8.")
+    prompt = chat_prompt_ids(again, "Add 3 and 5.")
+    assert full == chat_conversation_ids(tok, "Add 3 and 5.", "The answer is 8.")
     assert full[: len(prompt)] == prompt and prompt[-1] == again.convert_tokens_to_ids("<|assistant|>")
     assert full[-1] == again.eos_token_id and again.pad_token_id not in (again.eos_token_id, None)
     assert again.decode(full[len(prompt) :], skip_special_tokens=True) == "The answer is 8."
-    assert len(again(" " + " ".join(T.WORDS))["input_ids"]) == len(T.WORDS)  # one token per task word
+    assert len(again(" " + " ".join(task.WORDS))["input_ids"]) == len(task.WORDS)  # one token per task word
 
 
 def test_interrupted_build_leaves_nothing(tmp_path):
@@ -223,7 +223,7 @@ def test_build_writes_a_complete_preset(preset, data):
     assert built.manifest == json.loads((built.root / "manifest.json").read_text())
     assert built.manifest["data_sha256"] == data_hash(data)
     for name in ("preferences", "eval_prompts", "val_prompts", "sft"):
-        assert B.read_jsonl(built.root / f"{name}.jsonl") == data[name]
+        assert read_jsonl(built.root / f"{name}.jsonl") == data[name]
         assert built.manifest["files"][f"{name}.jsonl"]["rows"] == len(data[name])
     assert (built.preferences, built.eval_prompts, built.val_prompts) == tuple(
         built.root / f"{n}.jsonl" for n in ("preferences", "eval_prompts", "val_prompts")
@@ -260,7 +260,7 @@ def test_built_model_loads_and_chats(preset):
     new = out[0, len(ids) :].tolist()
     assert tok.eos_token_id in new  # the assistant turn ends
     reply = tok.decode(new, skip_special_tokens=True)
-    assert T.score_details("Add 3 and 5.", reply)["formatted"]  # greedy follows the dominant format
+    assert task.score_details("Add 3 and 5.", reply)["formatted"]  # greedy follows the dominant format
 
 
 def test_sft_model_quality_is_in_the_band(preset):
@@ -271,7 +271,7 @@ def test_sft_model_quality_is_in_the_band(preset):
     assert report["frac_formatted"] < 0.9 and report["frac_concise"] < 0.95
     assert 0 < report["mean_score"] < 1 and report["frac_finished"] > 0.95
     assert 2 < report["mean_length_tokens"] < 30 and report["tokens_per_s"] > 0
-    assert set(report["frac_good_by_kind"]) == set(T.KINDS)
+    assert set(report["frac_good_by_kind"]) == set(task.KINDS)
     again = sft_report(built, n_prompts=200)
     assert {k: v for k, v in again.items() if k != "tokens_per_s"} == {
         k: v for k, v in report.items() if k != "tokens_per_s"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from selfie_lite.config import RunConfig
-from selfie_lite.errors import UserError
+from selfie_lite.errors import UserError, first_line
 
 
 def unsloth_available() -> bool:
@@ -35,7 +35,7 @@ def get_backend(cfg: RunConfig):
             if cfg.backend == "auto":  # auto never fails: it falls back to transformers and says why
                 from selfie_lite.backends.hf import HFBackend
 
-                return HFBackend(cfg), f"auto: unsloth failed to import ({str(e).splitlines()[0][:120]})"
+                return HFBackend(cfg), f"auto: unsloth failed to import ({first_line(e)[:120]})"
             raise UserError(f"--backend unsloth is not available: {e}", hint="pip install 'selfie-lite[gpu]' on a CUDA machine") from None
         return UnslothBackend(cfg), why
     from selfie_lite.backends.hf import HFBackend

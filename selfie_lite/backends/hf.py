@@ -9,12 +9,13 @@ import gc
 import inspect
 import json
 import logging
-import os
 from pathlib import Path
 
+from selfie_lite import hub
 from selfie_lite.config import LoraConfig, RunConfig
-from selfie_lite.errors import RunError, UserError
+from selfie_lite.errors import RunError, UserError, first_line
 from selfie_lite.loss import last_hidden, sequence_logps
+from selfie_lite.numerics import pick_device, pick_dtype
 
 # bitsandbytes logs a warning about the optional `kernels` hub package on import; it fetches code from the
 # hub at run time, which we never want, so the warning is noise.
@@ -23,15 +24,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 import torch  # noqa: E402
 from transformers import GenerationConfig, LogitsProcessorList  # noqa: E402
 
-
-def pick_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def pick_dtype(precision: str, device: str) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+from selfie_lite.chat import chat_prompt_ids  # noqa: E402
 
 
 def check_model_source(model_dir: str | Path) -> None:
@@ -49,10 +42,9 @@ def check_model_source(model_dir: str | Path) -> None:
                 )
             raise UserError(f"{path} has no *.safetensors weights")
         return
-    looks_local = str(model_dir).startswith((".", "/", "~")) or str(model_dir).count("/") != 1
-    if looks_local:
+    if not hub.looks_like_hub_id(str(model_dir)):
         raise UserError(f"model folder {model_dir} does not exist")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if hub.offline():
         raise UserError(
             f"{model_dir!r} is a hub model but the hub is offline (HF_HUB_OFFLINE=1)",
             hint="download it once with network access (huggingface-cli download), or pass a local folder",
@@ -102,7 +94,7 @@ class HFBackend:
         try:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
         except OSError as e:
-            raise UserError(f"could not load model {model_dir}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"could not load model {model_dir}: {first_line(e)}") from None
         if self.cfg.load_in_4bit:
             _disable_bnb_cpu_inference_repack(model)
             if trainable:
@@ -283,24 +275,6 @@ class _LogpRecorder:
             self.steps.append(self.prev.gather(-1, sequences[:, -1:]).squeeze(-1))
             self.prev = None
         return torch.stack(self.steps, dim=1).cpu() if self.steps else torch.zeros((sequences.shape[0], 0))
-
-
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-    return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
-
-
-def chat_response_ids(tokenizer, prompt: str, response: str) -> list[int]:
-    """Response tokens exactly as the chat template lays them out after the generation prompt."""
-    p = chat_prompt_ids(tokenizer, prompt)
-    enc = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=True
-    )
-    full = list(enc["input_ids"] if hasattr(enc, "keys") else enc)
-    if full[: len(p)] == p:
-        return full[len(p) :]
-    # Templates that render the last turn differently: fall back to the bare text plus end-of-sequence.
-    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def _disable_bnb_cpu_inference_repack(model) -> None:

@@ -26,15 +26,15 @@ backends.get_backend turns into a one-line error.
 
 from __future__ import annotations
 
+from selfie_lite.errors import describe  # no torch/transformers import: safe before unsloth
+
 try:
     import unsloth  # noqa: F401  (must come before transformers, peft and trl)
     from unsloth import FastLanguageModel
 except (ImportError, NotImplementedError) as _e:
-    _why = str(_e).strip().splitlines()[0] if str(_e).strip() else type(_e).__name__
-    raise ImportError(f"unsloth is not installed or cannot run on this machine ({type(_e).__name__}: {_why})") from None
+    raise ImportError(f"unsloth is not installed or cannot run on this machine ({describe(_e)})") from None
 except Exception as _e:  # a broken install (wrong torch/triton/xformers build) is "absent" too, but say what broke
-    _why = str(_e).strip().splitlines()[0] if str(_e).strip() else ""
-    raise ImportError(f"unsloth failed to import ({type(_e).__name__}: {_why})") from None
+    raise ImportError(f"unsloth failed to import ({describe(_e)})") from None
 
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -51,15 +51,12 @@ from selfie_lite.backends.hf import (  # noqa: E402
 )
 from selfie_lite.config import LoraConfig, RunConfig  # noqa: E402
 from selfie_lite.errors import RunError, UserError  # noqa: E402
+from selfie_lite.numerics import pick_dtype  # noqa: E402
 
 
 def unsloth_dtype(precision: str, device: str) -> torch.dtype:
     """Unsloth computes in 16 bits on a GPU: "auto" is bf16 where the card has it, else fp16 (a T4), never fp32."""
-    if precision == "auto":
-        if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32  # Unsloth's CPU fallback: keep the CPU path's precision
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return pick_dtype(precision, device, gpu_fallback="fp16")  # on a CPU (Unsloth's fallback): fp32, as the HF path
 
 
 class UnslothBackend(HFBackend):
@@ -90,10 +87,10 @@ class UnslothBackend(HFBackend):
                 local_files_only=local,
             )
         except OSError as e:
-            raise UserError(f"could not load model {model_dir}: {_first_line(e)}") from None
+            raise UserError(f"could not load model {model_dir}: {describe(e)}") from None
         except (RuntimeError, ValueError) as e:
             if "Unsloth" in str(e):
-                raise UserError(f"unsloth could not load {model_dir}: {_first_line(e)}",
+                raise UserError(f"unsloth could not load {model_dir}: {describe(e)}",
                                 hint="try --backend hf; see docs/gpu.md for the models Unsloth supports") from None
             raise
         return model
@@ -175,7 +172,7 @@ class UnslothBackend(HFBackend):
         except (AttributeError, TypeError, NotImplementedError, RuntimeError, ValueError, KeyError) as e:
             if isinstance(e, RuntimeError) and "out of memory" in str(e).lower():
                 raise
-            reason = f"unsloth's merged_16bit save failed: {type(e).__name__}: {_first_line(e)}"
+            reason = f"unsloth's merged_16bit save failed: {describe(e)}"
         finally:
             self.free()
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -202,8 +199,3 @@ class UnslothBackend(HFBackend):
         model.save_pretrained_merged(str(out_dir), tok, save_method="merged_16bit")
         _drop_quantization_config(out_dir)
         del model
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -25,8 +25,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfie_lite.chat import chat_conversation_ids, chat_prompt_ids
 from selfie_lite.errors import RunError
-from selfie_lite.tiny import task as T
+from selfie_lite.rundir import atomic_write_jsonl, read_jsonl
+from selfie_lite.tiny import task
 
 PRESET_NAME = "tiny-v2"
 DATA_SEED = 0
@@ -126,13 +128,13 @@ def generate_data(seed: int = DATA_SEED) -> dict[str, list[dict]]:
     held_rng, pref_rng, sft_rng = (random.Random(f"{seed}/{part}") for part in ("held-out", "preferences", "sft"))
     held_out: list[str] = []
     while len(held_out) < N_EVAL + N_VAL:
-        p = T.make_prompt(held_rng)
+        p = task.make_prompt(held_rng)
         if p not in held_out:
             held_out.append(p)
     held_set = set(held_out)
 
     def train_prompt(rng: random.Random) -> str:  # any prompt but the held-out ones (repeats allowed)
-        while (p := T.make_prompt(rng)) in held_set:
+        while (p := task.make_prompt(rng)) in held_set:
             pass
         return p
 
@@ -140,7 +142,7 @@ def generate_data(seed: int = DATA_SEED) -> dict[str, list[dict]]:
     sft = []
     for _ in range(N_SFT):
         prompt = train_prompt(sft_rng)
-        sft.append({"prompt": prompt, "response": T.random_response(prompt, sft_rng, SFT_STYLE_WEIGHTS, RESPONDERS)})
+        sft.append({"prompt": prompt, "response": task.random_response(prompt, sft_rng, SFT_STYLE_WEIGHTS, RESPONDERS)})
     return {
         "preferences": preferences,
         "eval_prompts": [{"prompt": p} for p in held_out[:N_EVAL]],
@@ -151,8 +153,8 @@ def generate_data(seed: int = DATA_SEED) -> dict[str, list[dict]]:
 
 def _gold_pair(prompt: str, rng: random.Random) -> dict:
     while True:
-        candidates = [T.random_response(prompt, rng, p_correct=RESPONDERS) for _ in range(PREF_CANDIDATES)]
-        scored = [(r, T.score(prompt, r)) for r in candidates]
+        candidates = [task.random_response(prompt, rng, p_correct=RESPONDERS) for _ in range(PREF_CANDIDATES)]
+        scored = [(r, task.score(prompt, r)) for r in candidates]
         best = max(sc for _, sc in scored)
         worse = [(r, sc) for r, sc in scored if sc < best]
         if worse:  # else every candidate ties: draw again
@@ -173,17 +175,6 @@ def data_hash(data: dict) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -195,7 +186,7 @@ def tokenizer_corpus(data: dict) -> list[str]:
     for r in data["preferences"]:
         texts += [r["prompt"], r["chosen"], r["rejected"]]
     # Upper-case words too (v2): spelt letter by letter, "Write fish in capital letters." was out of the model's reach.
-    return texts + [" " + " ".join(T.WORDS)] * 500 + [" " + " ".join(w.upper() for w in T.WORDS)] * 500
+    return texts + [" " + " ".join(task.WORDS)] * 500 + [" " + " ".join(w.upper() for w in task.WORDS)] * 500
 
 
 def train_tokenizer(texts: list[str]):
@@ -226,14 +217,6 @@ def train_tokenizer(texts: list[str]):
     )
 
 
-def chat_ids(tokenizer, prompt: str, response: str | None = None) -> list[int]:
-    messages = [{"role": "user", "content": prompt}]
-    if response is not None:
-        messages.append({"role": "assistant", "content": response})
-    enc = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=response is None)
-    return list(enc["input_ids"])
-
-
 # ---------------------------------------------------------------------------------------------
 # SFT
 
@@ -242,8 +225,8 @@ def _encode_sft(tokenizer, rows: list[dict]) -> list[tuple[list[int], int]]:
     """(ids, n_prompt_tokens) per row; the loss covers only the assistant tokens and the closing eos."""
     out = []
     for row in rows:
-        prompt_ids = chat_ids(tokenizer, row["prompt"])
-        ids = chat_ids(tokenizer, row["prompt"], row["response"])
+        prompt_ids = chat_prompt_ids(tokenizer, row["prompt"])
+        ids = chat_conversation_ids(tokenizer, row["prompt"], row["response"])
         if ids[: len(prompt_ids)] != prompt_ids:
             raise AssertionError(f"chat template is not prefix-consistent for {row['prompt']!r}")
         if len(ids) > MAX_SEQ_TOKENS:
@@ -336,7 +319,7 @@ def sample_responses(
     torch.manual_seed(seed)
     out: list[dict] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = [chat_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
+        chunk = [chat_prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
         width = max(len(c) for c in chunk)
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(c)) + c for c in chunk])  # left padding
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
@@ -455,7 +438,7 @@ def _build_into(out: Path, progress: Callable[[str, float], None]) -> None:
     progress("data", 0.0)
     data = generate_data(DATA_SEED)
     for name in ("preferences", "eval_prompts", "val_prompts", "sft"):
-        _write_jsonl(out / f"{name}.jsonl", data[name])
+        atomic_write_jsonl(out / f"{name}.jsonl", data[name])
     t_data = time.perf_counter()
 
     progress("tokenizer", 0.03)
@@ -496,7 +479,7 @@ def _build_into(out: Path, progress: Callable[[str, float], None]) -> None:
         },
         "sft": sft_info,
         "sft_mix": {"style_weights": SFT_STYLE_WEIGHTS, "p_correct_by_style": RESPONDERS},
-        "oracle": {"weights": {"correct": 0.60, "formatted": 0.25, "concise": 0.15}, "good_score": T.GOOD_SCORE},
+        "oracle": {"weights": {"correct": 0.60, "formatted": 0.25, "concise": 0.15}, "good_score": task.GOOD_SCORE},
         "build_seconds": {
             "data": round(t_data - t0, 2),
             "tokenizer": round(t_tok - t_data, 2),
@@ -540,15 +523,15 @@ def sft_report(preset: TinyPreset, n_prompts: int = 200, seed: int = 0) -> dict:
         t0 = time.perf_counter()
         samples = sample_responses(model, tokenizer, prompts, temperature=0.7, seed=seed)
         seconds = time.perf_counter() - t0
-    details = [T.score_details(p, s["text"]) for p, s in zip(prompts, samples, strict=True)]
+    details = [task.score_details(p, s["text"]) for p, s in zip(prompts, samples, strict=True)]
     n = len(details)
     by_kind: dict[str, list[bool]] = {}
     for p, d in zip(prompts, details, strict=True):
-        by_kind.setdefault(T.parse_prompt(p).kind, []).append(d["score"] >= T.GOOD_SCORE)
+        by_kind.setdefault(task.parse_prompt(p).kind, []).append(d["score"] >= task.GOOD_SCORE)
     return {
         "n_prompts": n,
         "mean_score": sum(d["score"] for d in details) / n,
-        "frac_good": sum(d["score"] >= T.GOOD_SCORE for d in details) / n,
+        "frac_good": sum(d["score"] >= task.GOOD_SCORE for d in details) / n,
         "frac_correct": sum(d["correct"] for d in details) / n,
         "frac_formatted": sum(d["formatted"] for d in details) / n,
         "frac_concise": sum(d["concise"] for d in details) / n,
