@@ -5,7 +5,7 @@
 
 For every run (SPA and each ablation, every random seed) every round's model (0..T) answers the first --prompts
 prompts of the split (sampled as `run` samples its probes: one answer each, temperature 0.7, the same seed for
-every model); the oracle and the seed-DPO judge r_0 = beta (log pi_0 - log pi_init) (selfie_lite.evaluate.AnchorJudge)
+every model); the oracle and the seed-DPO judge r_0 = beta (log pi_0 - log pi_init) (selfie_lite.scorers.AnchorScorer)
 score the answers. The table: per run, the round the oracle scores best, the round r_0 scores best, and what picking
 by r_0 costs in oracle score against the best round; then the same for the round guard (anchor agreement).
 """
@@ -35,14 +35,15 @@ def main() -> None:
     torch.set_num_threads(1)
     from selfie_lite.backends.hf import HFBackend
     from selfie_lite.config import from_dict
-    from selfie_lite.evaluate import AnchorJudge, EvalSettings, OracleJudge, generate_outputs
+    from selfie_lite.evaluate import EvalSettings, generate_outputs
     from selfie_lite.rundir import read_jsonl
+    from selfie_lite.scorers import AnchorScorer, OracleScorer
     from selfie_lite.tiny.build import build_tiny
 
     preset = build_tiny()
     prompts = [r["prompt"] for r in read_jsonl(preset.val_prompts if args.split == "val" else preset.eval_prompts)]
     prompts = prompts[: args.prompts]
-    oracle = OracleJudge()
+    oracle = OracleScorer()
     rows = []
     for seed_dir in sorted(args.runs.glob("seed-*")):
         seed = int(seed_dir.name.split("-")[1])
@@ -53,7 +54,7 @@ def main() -> None:
             settings = EvalSettings(temperature=cfg.sample.temperature, top_p=cfg.sample.top_p,
                                     max_new_tokens=cfg.sample.max_new_tokens, samples_per_prompt=1,
                                     random_seed=seed, batch_size=cfg.sample.batch_size, beta=cfg.beta)
-            anchor = AnchorJudge(be, run / "round-0" / "model", init, cfg.beta, cfg.judge.batch_size)
+            anchor = AnchorScorer(be, run / "round-0" / "model", init, cfg.beta, cfg.judge.batch_size)
             o, a = {}, {}
             for i in range(cfg.rounds + 1):
                 model, tok = be.load(run / f"round-{i}" / "model")

@@ -180,9 +180,10 @@ def train_all(seed: int, out: Path, args, quiet: Console, timings: dict) -> dict
 def evaluate_seed(seed: int, folders: dict[str, Path], args, timings: dict) -> dict:
     from selfie_lite.backends import get_backend
     from selfie_lite.config import from_dict
-    from selfie_lite.evaluate import EvalSettings, OracleJudge, evaluate_models, load_pairs, self_label_agreement
+    from selfie_lite.evaluate import EvalSettings, evaluate_models, load_pairs, self_label_agreement
     from selfie_lite.inputs import sft_model_of
     from selfie_lite.rundir import read_jsonl
+    from selfie_lite.scorers import OracleScorer
     from selfie_lite.tiny.build import build_tiny
     from selfie_lite.tiny.task import score
 
@@ -208,7 +209,7 @@ def evaluate_seed(seed: int, folders: dict[str, Path], args, timings: dict) -> d
     backend, _ = get_backend(cfg)
     log(f"seed {seed}: evaluating {len(models)} models on {len(prompts)} {args.split} prompts")
     t0 = time.perf_counter()
-    res = evaluate_models(backend, models, sft, prompts, OracleJudge(), settings,
+    res = evaluate_models(backend, models, sft, prompts, OracleScorer(), settings,
                           pairs=load_pairs(folders["spa"] / "data" / "test.jsonl"))
     timings[key] = time.perf_counter() - t0
     res.pop("outputs")

@@ -1,5 +1,5 @@
-"""The Python API: what `selfie-lite run` does, for notebooks, scripts and the benchmarks. The CLI is one client of it
-(it adds flag parsing, resume-with-other-settings checks and printing).
+"""The Python API: what `selfie-lite run`, `eval` and `judge` do, for notebooks, scripts and the benchmarks. The
+CLI is one client of it (it adds flag parsing, resume-with-other-settings checks and printing).
 
     from selfie_lite import api
     from selfie_lite.config import load_config
@@ -8,9 +8,14 @@
     summary = api.run(cfg, "runs/tiny")                       # the whole loop; summary["final_model"] ships
     summary = api.run(None, "runs/tiny", resume=True)         # continue a run where it stopped
 
+    ev = api.evaluate("runs/tiny")                            # win rates against the SFT model -> runs/tiny/eval.json
+    ev.result["models"]["round-2"]["win_rate"]
+    pairs, dropped = api.judge(rows, policy="runs/tiny/round-2/model", reference="my-sft-model")
+
 `prepare` checks everything (model, chat template, data rows, split sizes) before a file is written; `execute` takes
-the run folder's lock, writes config.json and runs the rounds. Errors are selfie_lite.errors.UserError (bad input,
-nothing written) and RunError (the run stopped; finished stages are kept, resume continues them).
+the run folder's lock, writes config.json and runs the rounds. `plan_evaluation` checks an eval before a weight
+loads, `evaluate` runs it. Errors are selfie_lite.errors.UserError (bad input, nothing written) and RunError (the
+run stopped; finished stages are kept, resume continues them).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from rich.console import Console
 
 from selfie_lite.config import RunConfig
 from selfie_lite.errors import UserError
+from selfie_lite.evaluate import EvalPlan, Evaluation
+from selfie_lite.evaluate import plan_eval as plan_evaluation
 
 
 @dataclass
@@ -103,3 +110,41 @@ def run(cfg: RunConfig | None = None, run_dir: str | Path = "runs/api", *, resum
     summary.json's content (final_model, final_round, final_why, per_round metrics). console: where the round
     tables go (default: nowhere)."""
     return execute(prepare(cfg, run_dir, resume=resume, console=console), console=console)
+
+
+def evaluate(targets: str | Path | list[str | Path] | EvalPlan, *, progress=None, **options) -> Evaluation:
+    """Win rates against a baseline (an external scorer), seed-pair accuracy, self-label agreement and response
+    length, for a run folder (its SFT model and every finished round) or model folders; writes eval.json (the run
+    folder, or options["out"]) and returns it as Evaluation.result. options: those of plan_evaluation (scorer,
+    baseline, prompts, limit, samples_per_prompt, temperature, max_new_tokens, random_seed, rounds, pairs, export,
+    out, batch_size); or pass a plan that plan_evaluation returned. progress: a progress reporter (default none)."""
+    from selfie_lite.backends import get_backend
+    from selfie_lite.evaluate import run_eval
+
+    if isinstance(targets, EvalPlan):
+        plan = targets
+    else:
+        plan = plan_evaluation([targets] if isinstance(targets, (str, Path)) else list(targets), **options)
+    backend, _ = get_backend(plan.cfg)
+    return run_eval(plan, backend, progress)
+
+
+def judge(rows: list[dict] | str | Path, policy: str | Path, reference: str | Path, *, beta: float = 0.1,
+          batch_size: int = 32, chat_template: str | None = None, progress=None) -> tuple[list[dict], dict]:
+    """Label responses with a model's implicit reward against a reference (docs/method.md (E2, E3)): for each
+    {"prompt", "responses": [>= 2]} row (a list, or a JSONL file), the highest-reward response is chosen and the
+    lowest rejected. Returns (pairs, counts of dropped rows). Both models are checked before either loads."""
+    from selfie_lite.backends.hf import HFBackend, check_model_source
+    from selfie_lite.config import check_range
+    from selfie_lite.judge import judge_responses, load_response_rows
+    from selfie_lite.stage import NULL_PROGRESS
+
+    check_range("beta", beta, "--beta")  # beta <= 0 would invert (or zero) every label and still exit 0
+    check_range("judge.batch_size", batch_size, "--batch-size")
+    if chat_template and not Path(chat_template).is_file():
+        raise UserError(f"--chat-template {chat_template}: no such file")
+    rows = load_response_rows(Path(rows)) if isinstance(rows, (str, Path)) else rows
+    for model in (policy, reference):
+        check_model_source(model)
+    backend = HFBackend(RunConfig(chat_template=str(chat_template or "")))
+    return judge_responses(backend, rows, policy, reference, beta, batch_size, progress or NULL_PROGRESS)

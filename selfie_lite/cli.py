@@ -141,7 +141,7 @@ def run(
     random_seed: Annotated[int | None, typer.Option("--random-seed", help="Random seed for shuffling, sampling and training.")] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="auto, hf or unsloth.")] = None,
     sampler: Annotated[str | None, typer.Option("--sampler", help="generate (default), vllm or auto.")] = None,
-    select_by: Annotated[str | None, typer.Option("--select-by", help="Which round ships: guard (default), last (the paper), or a judge: oracle, python:MODULE:FUNCTION, reward-model:PATH (the best round on held-out prompts). Same as --set guard.select=...")] = None,
+    select_by: Annotated[str | None, typer.Option("--select-by", help="Which round ships: guard (default), last (the paper), or an external scorer: oracle, python:MODULE:FUNCTION, reward-model:PATH (the round it scores best on held-out prompts). Same as --set guard.select=...")] = None,
     load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="QLoRA: load weights in 4-bit (bitsandbytes).")] = False,
     beta: Annotated[float | None, typer.Option("--beta", help="DPO temperature for judge and loss (paper 0.1).")] = None,
     chat_template: Annotated[str | None, typer.Option("--chat-template", help="Jinja chat template file for models without one.")] = None,
@@ -381,48 +381,16 @@ def judge(
 
       selfie-lite judge responses.jsonl --policy runs/x/round-1/model --reference my-sft-model -o pairs.jsonl
     """
-    from selfie_lite.config import RunConfig, check_range
-
-    check_range("beta", beta, "--beta")  # beta <= 0 would invert (or zero) every label and still exit 0
-    check_range("judge.batch_size", batch_size, "--batch-size")
-    from selfie_lite.backends.hf import HFBackend
-    from selfie_lite.chat import chat_prompt_ids, chat_response_ids
-    from selfie_lite.judge import flat_sequences, judge_pairs, score_with
+    from selfie_lite import api
+    from selfie_lite.judge import load_response_rows
     from selfie_lite.progress import Reporter
     from selfie_lite.rundir import atomic_write_jsonl, check_writable
 
-    if not input_file.is_file():
-        raise UserError(f"{input_file} does not exist")
+    rows = load_response_rows(input_file)
     check_writable(output, "--output", kind="file")
-    rows = []
-    for n, line in enumerate(input_file.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{input_file} line {n + 1} is not JSON") from None
-        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("responses"), list) \
-                or len(r["responses"]) < 2 or not all(isinstance(x, str) for x in r["responses"]):
-            raise UserError(f"{input_file} line {n + 1}: need {{\"prompt\": str, \"responses\": [at least 2 strings]}}")
-        rows.append(r)
-    if not rows:
-        raise UserError(f"{input_file} has no rows")
-    be = HFBackend(RunConfig(chat_template=chat_template or ""))
-    tok = be.load_tokenizer(policy) if Path(policy).exists() else None
-    if tok is None:
-        from selfie_lite.backends.hf import check_model_source
-
-        check_model_source(policy)
-    for i, r in enumerate(rows):
-        r["id"] = i
-        r["prompt_ids"] = chat_prompt_ids(tok, r["prompt"])
-        r["response_ids"] = [chat_response_ids(tok, r["prompt"], x) for x in r["responses"]]
-    seqs = flat_sequences(rows)
     with Reporter(err_console) as progress:
-        pol, _ = score_with(be, policy, seqs, batch_size, progress, "judge (policy)")
-        ref, _ = score_with(be, reference, seqs, batch_size, progress, "judge (reference)")
-    pairs, drops = judge_pairs(rows, pol, ref, beta)
+        pairs, drops = api.judge(rows, policy, reference, beta=beta, batch_size=batch_size, chat_template=chat_template,
+                                 progress=progress)
     atomic_write_jsonl(output, pairs)
     with json_output(as_json) as emit:
         console.print(f"wrote {len(pairs)} pairs to {esc(output)} (dropped {drops['dropped_identical']} identical or "

@@ -119,14 +119,14 @@ class GuardConfig:
 
     # "last" = the paper (ship the last round); "guard" (default) = before round i >= from_round trains, compare its
     # self-labels with the seed-DPO judge pi_0's and stop (shipping round i-1) when they agree on fewer than
-    # min_anchor_agreement of the pairs; or a judge ("oracle", "python:MODULE:FUNCTION", "reward-model:PATH"): ship
-    # the round whose answers to probe_prompts held-out prompts that judge scores best.
+    # min_anchor_agreement of the pairs; or an external scorer ("oracle", "python:MODULE:FUNCTION",
+    # "reward-model:PATH", scorers.py): ship the round whose answers to probe_prompts held-out prompts it scores best.
     select: str = "guard"
     min_anchor_agreement: float = 0.93  # share of pairs (0..1); picked on the tiny bench's validation prompts
     # The first round the guard may stop before (>= 2: round 1's labels are pi_0's own). 3: round 2 always trains; on
     # every run we measured round 2 beat round 1, and every stop before round 2 was a false alarm (docs/results.md).
     from_round: int = 3
-    probe_prompts: int = 200  # held-out prompts (data/test.jsonl) answered per round when select is a judge
+    probe_prompts: int = 200  # held-out prompts (data/test.jsonl) answered per round when select is a scorer
 
 
 @dataclass(frozen=True)

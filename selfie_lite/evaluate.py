@@ -1,18 +1,20 @@
 """Evaluation: how much better than a baseline (the SFT model by default) is each model of a run?
 
 Per model, on held-out prompts, one response per prompt (or n) sampled with a fixed seed, then:
-- win rate against the baseline's response to the same prompt under a judge (win = 1, tie = 1/2, loss = 0), and
-  the judge's mean score. Judges: `oracle` (the tiny preset's exact scorer), `reward-model:PATH` (any local
-  sequence-classification reward model, e.g. the Skywork or RLHFlow ones, through transformers) or
-  `python:MODULE:FUNCTION` (a scorer of your own, f(prompt, response) -> float: a unit-test runner, a math checker);
+- win rate against the baseline's response to the same prompt under an external scorer (scorers.py: the tiny
+  preset's oracle, a reward model, or a Python function of yours; win = 1, tie = 1/2, loss = 0), and the scorer's
+  mean score;
 - always, at no extra cost: seed-pair accuracy (how often the implicit reward beta * (log pi - log pi_sft) ranks
   held-out human-labelled pairs correctly; ties count 1/2, so the SFT model itself scores exactly 0.5), the mean
   response length (tokens and words: the paper's raw win rate grew much faster than its length-controlled one),
   and, for a run folder, the agreement of each round's self-labels with gold labels where gold exists (tiny).
 
 Every model is sampled with the same seed, so two models differ only by their weights (common random numbers:
-less noise in the comparison). Reads: model folders, prompt files, labelled pairs. Writes nothing itself; the
-CLI (cli_eval.py) writes <run>/eval.json and <run>/eval/outputs/<model>.jsonl.
+less noise in the comparison).
+
+`plan_eval` resolves what an eval of a run folder or of model folders means (models, baseline, prompts, scorer,
+settings) and checks all of it before a weight loads; `run_eval` runs it and writes <out>/eval.json and
+<out>/eval/outputs/<model>.jsonl. api.evaluate is the two in a row; `selfie-lite eval` prints what it returns.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
-from selfie_lite.errors import UserError, describe
+from selfie_lite.errors import UserError
 from selfie_lite.rundir import read_jsonl, round_dirs
+
+if TYPE_CHECKING:
+    from selfie_lite.scorers import Scorer
 
 # ---------------------------------------------------------------------------------------------
 # Arithmetic
@@ -47,13 +52,6 @@ def win_rate(scores: list[float], baseline_scores: list[float]) -> dict:
     }
 
 
-def implicit_rewards(policy_logps: list[float], reference_logps: list[float], beta: float) -> list[float]:
-    """r(x, y) for lists of sequence log-probs (docs/method.md (E2); the formula is loss.implicit_reward)."""
-    from selfie_lite.loss import implicit_reward
-
-    return [implicit_reward(p, r, beta) for p, r in zip(policy_logps, reference_logps, strict=True)]
-
-
 def pair_accuracy(chosen_rewards: list[float], rejected_rewards: list[float]) -> float:
     """Share of labelled pairs whose chosen response gets the higher reward; an exact tie counts 1/2."""
     n = len(chosen_rewards)
@@ -69,267 +67,6 @@ def pair_accuracy(chosen_rewards: list[float], rejected_rewards: list[float]) ->
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else math.nan
-
-
-# ---------------------------------------------------------------------------------------------
-# Judges
-
-
-class Judge(Protocol):
-    name: str
-
-    def check(self, prompts: list[str]) -> None:
-        """Raise UserError before any weights load if this judge cannot score these prompts."""
-
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """One score per (prompt, response); higher is better."""
-
-    def close(self) -> None: ...
-
-
-class AnchorJudge:
-    """The seed-DPO judge as a scorer: r_0(x, y) = beta * (log pi_0(y|x) - log pi_init(y|x)) (docs/method.md (E2),
-    with pi_0 as the policy). Every run has it (pi_0 learnt from the human seed pairs only), so `run` can compare its
-    rounds without an external judge (guard.select = anchor). Responses are re-tokenised with the chat template;
-    pi_0 and pi_init are loaded one after the other, never together."""
-
-    name = "anchor"
-
-    def __init__(self, backend, anchor_dir: Path, init_dir: Path, beta: float, batch_size: int = 32):
-        self.backend, self.anchor_dir, self.init_dir = backend, Path(anchor_dir), Path(init_dir)
-        self.beta, self.batch_size = beta, batch_size
-
-    def check(self, prompts: list[str]) -> None:
-        pass
-
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        from selfie_lite.chat import chat_prompt_ids, chat_response_ids
-
-        tok = self.backend.load_tokenizer(self.init_dir)
-        seqs = [(chat_prompt_ids(tok, p), chat_response_ids(tok, p, r)) for p, r in zip(prompts, responses, strict=True)]
-        logps = {}
-        for name, folder in (("anchor", self.anchor_dir), ("init", self.init_dir)):
-            model, _ = self.backend.load(folder)
-            logps[name] = self.backend.sequence_logps(model, seqs, batch_size=self.batch_size)
-            self.backend.free(model)
-        return implicit_rewards(logps["anchor"], logps["init"], self.beta)
-
-    def close(self) -> None:
-        pass
-
-
-class OracleJudge:
-    """The tiny preset's programmatic oracle (tiny/task.py): exact, free, only for tiny-preset prompts."""
-
-    name = "oracle"
-
-    @property
-    def good_score(self) -> float:  # "good" = correct and formatted (tiny/task.py)
-        from selfie_lite.tiny.task import GOOD_SCORE
-
-        return GOOD_SCORE
-
-    def check(self, prompts: list[str]) -> None:
-        from selfie_lite.tiny.task import parse_prompt
-
-        for p in prompts:
-            try:
-                parse_prompt(p)
-            except ValueError:
-                raise UserError(
-                    f"the oracle judge scores only the tiny preset's prompts, not {p[:60]!r}",
-                    hint="use --judge reward-model:PATH for other prompts",
-                ) from None
-
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        from selfie_lite.tiny.task import score
-
-        return [score(p, r) for p, r in zip(prompts, responses, strict=True)]
-
-    def close(self) -> None:
-        pass
-
-
-class RewardModelJudge:
-    """A local sequence-classification reward model (one logit per sequence), run through transformers.
-
-    The conversation is laid out with the reward model's own chat template (as the Skywork and RLHFlow model
-    cards do); a tokenizer without one gets "prompt\\n\\nresponse". Batches are right-padded; transformers pools
-    at the last non-pad token, so a model without a pad token is given its tokenizer's (or eos), and the score
-    is the same whatever the batch. Safetensors only, no remote code.
-    """
-
-    def __init__(self, path: str | Path, batch_size: int = 8, max_length: int = 4096):
-        self.path = Path(path).expanduser()
-        self.name = f"reward-model:{path}"
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self._model = None
-        self._tok = None
-        if not self.path.is_dir():
-            raise UserError(f"reward model folder {path} does not exist",
-                            hint="download it once (huggingface-cli download ORG/NAME --local-dir DIR), then pass DIR")
-        if not (self.path / "config.json").is_file():
-            raise UserError(f"{path} is not a model folder (no config.json)")
-        if not any(self.path.glob("*.safetensors")):
-            raise UserError(f"{path} has no *.safetensors weights", hint="selfie-lite loads safetensors only")
-
-    def check(self, prompts: list[str]) -> None:
-        pass
-
-    def _load(self):
-        if self._model is not None:
-            return
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from selfie_lite.numerics import pick_device, pick_dtype
-
-        device = pick_device()
-        dtype = pick_dtype("auto", device)
-        tok = AutoTokenizer.from_pretrained(str(self.path))
-        model = AutoModelForSequenceClassification.from_pretrained(str(self.path), dtype=dtype, use_safetensors=True)
-        if model.config.num_labels != 1:
-            raise UserError(
-                f"{self.path} has {model.config.num_labels} output labels; a reward model has one (a scalar score)"
-            )
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tok.pad_token_id
-        tok.padding_side = "right"
-        self._model, self._tok = model.to(device).eval(), tok
-
-    def format(self, prompt: str, response: str) -> str:
-        tok = self._tok
-        if tok.chat_template:
-            conv = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-            return tok.apply_chat_template(conv, tokenize=False)
-        return f"{prompt}\n\n{response}"
-
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        import torch
-
-        self._load()
-        tok, model = self._tok, self._model
-        texts = [self.format(p, r) for p, r in zip(prompts, responses, strict=True)]
-        # The template already holds the special tokens (BOS): do not add them twice.
-        encoded = [tok(t, add_special_tokens=not tok.chat_template, truncation=True, max_length=self.max_length)["input_ids"]
-                   for t in texts]
-        out = [0.0] * len(encoded)
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(idx):
-                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                mask[row, : len(encoded[i])] = 1
-            with torch.inference_mode():
-                logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits  # [B, 1]
-            for row, i in enumerate(idx):
-                out[i] = float(logits[row, 0])
-        return out
-
-    def close(self) -> None:
-        self._model = self._tok = None
-        import gc
-
-        gc.collect()
-
-
-class PythonJudge:
-    """A scorer function of your own, `f(prompt: str, response: str) -> float` (higher is better): a unit-test runner,
-    a math checker, an exact-match grader. Spec: python:MODULE:FUNCTION, where MODULE is a dotted module importable
-    from sys.path or the current folder, or a path to a .py file. Every problem (bad spec, no such module or
-    function, a scorer that raises or returns something that is not a number) is a one-line UserError."""
-
-    def __init__(self, target: str):
-        self.name = f"python:{target}"
-        module, sep, func = target.rpartition(":")  # rpartition: a Windows path may hold a colon
-        if not sep or not module or not func:
-            raise UserError(f"--judge python:{target}: expected python:MODULE:FUNCTION",
-                            hint="e.g. --judge python:checks.py:score or --judge python:mypkg.grading:score")
-        mod = _import_scorer_module(module)
-        fn = getattr(mod, func, None)
-        if fn is None:
-            raise UserError(f"--judge {self.name}: {module} has no function {func!r}")
-        if not callable(fn):
-            raise UserError(f"--judge {self.name}: {module}.{func} is not callable (a {type(fn).__name__})")
-        self._fn = fn
-
-    def check(self, prompts: list[str]) -> None:
-        pass  # nothing to check before the responses exist; score() names the first prompt that fails
-
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        return [self._one(i, p, r) for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
-
-    def _one(self, i: int, prompt: str, response: str) -> float:
-        where = f"the python judge {self.name.split(':', 1)[1]} on prompt {i + 1} ({prompt[:60]!r})"
-        try:
-            value = self._fn(prompt, response)
-        except Exception as e:  # the scorer is user code: any failure is reported, with the prompt it failed on
-            raise UserError(f"{where} raised {describe(e)}") from None
-        # bool is an int: a pass/fail checker returning True/False scores 1/0, which is what it means.
-        if not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
-            raise UserError(f"{where} returned {value!r}; a scorer returns a finite number (higher is better)")
-        return float(value)
-
-    def close(self) -> None:
-        pass
-
-
-def _import_scorer_module(module: str):
-    """A .py path (or anything with a path separator) is loaded from that file; else a dotted module name, looked
-    up on sys.path with the current folder first (as `python -m` would), so a checks.py next to the run is found."""
-    import importlib
-    import importlib.util
-    import os
-    import sys
-
-    is_path = module.endswith(".py") or os.sep in module or "/" in module
-    try:
-        if is_path:
-            path = Path(module).expanduser()
-            if not path.is_file():
-                raise UserError(f"--judge python:{module}:...: scorer file {module} does not exist")
-            spec = importlib.util.spec_from_file_location(f"selfie_lite_scorer_{path.stem}", path)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            return mod
-        added = os.getcwd() not in sys.path
-        if added:
-            sys.path.insert(0, os.getcwd())
-        try:
-            return importlib.import_module(module)
-        finally:
-            if added:
-                sys.path.remove(os.getcwd())
-    except UserError:
-        raise
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name) and not is_path:
-            raise UserError(f"--judge python:{module}:...: module {module!r} not found on sys.path or in the "
-                            "current folder", hint="pass a path to the .py file instead, e.g. python:./checks.py:score") from None
-        raise UserError(f"--judge python:{module}:...: importing it failed: {describe(e)}") from None
-    except Exception as e:  # a syntax error or an exception at import time, in user code
-        raise UserError(f"--judge python:{module}:...: importing it failed: {describe(e)}") from None
-
-
-def parse_judge(spec: str | None, batch_size: int = 8) -> Judge | None:
-    """"oracle" | "reward-model:PATH" | "python:MODULE:FUNCTION" | None/"none" (no win rates). Fails before any weights load."""
-    if spec is None or spec == "none":
-        return None
-    if spec == "oracle":
-        return OracleJudge()
-    if spec.startswith("reward-model:"):
-        path = spec.split(":", 1)[1]
-        if not path:
-            raise UserError("--judge reward-model: needs a folder, e.g. --judge reward-model:./Skywork-Reward-V2")
-        return RewardModelJudge(path, batch_size=batch_size)
-    if spec.startswith("python:"):
-        return PythonJudge(spec.split(":", 1)[1])
-    raise UserError(f"unknown judge {spec!r}", hint="use oracle (tiny preset), reward-model:PATH or python:MODULE:FUNCTION")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,9 +152,9 @@ def _pair_logps(backend, model, sequences, batch_size) -> tuple[list[float], lis
     return logps[:half], logps[half:]
 
 
-def settings_record(settings: EvalSettings, judge, n_prompts: int, baseline, reference, n_pairs: int) -> dict:
+def settings_record(settings: EvalSettings, scorer, n_prompts: int, baseline, reference, n_pairs: int) -> dict:
     """The settings eval.json records; a partial eval (--rounds) must match them to merge into that file."""
-    return {**asdict(settings), "judge": judge.name if judge else None, "prompts": n_prompts,
+    return {**asdict(settings), "scorer": scorer.name if scorer else None, "prompts": n_prompts,
             "baseline": str(baseline), "reference": str(reference), "labelled_pairs": n_pairs}
 
 
@@ -440,7 +177,7 @@ def evaluate_models(
     models: dict[str, Path],
     baseline: Path,
     prompts: list[str],
-    judge: Judge | None,
+    scorer: Scorer | None,
     settings: EvalSettings,
     *,
     pairs: list[dict] | None = None,
@@ -453,8 +190,8 @@ def evaluate_models(
     seed-pair accuracy is taken against (default: the baseline). Returns {"settings", "models": {name: metrics},
     "outputs": {name: rows}}; the baseline's metrics are under the key "baseline" unless a model shares its folder.
     """
-    if judge is not None:
-        judge.check(prompts)
+    if scorer is not None:
+        scorer.check(prompts)
     reference = Path(reference or baseline)
     order = [("baseline", Path(baseline))] + [(n, Path(d)) for n, d in models.items()]
     # One pass per distinct folder: key -> (folder, needs samples). The reference only needs pair log-probs.
@@ -484,9 +221,9 @@ def evaluate_models(
     if progress:
         progress.finish(task)
 
-    # Score every response once, with the judge loaded once.
+    # Score every response once, with the scorer loaded once.
     scores: dict[str, list[float]] = {}
-    if judge is not None:
+    if scorer is not None:
         flat_p, flat_r, spans = [], [], {}
         for key, rows in outputs.items():
             start = len(flat_r)
@@ -495,12 +232,12 @@ def evaluate_models(
                 flat_r += r["responses"]
             spans[key] = (start, len(flat_r))
         t0 = time.perf_counter()
-        all_scores = judge.score(flat_p, flat_r)
-        judge_seconds = time.perf_counter() - t0
-        judge.close()
+        all_scores = scorer.score(flat_p, flat_r)
+        scorer_seconds = time.perf_counter() - t0
+        scorer.close()
         scores = {k: all_scores[a:b] for k, (a, b) in spans.items()}
     else:
-        judge_seconds = 0.0
+        scorer_seconds = 0.0
 
     base_key, ref_key = _key(Path(baseline)), _key(reference)
     results: dict[str, dict] = {}
@@ -510,13 +247,15 @@ def evaluate_models(
         tokens = [t for r in rows for t in r["response_tokens"]]
         words = [len(x.split()) for r in rows for x in r["responses"]]
         m: dict = {"model": str(d), "mean_response_tokens": mean(tokens), "mean_response_words": mean(words)}
-        if judge is not None:
+        if scorer is not None:
             m.update(win_rate(scores[key], scores[base_key]))
             m["mean_score"] = mean(scores[key])
-            if getattr(judge, "good_score", None) is not None:  # judges with a notion of "good" (the oracle)
-                m["frac_good"] = mean([float(x >= judge.good_score) for x in scores[key]])
+            if getattr(scorer, "good_score", None) is not None:  # scorers with a notion of "good" (the oracle)
+                m["frac_good"] = mean([float(x >= scorer.good_score) for x in scores[key]])
             m["baseline_mean_score"] = mean(scores[base_key])
         if pairs:
+            from selfie_lite.loss import implicit_rewards
+
             (pc, pr), (rc, rr) = pair_logps[key], pair_logps[ref_key]
             m["seed_pair_accuracy"] = pair_accuracy(
                 implicit_rewards(pc, rc, settings.beta), implicit_rewards(pr, rr, settings.beta)
@@ -529,8 +268,8 @@ def evaluate_models(
     if any(_key(d) == base_key for d in models.values()):
         results.pop("baseline")  # the baseline is also one of the named models: one row, under its name
     return {
-        "settings": {**settings_record(settings, judge, len(prompts), baseline, reference, len(pairs or [])),
-                     "judge_seconds": round(judge_seconds, 2)},
+        "settings": {**settings_record(settings, scorer, len(prompts), baseline, reference, len(pairs or [])),
+                     "scorer_seconds": round(scorer_seconds, 2)},
         "models": results,
         "outputs": {name: outputs[_key(d)] for name, d in order if name in results},
     }
@@ -621,3 +360,272 @@ def export_alpaca_eval(outputs: dict[str, list[dict]], prompt_rows: list[dict], 
         atomic_write_text(path, json.dumps(alpaca_eval_rows(merged, f"{prefix}{name}"), indent=2, ensure_ascii=False) + "\n")
         paths.append(path)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# An eval, planned then run (api.evaluate; `selfie-lite eval` prints what it returns)
+
+
+@dataclass
+class EvalPlan:
+    """What an eval will do, resolved and checked before any weights load."""
+
+    models: dict[str, Path]  # name -> model folder ("sft", "round-<i>" for a run folder)
+    baseline: Path  # win rates are against its responses
+    reference: Path  # seed-pair accuracy's implicit reward is taken against it (a run's SFT model)
+    prompt_rows: list[dict]  # {"prompt", ...extra fields AlpacaEval's export keeps}
+    scorer: Scorer | None  # None: no win rates
+    settings: EvalSettings
+    pairs: list[dict] | None  # held-out labelled pairs for seed-pair accuracy
+    out_dir: Path  # where eval.json and eval/ go
+    record: dict  # the settings eval.json records
+    cfg: object  # the run's RunConfig (or the tiny preset's / the defaults): backend, threads
+    run_dir: Path | None = None
+    gold: object = None  # the oracle's score(prompt, response) where the run's data has gold labels
+    previous: dict | None = None  # the eval.json a partial eval (rounds=...) merges into
+    export: str | None = None  # "alpaca-eval"
+
+    @property
+    def prompts(self) -> list[str]:
+        return [r["prompt"] for r in self.prompt_rows]
+
+    def describe(self) -> str:
+        s = self.settings
+        return (f"evaluating {len(self.models)} model(s) against {self.baseline} on {len(self.prompt_rows)} prompts "
+                f"(temperature {s.temperature}, {s.samples_per_prompt} sample(s) per prompt, seed {s.random_seed}); "
+                f"scorer: {self.scorer.name if self.scorer else 'none'}")
+
+
+@dataclass
+class Evaluation:
+    """What run_eval wrote: eval.json's content and where, and the AlpacaEval files if asked for."""
+
+    result: dict
+    eval_file: Path
+    export_files: list[Path]
+
+
+def plan_eval(
+    targets: list[str | Path],
+    *,
+    scorer: str | None = None,
+    baseline: str | Path | None = None,
+    prompts: str | Path | None = None,
+    limit: int | None = None,
+    samples_per_prompt: int = 1,
+    temperature: float | None = None,
+    max_new_tokens: int | None = None,
+    random_seed: int = 0,
+    rounds: list[int] | None = None,
+    pairs: str | Path | None = None,
+    export: str | None = None,
+    out: str | Path | None = None,
+    batch_size: int | None = None,
+) -> EvalPlan:
+    """Resolve and check an eval (every error is a UserError, nothing loaded or written yet).
+
+    targets: one run folder (its SFT model and every finished round, or only `rounds`) or model folders. Defaults
+    follow the run: baseline and reference = its SFT model, prompts = the tiny preset's held-out eval prompts (else
+    the run's test split), scorer = the oracle where the prompts are the tiny preset's, sampling = the run's
+    temperature and max_new_tokens. Model folders without a baseline compare against the tiny preset's SFT model."""
+    from selfie_lite.config import check_range, from_dict, load_config, migrate
+    from selfie_lite.rundir import check_writable, is_run_dir, read_json
+    from selfie_lite.scorers import OracleScorer, parse_scorer
+
+    targets = [Path(t) for t in targets]
+    if not targets:
+        raise UserError("nothing to evaluate: give a run folder or model folders")
+    if export not in (None, "alpaca-eval"):
+        raise UserError(f"--export {export!r}: the only export format is alpaca-eval")
+    if samples_per_prompt < 1:
+        raise UserError("--samples-per-prompt must be at least 1")
+    if temperature is not None and temperature <= 0:
+        raise UserError(f"--temperature must be > 0 (evaluation samples), got {temperature}")
+    if limit is not None and limit < 1:
+        raise UserError("--limit must be at least 1")
+    # 0 would silently fall back to the run's setting (`or` below); negative values reach the sampler.
+    if max_new_tokens is not None:
+        check_range("sample.max_new_tokens", max_new_tokens, "--max-new-tokens")
+    if batch_size is not None:
+        check_range("sample.batch_size", batch_size, "--batch-size")
+    check_range("random_seed", random_seed, "--random-seed")
+    for t in targets:
+        if not t.exists():
+            raise UserError(f"{t} does not exist")
+    if out is not None:
+        out = Path(out)
+        check_writable(out, "--out")
+    run_dir = targets[0] if len(targets) == 1 and is_run_dir(targets[0]) else None
+    if run_dir is None:
+        for t in targets:
+            if is_run_dir(t):
+                raise UserError(f"{t} is a run folder: evaluate it on its own", hint=f"selfie-lite eval {t}")
+            if not (t / "config.json").is_file():
+                raise UserError(f"{t} is neither a run folder nor a model folder (no config.json)")
+    if rounds is not None:
+        if run_dir is None:
+            raise UserError("--rounds applies to a run folder only")
+        rounds = sorted(set(rounds))
+        _check_rounds_exist(run_dir, rounds)
+
+    # The settings the models were made with, and the tiny preset where the defaults come from it.
+    tiny = gold = None
+    if run_dir is not None:
+        cfg = from_dict(migrate(read_json(run_dir / "config.json")))
+        uses_tiny = not cfg.model or not cfg.data.source
+    else:
+        cfg = None
+        uses_tiny = baseline is None or prompts is None
+    if uses_tiny:
+        from selfie_lite.tiny.build import build_tiny
+        from selfie_lite.tiny.task import score
+
+        tiny = build_tiny()
+        gold = score if (run_dir is None or not cfg.data.source) else None
+    if cfg is None:
+        cfg = load_config("tiny") if baseline is None else from_dict({})
+    sft = Path(cfg.model) if (run_dir is not None and cfg.model) else (tiny.model_dir if tiny else None)
+    if run_dir is not None:
+        from selfie_lite.inputs import sft_model_of
+
+        started_from = sft_model_of(run_dir)
+        if started_from is not None and Path(started_from).exists():
+            sft = Path(started_from)
+    base = Path(baseline) if baseline is not None else sft
+    if base is None:
+        raise UserError("no baseline to compare against", hint="pass --baseline MODEL_DIR (usually the SFT model)")
+
+    if prompts is not None:
+        prompt_rows = load_prompts(Path(prompts))
+    elif tiny is not None and (run_dir is None or not cfg.data.source):
+        prompt_rows = load_prompts(tiny.eval_prompts)
+    elif run_dir is not None and (run_dir / "data" / "test.jsonl").is_file():
+        prompt_rows = [{"prompt": r["prompt"]} for r in load_pairs(run_dir / "data" / "test.jsonl")]
+    else:
+        raise UserError("no prompts to evaluate on", hint="pass --prompts FILE")
+    prompt_rows = prompt_rows[:limit] if limit else prompt_rows
+    prompt_texts = [r["prompt"] for r in prompt_rows]
+
+    if scorer is None and gold is not None:  # the oracle by default, where it can score every prompt
+        try:
+            OracleScorer().check(prompt_texts)
+            scorer = "oracle"
+        except UserError:
+            scorer = None
+    scorer_obj = parse_scorer(scorer)
+    if scorer_obj is not None:
+        scorer_obj.check(prompt_texts)
+
+    pair_file = Path(pairs) if pairs is not None else (run_dir / "data" / "test.jsonl" if run_dir is not None else None)
+    labelled = load_pairs(pair_file) if pair_file is not None and (pairs is not None or pair_file.is_file()) else None
+
+    if run_dir is not None:
+        models = {"sft": sft} if sft is not None else {}
+        models.update(run_models(run_dir, rounds))
+        if len(models) <= 1 and not rounds:
+            raise UserError(f"{run_dir} has no finished round yet", hint=f"finish it first: selfie-lite run --resume {run_dir}")
+    else:
+        models = _model_names(targets)
+    settings = EvalSettings(
+        temperature=temperature if temperature is not None else cfg.sample.temperature,
+        top_p=cfg.sample.top_p,
+        max_new_tokens=max_new_tokens or cfg.sample.max_new_tokens,
+        samples_per_prompt=samples_per_prompt,
+        random_seed=random_seed,
+        batch_size=batch_size or cfg.sample.batch_size,
+        beta=cfg.beta,
+    )
+    out_dir = out or (run_dir if run_dir is not None else Path("eval"))
+    if out is None:
+        check_writable(out_dir, "the run folder" if run_dir is not None else "--out (default eval/)")
+    reference = sft if run_dir is not None and sft is not None else base
+    record = settings_record(settings, scorer_obj, len(prompt_texts), base, reference, len(labelled or []))
+    record["prompts_file"] = str(prompts) if prompts else ("tiny eval prompts" if tiny else "test split")
+    partial = run_dir is not None and rounds is not None
+    previous = _previous_eval(out_dir / "eval.json", record) if partial else None
+    return EvalPlan(models=models, baseline=base, reference=reference, prompt_rows=prompt_rows, scorer=scorer_obj,
+                    settings=settings, pairs=labelled, out_dir=out_dir, record=record, cfg=cfg, run_dir=run_dir,
+                    gold=gold, previous=previous, export=export)
+
+
+def run_eval(plan: EvalPlan, backend, progress=None) -> Evaluation:
+    """Sample, score and compare (evaluate_models) on the plan's models, add each round's self-label agreement with
+    gold labels (run folders), merge into the previous eval.json for a partial eval, write eval.json, every model's
+    outputs and the AlpacaEval files if asked for."""
+    from selfie_lite.numerics import resolve_threads, torch_threads
+    from selfie_lite.rundir import atomic_write_json, atomic_write_jsonl
+
+    with torch_threads(resolve_threads(plan.cfg.threads, plan.baseline, backend.device)):
+        result = evaluate_models(backend, plan.models, plan.baseline, plan.prompts, plan.scorer, plan.settings,
+                                 pairs=plan.pairs, reference=plan.reference, progress=progress)
+    outputs = result.pop("outputs")
+    if plan.run_dir is not None:
+        agreement = self_label_agreement(plan.run_dir, plan.gold)
+        result["self_label_gold_agreement"] = agreement
+        for name, m in result["models"].items():
+            if name in agreement:
+                m["self_label_gold_agreement"] = agreement[name]
+    result["settings"]["prompts_file"] = plan.record["prompts_file"]
+    if plan.previous is not None:
+        result = merge_eval(plan.previous, result)
+    for name, rows in outputs.items():
+        atomic_write_jsonl(plan.out_dir / "eval" / "outputs" / f"{name}.jsonl", rows)
+    atomic_write_json(plan.out_dir / "eval.json", result)
+    exported = []
+    if plan.export == "alpaca-eval":
+        exported = export_alpaca_eval(outputs, plan.prompt_rows, plan.out_dir / "eval" / "alpaca-eval",
+                                      prefix=f"{plan.run_dir.name}-" if plan.run_dir is not None else "")
+    return Evaluation(result, plan.out_dir / "eval.json", exported)
+
+
+def _model_names(folders: list[Path]) -> dict[str, Path]:
+    """Model folders named by their folder name ("parent-name" where two share one, or one is called baseline)."""
+    names: dict[str, Path] = {}
+    for f in folders:
+        name = f.name or str(f)
+        if name in names or name == "baseline":
+            name = f"{f.parent.name}-{f.name}"
+        names[name] = f
+    return names
+
+
+def _check_rounds_exist(run_dir: Path, rounds: list[int]) -> None:
+    """A round with no merged model is a typo, not a request for an SFT-only eval."""
+    finished = [int(name.split("-")[1]) for name in run_models(run_dir)]
+    missing = [r for r in rounds if r not in finished]
+    if missing:
+        have = ", ".join(map(str, finished)) if finished else "none yet"
+        raise UserError(f"--rounds {','.join(map(str, rounds))}: {run_dir} has no finished round "
+                        f"{', '.join(map(str, missing))} (finished rounds: {have})",
+                        hint=f"pick from {have}" if finished else f"finish it first: selfie-lite run --resume {run_dir}")
+
+
+def _previous_eval(path: Path, record: dict) -> dict | None:
+    """The eval.json a partial eval merges into, checked before any model loads: rows made with other settings
+    (prompts, scorer, temperature, baseline...) are not comparable, so mixing them into one table is refused."""
+    from selfie_lite.rundir import read_json
+
+    if not path.is_file():
+        return None
+    try:
+        old = read_json(path)
+    except (OSError, ValueError):
+        raise UserError(f"{path} is not readable JSON, so a partial eval cannot merge into it",
+                        hint="move it away, or evaluate every round (drop --rounds)") from None
+    was = eval_settings(old)
+    differs = [f"{k}: {was[k]!r} -> {v!r}" for k, v in record.items() if k in was and was[k] != v]
+    if differs:
+        raise UserError(f"{path} holds an eval made with other settings ({'; '.join(differs)}); "
+                        "--rounds would mix them in one table",
+                        hint="evaluate every round again (drop --rounds), or write elsewhere with --out")
+    return {**old, "settings": was}
+
+
+def eval_settings(ev: dict) -> dict:
+    """eval.json's settings, with the names of older files brought up to date (their scorer was called "judge")."""
+    s = dict(ev.get("settings", {}))
+    if "judge" in s and "scorer" not in s:
+        s["scorer"] = s.pop("judge")
+        if "judge_seconds" in s:
+            s["scorer_seconds"] = s.pop("judge_seconds")
+    return s

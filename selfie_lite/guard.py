@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 from selfie_lite.config import RunConfig
-from selfie_lite.evaluate import implicit_rewards, pair_accuracy
+from selfie_lite.evaluate import pair_accuracy
 from selfie_lite.judge import cached_scores, flat_sequences, score_with
+from selfie_lite.loss import implicit_rewards
 from selfie_lite.rundir import read_json, read_jsonl
 from selfie_lite.stage import Round
 
@@ -95,27 +96,28 @@ def stop_reason(i: int, m: dict) -> str:
             f"guard.min_anchor_agreement = {m['threshold']:.0%}: stopped before training it; shipping round {i - 1}")
 
 
-def select_by_judge(cfg: RunConfig, run_dir: Path, backend, init_dir: Path, last_round: int, progress=None) -> dict:
-    """guard.select = a judge: every round's model (0..last_round) answers the first guard.probe_prompts prompts of
+def select_by_scorer(cfg: RunConfig, run_dir: Path, backend, init_dir: Path, last_round: int, progress=None) -> dict:
+    """guard.select = an external scorer (scorers.py): every round's model (0..last_round) answers the first guard.probe_prompts prompts of
     the held-out test split (sampled as the run samples, one answer each, the same seed for every model); the round
-    whose answers the judge scores highest is shipped. Returns {"round", "scores": {round: mean score}, "judge"}."""
-    from selfie_lite.evaluate import EvalSettings, evaluate_models, parse_judge
+    whose answers the scorer scores highest is shipped. Returns {"round", "scores": {round: mean score}, "scorer"}."""
+    from selfie_lite.evaluate import EvalSettings, evaluate_models
     from selfie_lite.rundir import read_jsonl
+    from selfie_lite.scorers import parse_scorer
 
-    judge = parse_judge(cfg.guard.select)
+    scorer = parse_scorer(cfg.guard.select)
     prompts = [r["prompt"] for r in read_jsonl(run_dir / "data" / "test.jsonl")][: cfg.guard.probe_prompts]
     if not prompts:
         from selfie_lite.errors import UserError
 
-        raise UserError("guard.select names a judge but the run has no held-out prompts to probe with",
+        raise UserError("guard.select names a scorer but the run has no held-out prompts to probe with",
                         hint="give data.test_size > 0, or use guard.select = guard")
-    judge.check(prompts)
+    scorer.check(prompts)
     models = {f"round-{i}": run_dir / f"round-{i}" / "model" for i in range(last_round + 1)}
     settings = EvalSettings(temperature=cfg.sample.temperature, top_p=cfg.sample.top_p,
                             max_new_tokens=cfg.sample.max_new_tokens, samples_per_prompt=1,
                             random_seed=cfg.random_seed, batch_size=cfg.sample.batch_size, beta=cfg.beta)
-    res = evaluate_models(backend, models, init_dir, prompts, judge, settings, progress=progress)
-    judge.close()
+    res = evaluate_models(backend, models, init_dir, prompts, scorer, settings, progress=progress)
+    scorer.close()
     scores = {int(name.split("-")[1]): m["mean_score"] for name, m in res["models"].items() if name in models}
     best = max(scores, key=lambda i: (scores[i], i))  # a tie goes to the later round
-    return {"round": best, "scores": scores, "judge": cfg.guard.select, "prompts": len(prompts)}
+    return {"round": best, "scores": scores, "scorer": cfg.guard.select, "prompts": len(prompts)}

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from selfie_lite.config import RunConfig
-from selfie_lite.evaluate import implicit_rewards
+from selfie_lite.loss import implicit_rewards
 from selfie_lite.rundir import atomic_write_json, atomic_write_jsonl, read_json, safe_point
 from selfie_lite.stage import NULL_PROGRESS, Round
 
@@ -228,3 +228,43 @@ def judge_round(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], poli
         "distinct_samples": sum(len(set(r["responses"])) / len(r["responses"]) for r in rows) / max(1, len(rows)),
         **debias,  # robust.length_debias: the fitted a (reward per token) and the length gaps with and without it
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Judging responses from outside a run (api.judge, `selfie-lite judge`)
+
+
+def load_response_rows(path: Path) -> list[dict]:
+    """A JSONL file of {"prompt": str, "responses": [at least 2 strings]}, checked row by row (UserError naming the
+    line)."""
+    from selfie_lite.errors import UserError
+    from selfie_lite.rundir import read_jsonl
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    rows = read_jsonl(path, user_file=True)
+    for n, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("responses"), list) \
+                or len(r["responses"]) < 2 or not all(isinstance(x, str) for x in r["responses"]):
+            raise UserError(f"{path} row {n + 1}: need {{\"prompt\": str, \"responses\": [at least 2 strings]}}")
+    if not rows:
+        raise UserError(f"{path} has no rows")
+    return rows
+
+
+def judge_responses(backend, rows: list[dict], policy, reference, beta: float, batch_size: int,
+                    progress=NULL_PROGRESS) -> tuple[list[dict], dict]:
+    """(E2, E3) on responses that did not come from a run: lay each (prompt, response) out with the policy's chat
+    template, score them with the policy and then the reference (one model in memory at a time), and pick best vs
+    worst per prompt (judge_pairs). Returns the pairs and the counts of what was dropped."""
+    from selfie_lite.chat import chat_prompt_ids, chat_response_ids
+
+    tok = backend.load_tokenizer(policy)
+    rows = [{**r, "id": i, "prompt_ids": chat_prompt_ids(tok, r["prompt"]),
+             "response_ids": [chat_response_ids(tok, r["prompt"], x) for x in r["responses"]]}
+            for i, r in enumerate(rows)]
+    seqs = flat_sequences(rows)
+    pol, _ = score_with(backend, policy, seqs, batch_size, progress, "judge (policy)")
+    ref, _ = score_with(backend, reference, seqs, batch_size, progress, "judge (reference)")
+    return judge_pairs(rows, pol, ref, beta)

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from selfie_lite.config import RunConfig
-from selfie_lite.guard import guard_stage, select_by_judge, verdict
+from selfie_lite.guard import guard_stage, select_by_scorer, verdict
 from selfie_lite.inputs import Inputs, prepare_data
 from selfie_lite.judge import judge_stage
 from selfie_lite.merge import merge_stage
@@ -96,7 +96,7 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console:
         why = "the last round: every round's self-labels passed the guard"
     selection = None
     if cfg.guard.select not in ("last", "guard"):
-        selection = select_by_judge(cfg, run_dir, backend, Path(inputs.model_dir), last, progress)
+        selection = select_by_scorer(cfg, run_dir, backend, Path(inputs.model_dir), last, progress)
         final = selection["round"]
         why = (f"round {final} scored best under {cfg.guard.select} on {selection['prompts']} held-out prompts ("
                + ", ".join(f"round {k}: {v:.3f}" for k, v in selection["scores"].items()) + ")")

@@ -242,6 +242,11 @@ def implicit_reward(policy_logp, reference_logp, beta: float):
     return beta * (policy_logp - reference_logp)
 
 
+def implicit_rewards(policy_logps: list[float], reference_logps: list[float], beta: float) -> list[float]:
+    """implicit_reward over lists of sequence log-probs (one per response), as the judge and eval hold them."""
+    return [implicit_reward(p, r, beta) for p, r in zip(policy_logps, reference_logps, strict=True)]
+
+
 def dpo_margin(policy_chosen, ref_chosen, policy_rejected, ref_rejected, beta: float):
     """docs/method.md (E4, E7): z = beta * [(log pi(yw) - log ref(yw)) - (log pi(yl) - log ref(yl))], elementwise;
     with pi_g's log-probs in place of pi's it is the extrapolated margin z_g."""

@@ -7,7 +7,6 @@ Writes: nothing but the PNG it is asked for (matplotlib, part of the default ins
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -44,8 +43,15 @@ def collect(run_dir: Path) -> dict:
         "config": read_json(cfg) if cfg.is_file() else {},
         "summary": read_json(summary) if summary.is_file() else None,
         "rounds": rounds,
-        "eval": json.loads(ev.read_text()) if ev.is_file() else None,
+        "eval": _eval_file(ev) if ev.is_file() else None,
     }
+
+
+def _eval_file(path: Path) -> dict:
+    from selfie_lite.evaluate import eval_settings
+
+    ev = read_json(path)
+    return {**ev, "settings": eval_settings(ev)}
 
 
 def _f(v, spec=".3f"):
@@ -120,10 +126,10 @@ def round_table(i: int, m: dict) -> Table:
 def eval_table(result: dict) -> Table:
     """Evaluation, one row per model (eval.json as `selfie-lite eval` writes it)."""
     s = result["settings"]
-    title = f"eval: {s['prompts']} prompts, judge {s['judge'] or 'none'}, baseline {Path(s['baseline']).name}"
+    title = f"eval: {s['prompts']} prompts, scorer {s['scorer'] or 'none'}, baseline {Path(s['baseline']).name}"
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     t.add_column("model", no_wrap=True)
-    if s["judge"]:
+    if s["scorer"]:
         t.add_column("win rate", justify="right", no_wrap=True)
         t.add_column("W/T/L", justify="right", no_wrap=True)
         t.add_column("score", justify="right", no_wrap=True)
@@ -136,7 +142,7 @@ def eval_table(result: dict) -> Table:
     t.add_column("words", justify="right", no_wrap=True)
     for name, m in result["models"].items():
         row = [name]
-        if s["judge"]:
+        if s["scorer"]:
             row += [_f(m.get("win_rate")), f"{m.get('wins', '-')}/{m.get('ties', '-')}/{m.get('losses', '-')}",
                     _f(m.get("mean_score"))]
         if s.get("labelled_pairs"):
@@ -164,7 +170,7 @@ def plot_report(data: dict, path: Path) -> Path:
     rounds = data["rounds"]
     ev = data.get("eval") or {}
     ev_models = ev.get("models", {})
-    judge = ev.get("settings", {}).get("judge")
+    scorer = ev.get("settings", {}).get("scorer")
     self_rounds = [r for r in rounds if r["round"] > 0 and r["pairs"]]
     n_hist = max(1, len(self_rounds))
     fig = plt.figure(figsize=(max(17, 4.2 * n_hist), 8.6), layout="constrained")
@@ -184,8 +190,8 @@ def plot_report(data: dict, path: Path) -> Path:
 
     # 1. Win rate against SFT, plus the other accuracies in [0, 1].
     series = []
-    if judge:
-        series.append(("win rate vs SFT (" + judge.split(":")[0] + ")", "win_rate", "tab:blue", "o", 8))
+    if scorer:
+        series.append(("win rate vs SFT (" + scorer.split(":")[0] + ")", "win_rate", "tab:blue", "o", 8))
     series.append(("seed-pair accuracy (held-out pairs)", "seed_pair_accuracy", "tab:green", "s", -13))
     shown = []
     for label, key, color, marker, dy in series:

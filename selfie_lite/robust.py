@@ -183,8 +183,8 @@ def consistency_weights(cfg: RunConfig, round_dir: Path, backend, rows: list[dic
     the round guard shares in round 2 (its anchor is pi_0). The loop marks the stage done; a resumed round reuses the file."""
     import time
 
-    from selfie_lite.evaluate import implicit_rewards
     from selfie_lite.judge import cached_scores
+    from selfie_lite.loss import implicit_rewards
     from selfie_lite.rundir import atomic_write_json
 
     t0 = time.perf_counter()

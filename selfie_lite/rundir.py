@@ -63,6 +63,12 @@ def read_jsonl(path: Path, user_file: bool = False) -> list:
     return rows
 
 
+def is_run_dir(path: Path) -> bool:
+    """A folder `selfie-lite run` made: config.json and its data split or a round folder."""
+    path = Path(path)
+    return (path / "config.json").is_file() and ((path / "data").is_dir() or any(path.glob("round-*")))
+
+
 def round_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     """(i, round-<i>/) for every round folder of a run, in round order."""
     found = [(int(d.name[6:]), d) for d in Path(run_dir).glob("round-*") if d.name[6:].isdigit()]

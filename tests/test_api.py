@@ -48,3 +48,49 @@ def test_bad_input_is_refused_before_anything_is_written(toy_cfg, tmp_path):
     assert not (tmp_path / "run").exists()
     with pytest.raises(UserError, match="not a selfie-lite run folder"):
         api.run(None, tmp_path / "nothing", resume=True)
+
+
+def test_evaluate_and_judge_from_python(toy_cfg, tmp_path):
+    """api.evaluate and api.judge on a finished toy run: the numbers they return are the ones worked out here from
+    the files they wrote and from the models directly."""
+    from selfie_lite.backends.hf import HFBackend
+    from selfie_lite.chat import chat_prompt_ids, chat_response_ids
+    from selfie_lite.loss import implicit_reward
+    from selfie_lite.rundir import read_jsonl
+
+    run = tmp_path / "run"
+    api.run(toy_cfg, run)
+    scorer = tmp_path / "length.py"
+    scorer.write_text("def score(prompt, response):\n    return float(len(response))\n")
+    ev = api.evaluate(run, scorer=f"python:{scorer}:score", limit=6, max_new_tokens=6)
+    assert list(ev.result["models"]) == ["sft", "round-0", "round-1"]
+    assert json.loads(ev.eval_file.read_text()) == ev.result and ev.eval_file == run / "eval.json"
+    assert ev.result["settings"]["scorer"] == f"python:{scorer}:score" and ev.result["settings"]["prompts"] == 6
+    assert ev.result["models"]["sft"]["win_rate"] == 0.5  # the baseline against its own responses: all ties
+    for name, m in ev.result["models"].items():
+        rows = read_jsonl(run / "eval" / "outputs" / f"{name}.jsonl")
+        lengths = [float(len(x)) for r in rows for x in r["responses"]]
+        assert m["mean_score"] == pytest.approx(sum(lengths) / len(lengths))
+    with pytest.raises(UserError, match="no finished round 7"):
+        api.evaluate(run, rounds=[7])
+
+    prefs = read_jsonl(toy_cfg.data.source)[:4]
+    rows = [{"prompt": p["prompt"], "responses": [p["rejected"], p["chosen"], p["chosen"] + " ok"]} for p in prefs]
+    policy = run / "round-1" / "model"
+    pairs, dropped = api.judge(rows, policy, toy_cfg.model, beta=0.1)
+    assert dropped == {"dropped_identical": 0, "dropped_empty_chosen": 0} and len(pairs) == len(rows)
+    be = HFBackend(toy_cfg)
+    tok = be.load_tokenizer(policy)
+    seqs = [(chat_prompt_ids(tok, r["prompt"]), chat_response_ids(tok, r["prompt"], y)) for r in rows for y in r["responses"]]
+    logps = {}
+    for name, folder in (("policy", policy), ("ref", toy_cfg.model)):
+        model, _ = be.load(folder)
+        logps[name] = be.sequence_logps(model, seqs, batch_size=4)
+        be.free(model)
+    for k, (r, pair) in enumerate(zip(rows, pairs, strict=True)):
+        rewards = [implicit_reward(p, q, 0.1) for p, q in zip(logps["policy"][3 * k: 3 * k + 3], logps["ref"][3 * k: 3 * k + 3], strict=True)]
+        assert pair["chosen"] == r["responses"][max(range(3), key=lambda j: rewards[j])]
+        assert pair["rejected"] == r["responses"][min(range(3), key=lambda j: rewards[j])]
+        assert pair["rewards"] == pytest.approx(rewards, abs=1e-6)
+    with pytest.raises(UserError, match="does not exist"):
+        api.judge(rows, tmp_path / "no-model", toy_cfg.model)

@@ -1,4 +1,4 @@
-"""`selfie-lite eval`: win-rate arithmetic, the judges, seed-pair accuracy, the AlpacaEval export, and the command
+"""`selfie-lite eval`: win-rate arithmetic, the external scorers, seed-pair accuracy, the AlpacaEval export, and the command
 end to end on small random models built here (no tiny-preset build, no hub)."""
 
 import json
@@ -13,18 +13,16 @@ from selfie_lite.cli import app
 from selfie_lite.errors import UserError
 from selfie_lite.evaluate import (
     EvalSettings,
-    OracleJudge,
-    RewardModelJudge,
     alpaca_eval_rows,
     evaluate_models,
     export_alpaca_eval,
-    implicit_rewards,
     load_prompts,
     pair_accuracy,
-    parse_judge,
     self_label_agreement,
     win_rate,
 )
+from selfie_lite.loss import implicit_rewards
+from selfie_lite.scorers import OracleScorer, RewardModelScorer, parse_scorer
 from selfie_lite.tiny import task
 
 runner = CliRunner()  # drives the real `selfie-lite` app, as a user would
@@ -104,7 +102,7 @@ def test_evaluate_models_on_canned_outputs(monkeypatch):
         "good": {"c1": -4.0, "r1": -6.0, "c2": -4.5, "r2": -3.0},  # pair 1 right, pair 2 wrong
     }
     be = FakeBackend(answers, logps)
-    res = evaluate_models(be, {"sft": Path("sft"), "good": Path("good")}, Path("sft"), prompts, OracleJudge(),
+    res = evaluate_models(be, {"sft": Path("sft"), "good": Path("good")}, Path("sft"), prompts, OracleScorer(),
                           EvalSettings(), pairs=pairs)
     assert be.loaded == ["sft", "good"]  # the baseline is the SFT row: sampled once
     sft, good = res["models"]["sft"], res["models"]["good"]
@@ -123,20 +121,20 @@ def test_evaluate_models_on_canned_outputs(monkeypatch):
 # Judges
 
 
-def test_oracle_judge_scores_and_refuses_foreign_prompts():
-    j = OracleJudge()
+def test_oracle_scorer_scores_and_refuses_foreign_prompts():
+    j = OracleScorer()
     p = task.make_prompt(random.Random(3))
     a, wrong = _answer(p), task.wrong_answer(task.parse_prompt(p), random.Random(4))
     # The oracle's weights: 0.60 correct + 0.25 formatted ("The answer is X.") + 0.15 concise.
     assert j.score([p, p, p], [f"The answer is {a}.", a, f"The answer is {wrong}."]) == [1.0, 0.75, 0.4]
     j.check([p])
-    with pytest.raises(UserError, match="oracle judge scores only"):
+    with pytest.raises(UserError, match="oracle scores only"):
         j.check(["Write a poem about the sea."])
-    assert isinstance(parse_judge("oracle"), OracleJudge) and parse_judge(None) is None
-    with pytest.raises(UserError, match="unknown judge"):
-        parse_judge("gpt4")
+    assert isinstance(parse_scorer("oracle"), OracleScorer) and parse_scorer(None) is None
+    with pytest.raises(UserError, match="unknown scorer"):
+        parse_scorer("gpt4")
     with pytest.raises(UserError, match="does not exist"):
-        parse_judge("reward-model:/no/such/rm")
+        parse_scorer("reward-model:/no/such/rm")
 
 
 # Small random models built in the test ------------------------------------------------------------
@@ -181,17 +179,17 @@ def small_models(tmp_path_factory):
     return paths
 
 
-def test_reward_model_judge_matches_a_plain_forward_whatever_the_batch(small_models):
+def test_reward_model_scorer_matches_a_plain_forward_whatever_the_batch(small_models):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     rng = random.Random(5)
     prompts = [task.make_prompt(rng) for _ in range(7)]
     responses = [task.random_response(p, rng) + " extra words" * k for k, p in enumerate(prompts)]  # varied lengths
-    judge = parse_judge(f"reward-model:{small_models['rm']}", batch_size=3)
-    assert isinstance(judge, RewardModelJudge) and judge.name.startswith("reward-model:")
-    batched = judge.score(prompts, responses)
-    one_by_one = [judge.score([p], [r])[0] for p, r in zip(prompts, responses, strict=True)]
+    scorer = parse_scorer(f"reward-model:{small_models['rm']}", batch_size=3)
+    assert isinstance(scorer, RewardModelScorer) and scorer.name.startswith("reward-model:")
+    batched = scorer.score(prompts, responses)
+    one_by_one = [scorer.score([p], [r])[0] for p, r in zip(prompts, responses, strict=True)]
     assert batched == pytest.approx(one_by_one, abs=1e-5)
     assert len(set(round(s, 6) for s in batched)) > 1  # a real model: the scores differ
 
@@ -204,10 +202,10 @@ def test_reward_model_judge_matches_a_plain_forward_whatever_the_batch(small_mod
     with torch.no_grad():
         direct = model(input_ids=ids).logits[0, 0].item()
     assert batched[0] == pytest.approx(direct, abs=1e-5)
-    judge.close()
+    scorer.close()
 
     with pytest.raises(UserError, match="3 output labels"):
-        parse_judge(f"reward-model:{small_models['rm3']}").score(prompts[:1], responses[:1])
+        parse_scorer(f"reward-model:{small_models['rm3']}").score(prompts[:1], responses[:1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +266,7 @@ def _pair_file(tmp_path, n=8):
 def test_eval_command_on_model_folders(small_models, tmp_path):
     out = tmp_path / "ev"
     r = invoke("eval", small_models["lm-a"], small_models["lm-b"], "--baseline", small_models["lm-a"],
-               "--prompts", _prompt_file(tmp_path), "--pairs", _pair_file(tmp_path), "--judge", "oracle",
+               "--prompts", _prompt_file(tmp_path), "--pairs", _pair_file(tmp_path), "--scorer", "oracle",
                "--max-new-tokens", "6", "--temperature", "1.0", "--export", "alpaca-eval", "--out", out)
     assert r.exit_code == 0, r.output
     assert "win rate" in r.output and "seed-pair acc" in r.output and "lm-b" in r.output
@@ -277,32 +275,32 @@ def test_eval_command_on_model_folders(small_models, tmp_path):
     a, b = res["models"]["lm-a"], res["models"]["lm-b"]
     assert a["win_rate"] == 0.5 and a["seed_pair_accuracy"] == 0.5  # the baseline against itself
     assert b["n"] == 6 and 0 <= b["win_rate"] <= 1 and 0 <= b["seed_pair_accuracy"] <= 1
-    assert res["settings"]["temperature"] == 1.0 and res["settings"]["judge"] == "oracle"
+    assert res["settings"]["temperature"] == 1.0 and res["settings"]["scorer"] == "oracle"
     rows = [json.loads(x) for x in (out / "eval" / "outputs" / "lm-b.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(len(x["responses"]) == 1 and "scores" in x for x in rows)
     ae = json.loads((out / "eval" / "alpaca-eval" / "lm-b.json").read_text())
     assert len(ae) == 6 and set(ae[0]) == {"instruction", "output", "generator"} and ae[0]["generator"] == "lm-b"
 
-    # The same seed gives the same outputs; a reward-model judge works through the same command.
+    # The same seed gives the same outputs; a reward-model scorer works through the same command.
     out2 = tmp_path / "ev2"
     r = invoke("eval", small_models["lm-b"], "--baseline", small_models["lm-a"], "--prompts", _prompt_file(tmp_path),
-               "--judge", f"reward-model:{small_models['rm']}", "--max-new-tokens", "6", "--temperature", "1.0",
+               "--scorer", f"reward-model:{small_models['rm']}", "--max-new-tokens", "6", "--temperature", "1.0",
                "--out", out2)
     assert r.exit_code == 0, r.output
     rows2 = [json.loads(x) for x in (out2 / "eval" / "outputs" / "lm-b.jsonl").read_text().splitlines()]
     assert [x["responses"] for x in rows2] == [x["responses"] for x in rows]
     res2 = json.loads((out2 / "eval.json").read_text())
-    assert res2["settings"]["judge"].startswith("reward-model:") and "seed_pair_accuracy" not in res2["models"]["lm-b"]
+    assert res2["settings"]["scorer"].startswith("reward-model:") and "seed_pair_accuracy" not in res2["models"]["lm-b"]
 
 
 BAD = [
     (["nowhere"], "nowhere does not exist"),
     (["{a}", "--export", "csv"], "the only export format is alpaca-eval"),
     (["{a}", "--temperature", "0"], "--temperature must be > 0"),
-    (["{a}", "--judge", "gpt4", "--baseline", "{a}", "--prompts", "{p}"], "unknown judge"),
-    (["{a}", "--judge", "reward-model:/nope", "--baseline", "{a}", "--prompts", "{p}"], "does not exist"),
+    (["{a}", "--scorer", "gpt4", "--baseline", "{a}", "--prompts", "{p}"], "unknown scorer"),
+    (["{a}", "--scorer", "reward-model:/nope", "--baseline", "{a}", "--prompts", "{p}"], "does not exist"),
     (["{a}", "--rounds", "1", "--baseline", "{a}", "--prompts", "{p}"], "applies to a run folder only"),
-    (["{a}", "--judge", "oracle", "--baseline", "{a}", "--prompts", "{foreign}"], "oracle judge scores only"),
+    (["{a}", "--scorer", "oracle", "--baseline", "{a}", "--prompts", "{foreign}"], "oracle scores only"),
     (["{tmp}", "--baseline", "{a}", "--prompts", "{p}"], "neither a run folder nor a model folder"),
 ]
 
@@ -345,7 +343,7 @@ def test_eval_command_on_a_run_folder(small_models, tmp_path):
         (run / f"round-{i}" / "done" / "merge.json").write_text("{}")
     (run / "round-1" / "done" / "judge.json").write_text(json.dumps({"pairs": 3, "gold_agreement": 0.625}))
     (run / "round-2" / "done").mkdir(parents=True)  # unfinished: not evaluated
-    r = invoke("eval", run, "--judge", "oracle", "--prompts", _prompt_file(tmp_path, 4), "--export", "alpaca-eval")
+    r = invoke("eval", run, "--scorer", "oracle", "--prompts", _prompt_file(tmp_path, 4), "--export", "alpaca-eval")
     assert r.exit_code == 0, r.output
     res = json.loads((run / "eval.json").read_text())
     assert list(res["models"]) == ["sft", "round-0", "round-1"]
@@ -359,7 +357,7 @@ def test_eval_command_on_a_run_folder(small_models, tmp_path):
     ae = json.loads((run / "eval" / "alpaca-eval" / "round-1.json").read_text())
     assert ae[0]["generator"] == "run-round-1" and len(ae) == 4
     # A partial eval merges into eval.json: round-1 is evaluated again, round-0's row stays as it was.
-    r = invoke("eval", run, "--rounds", "1", "--judge", "oracle", "--prompts", _prompt_file(tmp_path, 4))
+    r = invoke("eval", run, "--rounds", "1", "--scorer", "oracle", "--prompts", _prompt_file(tmp_path, 4))
     assert r.exit_code == 0, r.output
     merged = json.loads((run / "eval.json").read_text())
     assert list(merged["models"]) == ["sft", "round-0", "round-1"]
@@ -367,12 +365,12 @@ def test_eval_command_on_a_run_folder(small_models, tmp_path):
 
     # A round that does not exist is an error that names the ones that do; eval.json is left alone.
     before = (run / "eval.json").read_text()
-    r = invoke("eval", run, "--rounds", "9", "--judge", "oracle", "--prompts", _prompt_file(tmp_path, 4))
+    r = invoke("eval", run, "--rounds", "9", "--scorer", "oracle", "--prompts", _prompt_file(tmp_path, 4))
     assert r.exit_code == 2 and "has no finished round 9 (finished rounds: 0, 1)" in r.output, r.output
-    r = invoke("eval", run, "--rounds", "1,2", "--judge", "oracle", "--prompts", _prompt_file(tmp_path, 4))
+    r = invoke("eval", run, "--rounds", "1,2", "--scorer", "oracle", "--prompts", _prompt_file(tmp_path, 4))
     assert r.exit_code == 2 and "has no finished round 2 (finished rounds: 0, 1)" in r.output, r.output
     # Rows made with other settings are not merged into one table.
-    r = invoke("eval", run, "--rounds", "1", "--judge", "oracle", "--prompts", _prompt_file(tmp_path, 4),
+    r = invoke("eval", run, "--rounds", "1", "--scorer", "oracle", "--prompts", _prompt_file(tmp_path, 4),
                "--temperature", "0.3")
     assert r.exit_code == 2 and "holds an eval made with other settings (temperature: 0.7 -> 0.3)" in r.output, r.output
     assert (run / "eval.json").read_text() == before
@@ -391,7 +389,7 @@ def test_eval_of_a_tiny_run_compares_with_the_sft_model_it_started_from(small_mo
     shutil.copytree(small_models["lm-b"], run / "round-0" / "model")
     (run / "round-0" / "done").mkdir()
     (run / "round-0" / "done" / "merge.json").write_text("{}")
-    r = invoke("eval", run, "--judge", "oracle", "--prompts", _prompt_file(tmp_path, 4))
+    r = invoke("eval", run, "--scorer", "oracle", "--prompts", _prompt_file(tmp_path, 4))
     assert r.exit_code == 0, r.output
     res = json.loads((run / "eval.json").read_text())
     assert res["settings"]["baseline"] == str(small_models["lm-a"]) != str(tiny_preset.model_dir)
@@ -399,7 +397,7 @@ def test_eval_of_a_tiny_run_compares_with_the_sft_model_it_started_from(small_mo
 
 
 # ---------------------------------------------------------------------------------------------
-# python:MODULE:FUNCTION judges
+# python:MODULE:FUNCTION scorers
 
 
 SCORER = '''
@@ -416,19 +414,20 @@ NOT_A_FUNCTION = 3
 '''
 
 
-def test_python_judge_through_the_command(small_models, tmp_path):
+def test_python_scorer_through_the_command(small_models, tmp_path):
     scorer = _write(tmp_path / "myscorer.py", SCORER)
     out = tmp_path / "ev"
     r = invoke("eval", small_models["lm-b"], "--baseline", small_models["lm-a"], "--prompts", _prompt_file(tmp_path),
-               "--judge", f"python:{scorer}:score", "--max-new-tokens", "6", "--temperature", "1.0", "--out", out)
+               "--scorer", f"python:{scorer}:score", "--max-new-tokens", "6", "--temperature", "1.0", "--out", out)
     assert r.exit_code == 0, r.output
     res = json.loads((out / "eval.json").read_text())
-    assert res["settings"]["judge"] == f"python:{scorer}:score"
+    assert res["settings"]["scorer"] == f"python:{scorer}:score"
     rows = [json.loads(x) for x in (out / "eval" / "outputs" / "lm-b.jsonl").read_text().splitlines()]
     assert [x["scores"] for x in rows] == [[float(len(x["responses"][0].split()))] for x in rows]
     assert res["models"]["lm-b"]["mean_score"] == pytest.approx(statistics.mean(s for x in rows for s in x["scores"]))
 
-    # A dotted module name, found in the current folder (the test's tmp_path, see conftest) like `python -m` would.
+    # A dotted module name, found in the current folder (the test's tmp_path, see conftest) like `python -m` would;
+    # and the option's old name, --judge, still works.
     r = invoke("eval", small_models["lm-b"], "--baseline", small_models["lm-a"], "--prompts", _prompt_file(tmp_path),
                "--judge", "python:myscorer:score", "--max-new-tokens", "6", "--temperature", "1.0", "--out", out)
     assert r.exit_code == 0, r.output
@@ -448,12 +447,12 @@ PY_BAD = [
 
 
 @pytest.mark.parametrize("spec,message", PY_BAD, ids=[s for s, _ in PY_BAD])
-def test_python_judge_bad_input_is_one_line_and_exit_2(spec, message, small_models, tmp_path):
+def test_python_scorer_bad_input_is_one_line_and_exit_2(spec, message, small_models, tmp_path):
     f = _write(tmp_path / "myscorer.py", SCORER)
     broken = _write(tmp_path / "broken.py", "def score(prompt, response):\n    return (\n")
     spec = spec.replace("{f}", str(f)).replace("{tmp}", str(tmp_path)).replace("{broken}", str(broken))
     r = invoke("eval", small_models["lm-b"], "--baseline", small_models["lm-a"], "--prompts", _prompt_file(tmp_path),
-               "--judge", spec, "--max-new-tokens", "4", "--out", tmp_path / "ev")
+               "--scorer", spec, "--max-new-tokens", "4", "--out", tmp_path / "ev")
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output
     if "on prompt" in message:

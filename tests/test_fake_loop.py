@@ -10,10 +10,10 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from selfie_lite.config import load_config
-from selfie_lite.evaluate import implicit_rewards
 from selfie_lite.inputs import Inputs
 from selfie_lite.judge import flat_sequences
 from selfie_lite.loop import run_rounds
+from selfie_lite.loss import implicit_rewards
 from selfie_lite.sample import load_samples
 from selfie_lite.testing import FakeBackend, build_toy_model, hashed_logp, toy_preferences
 

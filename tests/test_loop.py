@@ -271,7 +271,7 @@ def test_guard_that_passes_trains_every_round(reference_run, tmp_path):
 def test_a_judge_picks_the_final_round(reference_run, tmp_path, monkeypatch):
     """guard.select = python:MODULE:FUNCTION ships the round whose answers the scorer likes best."""
     from selfie_lite.config import from_dict
-    from selfie_lite.guard import select_by_judge
+    from selfie_lite.guard import select_by_scorer
     from selfie_lite.inputs import sft_model_of
 
     ref, _ = reference_run
@@ -280,7 +280,7 @@ def test_a_judge_picks_the_final_round(reference_run, tmp_path, monkeypatch):
         "guard": {"select": f"python:{tmp_path / 'short_scorer.py'}:score", "probe_prompts": 12}})
     from selfie_lite.backends.hf import HFBackend
 
-    sel = select_by_judge(cfg, ref, HFBackend(cfg), Path(sft_model_of(ref)), last_round=2)
+    sel = select_by_scorer(cfg, ref, HFBackend(cfg), Path(sft_model_of(ref)), last_round=2)
     assert sorted(sel["scores"]) == [0, 1, 2] and sel["prompts"] == 12
     assert sel["scores"][sel["round"]] == max(sel["scores"].values())
 
