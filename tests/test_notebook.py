@@ -42,6 +42,9 @@ def test_the_colab_notebook_runs_on_a_cpu(tiny_preset, tmp_path, monkeypatch):
     assert "labelled seed: 24 pairs" in everything  # the run cell's output, logged line by line
     assert "reusing the data split; round-0 (train, merge)" in everything  # the --resume cell
     assert f"final model: {summary['final_model']}" in everything
+    ev = json.loads((run_dir / "eval.json").read_text())  # the api.evaluate cell
+    assert ev["settings"]["scorer"] == "oracle" and ev["settings"]["prompts"] == 60
+    assert f"round-1: win rate {ev['models']['round-1']['win_rate']:.3f}" in everything
     assert everything.count("PROMPT:") == 3 and "--- SPA:" in everything  # before/after on the test prompts
     assert "skipped: needs a GPU" in out[-1]
     assert "Traceback" not in everything
