@@ -190,7 +190,7 @@ def test_interrupted_build_leaves_nothing(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         build_tiny(target, progress=stop)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".tiny-v2.lock"]  # the builders' lock file, nothing half-built
 
 
 def test_unwritable_cache_is_a_run_error(tmp_path):
@@ -204,21 +204,73 @@ def test_unwritable_cache_is_a_run_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# One real build for the session (about 2 minutes on 2 cores)
+# The build machinery, on a shortened SFT (seconds), and the session's real build
+
+
+@pytest.fixture
+def quick_sft(monkeypatch):
+    """build_tiny with its SFT step cut to 64 rows and one epoch: the same code path, a model that is not the
+    preset's. Counts the builds."""
+    real = build.train_sft
+    calls = []
+
+    def short(tokenizer, rows, progress=None, **overrides):
+        calls.append(len(rows))
+        return real(tokenizer, rows[:64], progress=progress, **{**overrides, "epochs": 1, "warmup_steps": 1})
+
+    monkeypatch.setattr(build, "train_sft", short)
+    return calls
+
+
+def test_build_reports_progress_and_moves_into_place(quick_sft, tmp_path):
+    stages = []
+    built = build_tiny(tmp_path / "tiny-v2", progress=lambda stage, frac: stages.append((stage, frac)))
+    assert quick_sft == [build.N_SFT] and built.model_dir == tmp_path / "tiny-v2" / "sft-model"
+    assert (built.model_dir / "model.safetensors").is_file() and (built.root / "manifest.json").is_file()
+    fractions = [f for _, f in stages]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert {s for s, _ in stages} >= {"data", "tokenizer", "sft", "done"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny-v2.lock", "tiny-v2"]  # no temp folder left behind
+    t0 = time.perf_counter()
+    assert build_tiny(tmp_path / "tiny-v2") == built and time.perf_counter() - t0 < 1.0  # built: returns at once
+
+
+def test_a_second_builder_waits_for_the_first_and_uses_its_build(quick_sft, tmp_path, monkeypatch):
+    """Two first runs at once (or two test workers) build the preset once: the second waits on the lock."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    real_into = build._build_into
+
+    def slow_into(out, progress):
+        started.set()
+        release.wait(30)
+        real_into(out, progress)
+
+    monkeypatch.setattr(build, "_build_into", slow_into)
+    results, seen = {}, []
+    first = threading.Thread(target=lambda: results.setdefault("first", build_tiny(tmp_path / "tiny-v2")))
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=lambda: results.setdefault(
+        "second", build_tiny(tmp_path / "tiny-v2", progress=lambda stage, frac: seen.append(stage))))
+    second.start()
+    time.sleep(0.5)
+    assert second.is_alive() and seen == ["waiting for another process's build"]  # blocked on the first build
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert results["first"] == results["second"] and quick_sft == [build.N_SFT]  # one SFT, one preset
 
 
 @pytest.fixture(scope="module")
-def preset(tiny_build, tmp_path_factory):
-    built, stages = tiny_build
-    if stages:  # the session built it (a clean clone, CI): test that build, not a second one
-        return built, stages
-    root = tmp_path_factory.mktemp("cache") / "tiny-v2"
-    built = build_tiny(root, progress=lambda stage, frac: stages.append((stage, frac)))
-    return built, stages
+def preset(tiny_preset):
+    """The session's build of the real preset (tests/conftest.py starts it in the background at session start)."""
+    return tiny_preset
 
 
 def test_build_writes_a_complete_preset(preset, data):
-    built, stages = preset
+    built = preset
     assert built.model_dir == built.root / "sft-model"
     assert built.manifest == json.loads((built.root / "manifest.json").read_text())
     assert built.manifest["data_sha256"] == data_hash(data)
@@ -228,22 +280,16 @@ def test_build_writes_a_complete_preset(preset, data):
     assert (built.preferences, built.eval_prompts, built.val_prompts) == tuple(
         built.root / f"{n}.jsonl" for n in ("preferences", "eval_prompts", "val_prompts")
     )
-    assert [p.name for p in built.root.parent.iterdir()] == ["tiny-v2"]  # no temp folder left behind
-    fractions = [f for _, f in stages]
-    assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert {s for s, _ in stages} >= {"data", "tokenizer", "sft", "done"}
+    assert not [p.name for p in built.root.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     assert built.manifest["build_seconds"]["total"] > 0 and built.manifest["versions"]["torch"]
-
-    t0 = time.perf_counter()
-    again = build_tiny(built.root)  # already built: returns at once
-    assert time.perf_counter() - t0 < 1.0 and again == built
+    assert built.manifest["sft"]["steps"] == 4 * -(-build.N_SFT // 32)  # the real schedule: 4 epochs of batches of 32
 
 
 def test_built_model_loads_and_chats(preset):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    built, _ = preset
+    built = preset
     assert (built.model_dir / "model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(built.model_dir)
     tok = AutoTokenizer.from_pretrained(built.model_dir)
@@ -264,7 +310,7 @@ def test_built_model_loads_and_chats(preset):
 
 
 def test_sft_model_quality_is_in_the_band(preset):
-    built, _ = preset
+    built = preset
     report = sft_report(built, n_prompts=200)
     assert 1 / 3 <= report["frac_good"] <= 2 / 3, report
     assert report["frac_correct"] > report["frac_good"] + 0.05  # formatting leaves room for DPO

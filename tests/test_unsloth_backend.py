@@ -230,7 +230,10 @@ def fake_unsloth(monkeypatch):
     import selfie_lite.backends.unsloth as mod
 
     yield mod
-    monkeypatch.delitem(sys.modules, "selfie_lite.backends.unsloth", raising=False)
+    # Not through monkeypatch, whose undo would put this fake-backed module back: later tests (in any order) must
+    # find no unsloth, as on this machine.
+    sys.modules.pop("selfie_lite.backends.unsloth", None)
+    vars(sys.modules["selfie_lite.backends"]).pop("unsloth", None)
 
 
 def _cfg(model_dir, **over):

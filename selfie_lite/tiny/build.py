@@ -377,22 +377,49 @@ def build_tiny(
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if not force and (root / "manifest.json").is_file():
         return _preset_at(root)
+    progress = progress or (lambda stage, frac: None)
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the preset is ordinary cache data
-        try:
-            _build_into(tmp, progress or (lambda stage, frac: None))
-            _move_into_place(tmp, root, force)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
+        with _one_builder(root, progress):
+            if not force and (root / "manifest.json").is_file():
+                return _preset_at(root)  # built by the process we waited for
+            _remove_stale_temps(root)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
+            tmp.chmod(0o755)  # mkdtemp makes it private; the preset is ordinary cache data
+            try:
+                _build_into(tmp, progress)
+                _move_into_place(tmp, root, force)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
     except OSError as e:
         raise RunError(
             f"could not build the tiny preset in {root}: {e}",
             hint="free some disk space (it needs ~5 MB), or point SELFIE_LITE_CACHE at a writable folder",
         ) from e
     return _preset_at(root)
+
+
+@contextmanager
+def _one_builder(root: Path, progress: Callable[[str, float], None]):
+    """One build at a time per cache folder: a second process (two first runs at once, parallel test workers) waits
+    for the first and then uses its preset instead of spending the same minutes again. The lock is an flock on
+    .<name>.lock beside the preset, released by the kernel if the builder dies. Without fcntl (Windows) concurrent
+    builds stay correct (_move_into_place keeps the first), only slower."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(root.parent / f".{root.name}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress("waiting for another process's build", 0.0)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _remove_stale_temps(root: Path) -> None:
