@@ -9,7 +9,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +16,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from selfie_lite import __version__, cli_eval, doctor
+from selfie_lite import __version__, cli_eval, compat, doctor
 from selfie_lite.console import STATE, console, err_console, esc, friendly_errors, json_output
 from selfie_lite.errors import RunError, UserError
 
@@ -61,9 +60,7 @@ def main_callback(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ):
     STATE["debug"] = debug
-    # transformers 5.24 warns on every run that PEFT/TRL call a renamed method (is_gradient_checkpointing): noise a
-    # user can do nothing about. Only that message is silenced.
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    compat.silence_is_gradient_checkpointing_warning()
 
 
 # -------------------------------------------------------------------------------------------------

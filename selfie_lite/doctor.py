@@ -1,8 +1,9 @@
 """`selfie-lite doctor`: is this machine ready for a run? One line per check, OK / WARN / FAIL, each with its fix.
 
 Checks: Python, torch, CUDA and GPU memory (plus bf16 on a GPU), the library versions against the supported matrix
-(the same ranges as pyproject.toml), the optional extras (bitsandbytes, unsloth) and the `kernels` package, hub
-reachability, whether the runs folder (--out) can be written, and free disk there and in the Hugging Face cache.
+(selfie-lite's own requirements, read from pyproject.toml or the installed metadata: supported_matrix), the optional
+extras (bitsandbytes, unsloth) and the `kernels` package, hub reachability, whether the runs folder (--out) can be
+written, and free disk there and in the Hugging Face cache.
 
 Every check is a small function that returns a `Check`; the inputs (versions, GPU facts, the hub probe, disk usage)
 are arguments, so the logic is testable with fake values and no GPU or network. `run_checks()` gathers the real
@@ -23,13 +24,16 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from selfie_lite import hub
 from selfie_lite.console import console, friendly_errors, json_output
 from selfie_lite.errors import RunError, describe
+
+if TYPE_CHECKING:
+    from packaging.specifiers import SpecifierSet
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
@@ -48,45 +52,139 @@ class Check:
 
 
 # -------------------------------------------------------------------------------------------------
-# The supported matrix (keep in step with pyproject.toml)
+# The supported matrix: selfie-lite's own requirements (pyproject.toml), read when doctor runs
+
+# What the requirements cannot say, in one place. Every range and the minimum Python come from pyproject.toml's
+# [project] table (supported_matrix says how it is found); these say which libraries doctor looks at and what it
+# knows about them beyond their ranges.
+CHECKED = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")  # required libraries, in display order
+OPTIONAL = {"bitsandbytes": ("quant", "4-bit loading")}  # optional library -> (the extra that installs it, what for)
+MISSING_FIX = {"torch": "pip install torch==2.13.0 (CPU), or a CUDA build from pytorch.org"}  # instead of the pip line
+# Unsloth 2026.10 pins these; a newer one breaks `import unsloth` or its patches. dist -> first version it refuses.
+UNSLOTH_CAPS: dict[str, str] = {"transformers": "5.18", "trl": "1.16", "datasets": "5"}
+# trl 1.15's DPOTrainer needs a GPU Triton driver: the oldest trl that trains on a machine without a GPU.
+TRL_WITHOUT_GPU = "1.16"
+
+LIBRARIES = (*CHECKED, *OPTIONAL)  # those checked against the requirements' ranges
+# Everything whose version run_checks looks up.
+DISTS = (*LIBRARIES, "unsloth", "kernels")
+
+UNKNOWN_FIX = "reinstall selfie-lite (pip install -U selfie-lite, or pip install -e . in its checkout)"
+
+
+def _lower_bounds_first(spec) -> tuple[bool, str]:
+    return spec.operator not in (">=", ">"), str(spec)
 
 
 @dataclass(frozen=True)
 class Requirement:
     dist: str  # distribution name, as importlib.metadata knows it
-    minimum: str  # oldest supported version; older FAILs (WARNs when optional)
-    below: str | None = None  # first unsupported version; newer WARNs (untested), it does not FAIL
-    optional: bool = False
-    missing_fix: str = ""  # what to run when it is not installed
+    specifier: SpecifierSet | None  # the supported versions; None: unknown, and `unknown` says why
+    optional: bool = False  # missing or too old WARNs instead of FAILing
+    purpose: str = ""  # of an optional library, shown when it is missing
+    missing_fix: str = ""  # what to run when it is not installed, if not the pip line
+    unknown: str = ""  # why the range is unknown (specifier None)
 
     @property
     def spec(self) -> str:
-        return f">={self.minimum}" + (f",<{self.below}" if self.below else "")
+        """'>=5.0,<6': lower bounds first, as pyproject.toml writes them."""
+        return ",".join(str(s) for s in sorted(self.specifier or (), key=_lower_bounds_first))
 
     @property
     def pip(self) -> str:
         return f"pip install -U '{self.dist}{self.spec}'"
 
+    def at_least(self, minimum: str) -> Requirement:
+        """The same range with its lower bound raised to `minimum`."""
+        from packaging.specifiers import SpecifierSet
 
-MATRIX: dict[str, Requirement] = {
-    r.dist: r
-    for r in (
-        Requirement("torch", "2.4", missing_fix="pip install torch==2.13.0 (CPU), or a CUDA build from pytorch.org"),
-        Requirement("transformers", "5.0", below="6"),
-        Requirement("trl", "1.15", below="2"),
-        Requirement("peft", "0.17"),
-        Requirement("datasets", "4.7"),
-        Requirement("accelerate", "1.0"),
-        Requirement("bitsandbytes", "0.45", optional=True, missing_fix="pip install 'selfie-lite[quant]'"),
-    )
-}
-MIN_PYTHON = (3, 11)
+        kept = [str(s) for s in self.specifier or () if s.operator not in (">=", ">")]
+        return dataclasses.replace(self, specifier=SpecifierSet(",".join([f">={minimum}", *kept])))
 
-# Unsloth 2026.10 pins these; a newer one breaks `import unsloth` or its patches. dist -> first version it refuses.
-UNSLOTH_CAPS: dict[str, str] = {"transformers": "5.18", "trl": "1.16", "datasets": "5"}
 
-# Everything whose version run_checks looks up.
-DISTS = (*MATRIX, "unsloth", "kernels")
+@dataclass(frozen=True)
+class Matrix:
+    python: SpecifierSet | None  # Requires-Python; None: unknown
+    libraries: dict[str, Requirement]  # LIBRARIES, in their order
+    source: str  # where the ranges were read, or why they are unknown
+
+
+def _requirement(dist: str, specifier: SpecifierSet | None, unknown: str) -> Requirement:
+    extra, purpose = OPTIONAL.get(dist, ("", ""))
+    return Requirement(dist, specifier, optional=bool(extra), purpose=purpose,
+                       missing_fix=f"pip install 'selfie-lite[{extra}]'" if extra else MISSING_FIX.get(dist, ""),
+                       unknown="" if specifier is not None else unknown)
+
+
+def matrix_from_requirements(requires: list[str], requires_python: str | None, source: str) -> Matrix:
+    """The matrix from requirement lines as the installed metadata lists them (`importlib.metadata.requires`:
+    'trl<2,>=1.15', 'bitsandbytes>=0.45; extra == "quant"') and Requires-Python. A required library's range is
+    that of the lines that apply to a plain install on this machine, an optional one's that of its extra's lines."""
+    import functools
+    import operator
+
+    from packaging.requirements import Requirement as Line
+    from packaging.specifiers import SpecifierSet
+    from packaging.utils import canonicalize_name
+
+    lines = [Line(r) for r in requires]
+
+    def specifier(dist: str) -> SpecifierSet | None:
+        extra = OPTIONAL.get(dist, ("",))[0]
+        found = [r.specifier for r in lines if canonicalize_name(r.name) == canonicalize_name(dist)
+                 and (r.marker is None or r.marker.evaluate({"extra": extra}))]
+        return functools.reduce(operator.and_, found) if found else None
+
+    libraries = {d: _requirement(d, specifier(d), f"{source} does not name {d}") for d in LIBRARIES}
+    return Matrix(python=SpecifierSet(requires_python or ""), libraries=libraries, source=source)
+
+
+def pyproject_requires(project: dict) -> list[str]:
+    """pyproject.toml's [project] dependencies and optional-dependencies as metadata lines: each extra's with
+    `extra == "name"` added to its marker, as pip install writes them into the metadata."""
+    from packaging.markers import Marker
+    from packaging.requirements import Requirement as Line
+
+    lines = list(project.get("dependencies", []))
+    for extra, requires in project.get("optional-dependencies", {}).items():
+        for r in map(Line, requires):
+            r.marker = Marker(f'({r.marker}) and extra == "{extra}"' if r.marker else f'extra == "{extra}"')
+            lines.append(str(r))
+    return lines
+
+
+def source_tree_project() -> tuple[Path, dict] | None:
+    """(pyproject.toml, its [project] table) of the source tree this package is imported from: a checkout, an
+    editable install, PYTHONPATH. None for an installed wheel, which has no pyproject.toml beside the package."""
+    import tomllib
+
+    path = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:
+        project = tomllib.loads(path.read_text())["project"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return None
+    return (path, project) if project.get("name") == "selfie-lite" else None
+
+
+def supported_matrix() -> Matrix:
+    """The supported versions, from selfie-lite's own requirements: pyproject.toml is the single source.
+
+    Run from a source tree (a checkout, an editable install, PYTHONPATH), its pyproject.toml is read: it belongs to
+    the code that runs, while the metadata of an editable install is a copy taken at `pip install -e` time (stale
+    after an edit) and may even belong to another checkout. Installed from a wheel, the metadata is read (pip wrote
+    it from the same pyproject.toml). With neither, every range is unknown and its check WARNs saying so.
+    """
+    found = source_tree_project()
+    if found is not None:
+        path, project = found
+        return matrix_from_requirements(pyproject_requires(project), project.get("requires-python"), str(path))
+    try:
+        dist = importlib.metadata.distribution("selfie-lite")
+    except importlib.metadata.PackageNotFoundError:
+        why = "selfie-lite is not installed and its pyproject.toml is not beside the package"
+        return Matrix(python=None, libraries={d: _requirement(d, None, why) for d in LIBRARIES}, source=why)
+    return matrix_from_requirements(dist.requires or [], dist.metadata["Requires-Python"],
+                                    f"the metadata of the installed selfie-lite {dist.version}")
 
 
 def _release(version: str):
@@ -112,42 +210,53 @@ def installed_versions(dists=DISTS) -> dict[str, str | None]:
 # Checks: pure functions of their arguments
 
 
-def check_python(version: tuple[int, ...] | None = None) -> Check:
+def check_python(version: tuple[int, ...] | None = None, matrix: Matrix | None = None) -> Check:
     version = tuple(sys.version_info[:3]) if version is None else tuple(version)
     shown = ".".join(map(str, version))
-    if tuple(version[:2]) < MIN_PYTHON:
-        need = ".".join(map(str, MIN_PYTHON))
-        return Check("python", FAIL, f"{shown}: need >= {need} (transformers 5 and trl 1.16 do)",
-                     f"create the venv with Python >= {need}")
+    matrix = supported_matrix() if matrix is None else matrix
+    if matrix.python is None:
+        return Check("python", WARN, f"{shown}: supported range unknown ({matrix.source})", UNKNOWN_FIX)
+    if not matrix.python.contains(shown):
+        need = ", ".join(f"{s.operator} {s.version}" for s in sorted(matrix.python, key=_lower_bounds_first))
+        return Check("python", FAIL, f"{shown}: need {need} (transformers 5 and trl 1.16 do)",
+                     f"create the venv with Python {need}")
     return Check("python", OK, shown)
 
 
 def check_version(req: Requirement, version: str | None) -> Check:
-    """One library against its range: missing or too old FAILs (WARNs when optional); newer than tested WARNs."""
+    """One library against its range: missing or below a minimum (>=, >) FAILs (WARNs when optional); outside the
+    range otherwise (newer than tested) WARNs."""
     bad = WARN if req.optional else FAIL
     if version is None:
         if req.optional:
-            return Check(req.dist, WARN, "not installed (optional: 4-bit loading)" if req.dist == "bitsandbytes"
+            return Check(req.dist, WARN, f"not installed (optional: {req.purpose})" if req.purpose
                          else "not installed (optional)", req.missing_fix or req.pip)
-        return Check(req.dist, FAIL, f"not installed (need {req.spec})", req.missing_fix or req.pip)
+        need = f" (need {req.spec})" if req.spec else ""
+        return Check(req.dist, FAIL, f"not installed{need}", req.missing_fix or req.pip)
+    if req.specifier is None:
+        return Check(req.dist, WARN, f"{version}: supported range unknown ({req.unknown})", UNKNOWN_FIX)
     try:
         v = _release(version)
     except Exception:
         return Check(req.dist, WARN, f"{version}: cannot parse this version (need {req.spec})", req.pip)
-    if v < _release(req.minimum):
+    failed = [s for s in req.specifier if not s.contains(v, prereleases=True)]
+    if not failed:
+        return Check(req.dist, OK, version)
+    if any(s.operator in (">=", ">") for s in failed):
         return Check(req.dist, bad, f"{version}: too old (need {req.spec})", req.pip)
-    if req.below and v >= _release(req.below):
-        return Check(req.dist, WARN, f"{version}: newer than the tested range {req.spec}",
-                     f"if a run breaks: {req.pip}")
-    return Check(req.dist, OK, version)
+    newer = all(s.operator in ("<", "<=") for s in failed)
+    return Check(req.dist, WARN, f"{version}: {'newer than' if newer else 'outside'} the tested range {req.spec}",
+                 f"if a run breaks: {req.pip}")
 
 
-def check_trl(version: str | None, has_gpu: bool) -> Check:
-    """The matrix, plus trl 1.15 on a machine without a GPU: its DPOTrainer needs a GPU Triton driver."""
-    c = check_version(MATRIX["trl"], version)
-    if c.status == OK and _release(version).release[:2] == (1, 15) and not has_gpu:
+def check_trl(version: str | None, has_gpu: bool, req: Requirement | None = None) -> Check:
+    """The range, plus a supported trl older than TRL_WITHOUT_GPU (trl 1.15) on a machine without a GPU: its
+    DPOTrainer needs a GPU Triton driver."""
+    req = supported_matrix().libraries["trl"] if req is None else req
+    c = check_version(req, version)
+    if c.status == OK and not has_gpu and _release(version) < _release(TRL_WITHOUT_GPU):
         return Check("trl", WARN, f"{version}: its DPOTrainer crashes without a GPU Triton driver",
-                     "pip install -U 'trl>=1.16,<2'")
+                     req.at_least(TRL_WITHOUT_GPU).pip)
     return c
 
 
@@ -336,16 +445,22 @@ def run_checks(
     gpu: GpuInfo | None = None,
     hub_probe: Callable[[str], tuple[bool, str]] | None = None,
     disk_usage: Callable | None = None,
+    matrix: Matrix | None = None,
 ) -> list[Check]:
     """Every check, in display order. Each keyword replaces a real probe (for tests); None means look it up."""
     v = dict(installed_versions()) if versions is None else dict(versions)
     gpu = probe_gpu() if gpu is None else gpu
     disk_usage = disk_usage or shutil.disk_usage
-    checks = [check_python(), check_version(MATRIX["torch"], v.get("torch")), check_cuda(gpu)]
+    matrix = supported_matrix() if matrix is None else matrix
+    libraries = matrix.libraries
+    checks = [check_python(matrix=matrix), check_version(libraries["torch"], v.get("torch")), check_cuda(gpu)]
     if gpu.available and not gpu.error:
         checks.append(check_bf16(gpu))
-    for dist in ("transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes"):
-        checks.append(check_trl(v.get("trl"), gpu.available) if dist == "trl" else check_version(MATRIX[dist], v.get(dist)))
+    for dist, req in libraries.items():
+        if dist == "trl":
+            checks.append(check_trl(v.get(dist), gpu.available, req))
+        elif dist != "torch":  # torch is checked above, before cuda
+            checks.append(check_version(req, v.get(dist)))
     checks += [
         check_unsloth(v.get("unsloth"), v, gpu.available),
         check_kernels(v.get("kernels")),

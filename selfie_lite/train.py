@@ -38,6 +38,7 @@ from transformers import PrinterCallback, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from selfie_lite import compat
 from selfie_lite.config import RefineConfig, TrainConfig
 from selfie_lite.errors import RunError, UserError
 from selfie_lite.loss import dpo_losses, dpo_margin, last_hidden, sequence_logps
@@ -104,24 +105,18 @@ class SPADPOTrainer(DPOTrainer):
         # beta of (E2, E4) is ours, handed in: never read back from TRL's config (DPOTrainer sets self.beta from
         # args.beta; train_dpo passes the same value to both, the loss uses this one).
         self.beta = beta
-        # Handed a PeftModel, TRL 1.16 adds a "ref" adapter (a copy of the current one) and uses it as the
-        # reference. Our reference is the adapter-disabled model (docs/method.md, "The loop": the adapter is fresh on
-        # merged weights), so drop the copy: it would cost memory and end up in saved adapters.
-        peft_model = self.accelerator.unwrap_model(self.model)
-        if "ref" in peft_model.peft_config:
-            peft_model.delete_adapter("ref")
+        # Our reference is the adapter-disabled model (docs/method.md, "The loop": the adapter is fresh on merged
+        # weights), so TRL's copy of the adapter as a reference goes: it would cost memory and end up in saved adapters.
+        compat.drop_trl_ref_adapter(self.accelerator.unwrap_model(self.model))
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        # TRL 1.x has no max_prompt_length and DROPS pairs whose prompt alone fills max_length. We cut every
-        # prompt to its last max_prompt_length tokens instead (the end keeps the turn markers next to the
-        # response), so TRL's filter is skipped while it tokenises. Without max_prompt_length, TRL's rule stands.
+        # TRL DROPS pairs whose prompt alone fills max_length. We cut every prompt to its last max_prompt_length
+        # tokens instead (the end keeps the turn markers next to the response), so TRL's filter is skipped while it
+        # tokenises. Without max_prompt_length, TRL's rule stands.
         if not self.max_prompt_length:
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        max_length, args.max_length = args.max_length, None
-        try:
+        with compat.no_trl_prompt_filter(args):
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        finally:
-            args.max_length = max_length
         keep = self.max_prompt_length
         return dataset.map(lambda ex: {"prompt_ids": ex["prompt_ids"][-keep:]})
 
@@ -290,12 +285,9 @@ def _precision(precision: str) -> dict:
 
 
 def _checkpointing(on: bool) -> dict:
-    # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name warns); the
-    # GPU stack (transformers <= 5.17 for unsloth) may only know the old one. Non-reentrant: the reference
-    # forward runs under no_grad, where reentrant checkpointing warns and PEFT needs input grads.
-    name = "activation_checkpointing" if "activation_checkpointing" in DPOConfig.__dataclass_fields__ else (
-        "gradient_checkpointing"
-    )
+    # Non-reentrant: the reference forward runs under no_grad, where reentrant checkpointing warns and PEFT needs
+    # input grads.
+    name = compat.checkpointing_arg(DPOConfig)
     return {name: on, f"{name}_kwargs": {"use_reentrant": False}}
 
 
@@ -321,8 +313,7 @@ def training_sequences(tokenizer, pairs: list[dict], train: TrainConfig) -> list
     """
 
     def ids(messages, **kw) -> list[int]:
-        enc = tokenizer.apply_chat_template(messages, tokenize=True, **kw)
-        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+        return compat.token_ids(tokenizer.apply_chat_template(messages, tokenize=True, **kw))
 
     def prefix(a: list[int], b: list[int]) -> int:
         n = 0
@@ -431,7 +422,7 @@ def train_dpo(
         # Optimisation
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
-        warmup_steps=train.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        **compat.warmup_ratio_kwargs(train.warmup_ratio),
         per_device_train_batch_size=train.batch_size,
         gradient_accumulation_steps=train.grad_accum,
         num_train_epochs=epochs,

@@ -6,20 +6,16 @@ Safety: weights load only from safetensors, trust_remote_code only when the user
 from __future__ import annotations
 
 import gc
-import inspect
 import json
-import logging
 from pathlib import Path
 
-from selfie_lite import hub
+from selfie_lite import compat, hub
 from selfie_lite.config import LoraConfig, RunConfig
 from selfie_lite.errors import RunError, UserError, first_line
 from selfie_lite.loss import last_hidden, sequence_logps
 from selfie_lite.numerics import pick_device, pick_dtype
 
-# bitsandbytes logs a warning about the optional `kernels` hub package on import; it fetches code from the
-# hub at run time, which we never want, so the warning is noise.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+compat.quiet_bnb_kernels_warning()  # before transformers (and through it bitsandbytes) is imported
 
 import torch  # noqa: E402
 from transformers import GenerationConfig, LogitsProcessorList  # noqa: E402
@@ -96,7 +92,7 @@ class HFBackend:
         except OSError as e:
             raise UserError(f"could not load model {model_dir}: {first_line(e)}") from None
         if self.cfg.load_in_4bit:
-            _disable_bnb_cpu_inference_repack(model)
+            compat.disable_bnb_cpu_inference_repack(model)  # or LoRA training loses its gradients
             if trainable:
                 from peft import prepare_model_for_kbit_training
 
@@ -277,18 +273,6 @@ class _LogpRecorder:
         return torch.stack(self.steps, dim=1).cpu() if self.steps else torch.zeros((sequences.shape[0], 0))
 
 
-def _disable_bnb_cpu_inference_repack(model) -> None:
-    """bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights into an inference-only layout on the first eval
-    forward, after which LoRA gradients are silently lost (platform-notes.md, trap 1). Switch it off."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
-
-
 def oom_error(exc: BaseException, stage: str) -> RunError:
     return RunError(
         f"out of GPU memory during {stage}",
@@ -322,10 +306,7 @@ def merge_peft_16bit(base_dir, adapter_dir, out_dir, *, dtype: torch.dtype, devi
     if quantized:
         if hasattr(merged.config, "quantization_config"):
             del merged.config.quantization_config
-        # transformers 5.x records the 4-bit deserialisation it did at load time and tries to undo it on save, which
-        # it cannot (NotImplementedError in 5.17): the weights are plain 16-bit now, so save them as they are.
-        if "save_original_format" in inspect.signature(merged.save_pretrained).parameters:
-            save_kwargs["save_original_format"] = False
+        save_kwargs.update(compat.dequantized_save_kwargs(merged))  # the weights are plain 16-bit now
     merged.save_pretrained(str(out_dir), **save_kwargs)
     _drop_quantization_config(out_dir)
     del base, merged
