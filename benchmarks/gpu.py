@@ -24,18 +24,21 @@ imported before transformers and trl, and patches them for the whole process).
 For sample and judge, two ratios to the card's limits: weight bytes read per forward step (4-bit nf4 or 16-bit)
 times steps over the measured time, against the card's memory bandwidth; and forward FLOPs (2 x matmul params per
 token + attention) over the measured time, against its dense bf16 (fp16 on a T4) matrix rate. Card figures are spec
-sheet values (CARDS below), or --bandwidth-gbs / --peak-tflops.
+sheet values (CARDS in gpu_roofline.py), or --bandwidth-gbs / --peak-tflops.
 
 Last, the estimated wall time of the paper's schedule on this card: 2K seed pairs (3 epochs), prompt pools of
 8K/20K/30K, 2 samples of up to 300 new tokens, judging by policy and SFT reference, one DPO epoch per round, a merge
 per round, and the model loads each stage does. It is an estimate from the rates above (upper bound on lengths:
 every response runs to 300 tokens, every judged sequence is seq-len tokens), not a measurement of a run.
+
+Three files: this one is the driver (arguments, one worker process per backend, the tables); gpu_worker.py is the
+measuring process; gpu_roofline.py the arithmetic (parameters, bytes, FLOPs, card figures, the schedule). The model
+folder comes from selfie_lite.testing.build_shaped_model, which the backend tests use too.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
@@ -49,9 +52,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# ---------------------------------------------------------------------------------------------
-# Shapes, cards and the paper's schedule (plain data)
+from benchmarks.gpu_roofline import PAPER_SCHEDULE, card_spec, param_counts, schedule_estimate  # noqa: E402
+from selfie_lite.testing import PROMPT_OVERHEAD, TINY_SHAPE, build_shaped_model  # noqa: E402
 
+# The model shapes (selfie_lite.testing.build_shaped_model builds them from these keys) and each one's run settings:
+# the preset whose batch sizes the stages use, tokens per judged sequence and DPO pair, new tokens per sample.
 SHAPES: dict[str, dict] = {
     # mistralai/Mistral-7B-v0.1, the base of zephyr-7b-sft-full (the paper's SFT model): 7,241,732,096 params
     "mistral-7b": dict(arch="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
@@ -64,416 +69,8 @@ SHAPES: dict[str, dict] = {
                       tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1000000.0,
                       preset="qwen-colab", seq_len=1024, new_tokens=300),
     # A CPU dry run of every stage in seconds.
-    "tiny": dict(arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, qkv_bias=False, tie_word_embeddings=False,
-                 max_position_embeddings=512, rope_theta=10000.0, preset="tiny", seq_len=96, new_tokens=16),
+    "tiny": dict(TINY_SHAPE, preset="tiny", seq_len=96, new_tokens=16),
 }
-
-# (substring of torch.cuda.get_device_name, label, memory bandwidth GB/s, dense bf16 matrix TFLOP/s; fp16 on a T4).
-# Vendor spec sheets, without sparsity; first match wins, so longer names come first.
-CARDS: list[tuple[str, str, float, float]] = [
-    ("H200", "H200", 4800, 989),
-    ("H100 NVL", "H100 NVL", 3900, 835),
-    ("H100 PCIe", "H100 PCIe", 2000, 756),
-    ("H100", "H100 SXM", 3350, 989),
-    ("A100 80GB PCIe", "A100 80GB PCIe", 1935, 312),
-    ("A100-SXM4-80GB", "A100 80GB SXM", 2039, 312),
-    ("A100", "A100 40GB", 1555, 312),
-    ("L40S", "L40S", 864, 362),
-    ("L4", "L4", 300, 121),
-    ("A10", "A10", 600, 125),
-    ("RTX 4090", "RTX 4090", 1008, 165),
-    ("RTX 3090", "RTX 3090", 936, 71),
-    ("T4", "T4", 320, 65),
-]
-
-PAPER_SCHEDULE = dict(seed_pairs=2000, seed_epochs=3, pools=[8000, 20000, 30000], round_epochs=1, num_samples=2,
-                      new_tokens=300)
-
-# bitsandbytes nf4 with double quantisation, block 64: 4 bits a weight, an 8-bit absmax per 64 weights, and an fp32
-# scale per 256 absmax blocks.
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
-
-# The tiny preset's template: the same <s><|user|>...<|assistant|>...</s> layout, whatever the model size.
-from selfie_lite.tiny.build import CHAT_TEMPLATE  # noqa: E402
-
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
-PROMPT_OVERHEAD = 3  # <s><|user|>...<|assistant|>
-PAIR_OVERHEAD = 4  # the prompt's 3 and </s> after the response
-
-
-# ---------------------------------------------------------------------------------------------
-# Arithmetic: parameters, bytes a forward step reads, FLOPs, card ratios, the schedule
-
-
-def param_counts(shape: dict) -> dict:
-    """Parameters by kind, from the config alone (no model built)."""
-    h, inter, n_layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
-    head_dim = h // shape["num_attention_heads"]
-    q, kv = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim
-    per_layer_linear = h * q + 2 * h * kv + q * h + 3 * h * inter  # q, k, v, o; gate, up, down
-    per_layer_bias = (q + 2 * kv) if shape.get("qkv_bias") else 0
-    per_layer_norm = 2 * h
-    embed = shape["vocab_size"] * h
-    lm_head = 0 if shape["tie_word_embeddings"] else shape["vocab_size"] * h
-    layers_linear = n_layers * per_layer_linear
-    biases = n_layers * per_layer_bias
-    norms = n_layers * per_layer_norm + h
-    return {
-        "embed": embed,
-        "lm_head": lm_head,  # separate weights; 0 when tied (the matmul still happens, see matmul_params)
-        "layers_linear": layers_linear,
-        "biases": biases,
-        "norms": norms,
-        "total": embed + lm_head + layers_linear + biases + norms,
-        # weights multiplied by every token: all linear layers and the output projection (tied or not)
-        "matmul_params": layers_linear + shape["vocab_size"] * h,
-    }
-
-
-def weight_bytes_per_step(shape: dict, quant: str, bytes_16: int = 2) -> float:
-    """Bytes of weights one forward step reads: linear layers (nf4 or 16-bit), the output projection, biases and
-    norms at 16 bits (bitsandbytes keeps lm_head unquantised). The embedding lookup reads only a few rows: left out."""
-    c = param_counts(shape)
-    linear = c["layers_linear"] * (NF4_BYTES_PER_PARAM if quant == "nf4" else bytes_16)
-    head = shape["vocab_size"] * shape["hidden_size"] * bytes_16
-    return linear + head + (c["biases"] + c["norms"]) * bytes_16
-
-
-def forward_flops(shape: dict, tokens: float, mean_context: float = 0.0) -> float:
-    """2 FLOPs per matmul weight per token, plus attention: QK^T and AV, 2 x head_dim x context each, per head."""
-    c = param_counts(shape)
-    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
-    attn = 4 * shape["num_hidden_layers"] * shape["num_attention_heads"] * head_dim * mean_context
-    return (2 * c["matmul_params"] + attn) * tokens
-
-
-def sampling_flops(shape: dict, rows: int, prompt_len: int, steps: int) -> float:
-    """Prefill of rows x prompt_len tokens, then `steps` decode steps of `rows` tokens each."""
-    prefill = forward_flops(shape, rows * prompt_len, prompt_len / 2)
-    decode = forward_flops(shape, rows * steps, prompt_len + steps / 2)
-    return prefill + decode
-
-
-def card_spec(device_name: str) -> dict | None:
-    for key, label, bw, tflops in CARDS:
-        if key.lower() in device_name.lower():
-            return {"card": label, "bandwidth_gbs": bw, "peak_tflops": tflops, "source": "spec sheet"}
-    return None
-
-
-def ratios(weight_bytes: float, steps: float, flops: float, seconds: float, card: dict | None) -> dict:
-    """Share of the card's memory bandwidth (weights only) and of its matrix rate that a stage reached."""
-    if not card or seconds <= 0:
-        return {"bandwidth_frac": None, "flops_frac": None}
-    return {
-        "bandwidth_frac": weight_bytes * steps / seconds / (card["bandwidth_gbs"] * 1e9),
-        "flops_frac": flops / seconds / (card["peak_tflops"] * 1e12),
-    }
-
-
-def schedule_estimate(rates: dict, schedule: dict = PAPER_SCHEDULE, judge_passes: int = 2) -> dict | None:
-    """Seconds per round of the paper's schedule from measured rates; None when a rate is missing.
-
-    rates: tokens_per_s (sampling), sequences_per_s (judging, one model), pairs_per_s (DPO), merge_s, load_s
-    (an inference load), train_load_s (load + LoRA). judge_passes: 2 = policy and reference each score every
-    sample; 1 = the policy's log-probs came out of sampling (judge.policy_from_sampling), only the reference
-    scores. Loads per round: sample 1, judge one per pass, train 1; round 0 has only train and merge."""
-    if not all(rates.get(k) for k in ("tokens_per_s", "sequences_per_s", "pairs_per_s")):
-        return None
-    if any(rates.get(k) is None for k in ("merge_s", "load_s", "train_load_s")):
-        return None
-    k, new = schedule["num_samples"], schedule["new_tokens"]
-    rounds = [{
-        "round": 0,
-        "prompts": 0,
-        "sample_s": 0.0,
-        "judge_s": 0.0,
-        "train_s": schedule["seed_pairs"] * schedule["seed_epochs"] / rates["pairs_per_s"],
-        "merge_s": rates["merge_s"],
-        "load_s": rates["train_load_s"],
-    }]
-    for i, n in enumerate(schedule["pools"], start=1):
-        rounds.append({
-            "round": i,
-            "prompts": n,
-            "sample_s": n * k * new / rates["tokens_per_s"],
-            "judge_s": judge_passes * n * k / rates["sequences_per_s"],
-            "train_s": n * schedule["round_epochs"] / rates["pairs_per_s"],
-            "merge_s": rates["merge_s"],
-            "load_s": (1 + judge_passes) * rates["load_s"] + rates["train_load_s"],
-        })
-    for r in rounds:
-        r["total_s"] = r["sample_s"] + r["judge_s"] + r["train_s"] + r["merge_s"] + r["load_s"]
-    return {"rounds": rounds, "total_s": sum(r["total_s"] for r in rounds)}
-
-
-# ---------------------------------------------------------------------------------------------
-# The model folder: config with random weights, and a tokenizer whose words are single tokens
-
-
-def build_tokenizer(vocab_size: int, model_max_length: int):
-    """WordLevel tokenizer over "w<id>" words: one word = one token, so lengths are exact; the vocabulary is the
-    model's full size, so every sampled id decodes."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        chat_template=CHAT_TEMPLATE, model_max_length=model_max_length,
-    )
-
-
-def words(rng, n: int, vocab_size: int) -> str:
-    return " ".join(f"w{rng.randrange(len(SPECIAL_TOKENS), vocab_size)}" for _ in range(n))
-
-
-def model_config(shape: dict, tok):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
-
-    common = dict(
-        vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
-        num_hidden_layers=shape["num_hidden_layers"], num_attention_heads=shape["num_attention_heads"],
-        num_key_value_heads=shape["num_key_value_heads"], max_position_embeddings=shape["max_position_embeddings"],
-        tie_word_embeddings=shape["tie_word_embeddings"], bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, rms_norm_eps=1e-5,
-    )
-    rope = {"rope_theta": shape["rope_theta"]}
-    if shape["arch"] == "mistral":
-        cfg = MistralConfig(**common, sliding_window=4096)
-    elif shape["arch"] == "qwen2":
-        cfg = Qwen2Config(**common, use_sliding_window=False)
-    else:
-        cfg = LlamaConfig(**common)
-    for k, v in rope.items():  # transformers 5 keeps rope settings in rope_parameters; older versions in rope_theta
-        if isinstance(getattr(cfg, "rope_parameters", None), dict):
-            cfg.rope_parameters["rope_theta"] = v
-        else:
-            setattr(cfg, k, v)
-    return cfg
-
-
-def build_model_dir(shape_name: str, folder: Path, device: str) -> Path:
-    """Random-weight model of the shape, saved (safetensors, bf16 on a GPU) with its tokenizer; reused if present."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    shape = SHAPES[shape_name]
-    folder = Path(folder)
-    marker = folder / "bench_shape.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("shape") == shape_name:
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(shape["vocab_size"], shape["max_position_embeddings"])
-    cfg = model_config(shape, tok)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch.manual_seed(0)
-    with torch.device(device):  # random init on the GPU: seconds for 7B, where the CPU takes minutes
-        try:
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        except TypeError:
-            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(str(folder), safe_serialization=True, max_shard_size="5GB")
-    tok.save_pretrained(str(folder))
-    del model
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    marker.write_text(json.dumps({"shape": shape_name, "params": param_counts(shape)["total"]}))
-    return folder
-
-
-# ---------------------------------------------------------------------------------------------
-# The worker: one backend, every stage, in its own process
-
-
-class _Measure:
-    """Seconds and peak CUDA memory of one stage (peak reset at the start; includes weights already held)."""
-
-    def __init__(self, torch):
-        self.torch = torch
-        self.cuda = torch.cuda.is_available()
-
-    def __enter__(self):
-        gc.collect()
-        if self.cuda:
-            self.torch.cuda.synchronize()
-            self.torch.cuda.empty_cache()
-            self.torch.cuda.reset_peak_memory_stats()
-        self.t0 = time.perf_counter()
-        self.result: dict = {}
-        return self.result
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.torch.cuda.synchronize()
-        self.result["seconds"] = time.perf_counter() - self.t0
-        if self.cuda:
-            self.result["peak_alloc_gb"] = self.torch.cuda.max_memory_allocated() / 1e9
-            self.result["peak_reserved_gb"] = self.torch.cuda.max_memory_reserved() / 1e9
-        else:
-            self.result["peak_alloc_gb"] = self.result["peak_reserved_gb"] = None
-        return False
-
-
-class _SavingDict(dict):
-    """The stage rows; every new row rewrites the worker's JSON so a killed worker leaves what it measured."""
-
-    def __init__(self, owner: dict, path: str | None):
-        super().__init__()
-        self.owner, self.path = owner, path
-
-    def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        if self.path:
-            tmp = Path(self.path).with_suffix(".tmp")
-            tmp.write_text(json.dumps({**self.owner, "stages": dict(self)}, indent=2))
-            tmp.replace(self.path)
-
-
-def run_worker(spec: dict) -> dict:
-    """Every stage through the backend interface; returns the stage rows and what ran."""
-    if spec["backend"] == "unsloth":
-        import selfie_lite.backends.unsloth  # noqa: F401  (unsloth before transformers, peft and trl)
-    import random
-
-    import torch
-
-    from selfie_lite.backends import get_backend
-    from selfie_lite.config import RefineConfig, load_config
-
-    shape = SHAPES[spec["shape"]]
-    cfg = load_config(spec["preset"], overrides=spec["overrides"])
-    backend, why = get_backend(cfg)
-    measure = _Measure(torch)
-    rng = random.Random(0)
-    seq_len, new_tokens = spec["seq_len"], spec["new_tokens"]
-    vocab = shape["vocab_size"]
-    model_dir = Path(spec["model_dir"])
-    out = {"backend": backend.name, "why": why, "device": backend.device, "dtype": str(backend.dtype).replace("torch.", ""),
-           "load_in_4bit": cfg.load_in_4bit, "stages": {}, "versions": _versions(),
-           # the run's judge scores with one model when the sampler hands over the policy's log-probs
-           "judge_passes": 1 if getattr(cfg.judge, "policy_from_sampling", False) else 2}
-    stages = _SavingDict(out, spec.get("progress_out"))  # written after every stage: a timeout keeps what ran
-    out["stages"] = stages
-    quant = "nf4" if cfg.load_in_4bit else "16bit"
-    bytes_16 = 4 if backend.dtype == torch.float32 else 2
-    step_bytes = weight_bytes_per_step(shape, quant, bytes_16)
-    out["weight_bytes_per_step"] = step_bytes
-
-    # load for sampling and judging
-    with measure as m:
-        model, tok = backend.load(model_dir)
-    stages["load"] = {**m, "items": 1, "unit": "model"}
-
-    # sample: prompts of seq_len - new_tokens tokens (with the template), K=2, every response up to new_tokens
-    k = cfg.sample.num_samples
-    prompt_words = max(1, seq_len - new_tokens - PROMPT_OVERHEAD)
-    prompts = [words(rng, prompt_words, vocab) for _ in range(spec["sample_prompts"])]
-    backend.generate(model, tok, prompts[:1], num_samples=k, temperature=0.7, top_p=1.0, max_new_tokens=4,
-                     batch_size=1, seed=1)  # warm-up: kernels, caches, compilation
-    with measure as m:
-        rows = backend.generate(model, tok, prompts, num_samples=k, temperature=cfg.sample.temperature,
-                                top_p=cfg.sample.top_p, max_new_tokens=new_tokens,
-                                batch_size=cfg.sample.batch_size, seed=2)
-    lengths = [len(ids) for r in rows for ids in r["response_ids"]]
-    sampled_logps = all("policy_logps" in r for r in rows)  # the judge's policy term came out of sampling
-    bs = cfg.sample.batch_size
-    steps = sum(max(len(ids) for r in rows[s : s + bs] for ids in r["response_ids"]) for s in range(0, len(rows), bs))
-    decode_tokens = sum(len(rows[s : s + bs]) * k * max(len(ids) for r in rows[s : s + bs] for ids in r["response_ids"])
-                        for s in range(0, len(rows), bs))
-    flops = sum(sampling_flops(shape, len(rows[s : s + bs]) * k, prompt_words + PROMPT_OVERHEAD,
-                               max(len(ids) for r in rows[s : s + bs] for ids in r["response_ids"]))
-                for s in range(0, len(rows), bs))
-    stages["sample"] = {**m, "items": len(prompts), "unit": "prompts", "new_tokens": sum(lengths),
-                        "rows": len(lengths), "decode_steps": steps, "decode_row_tokens": decode_tokens,
-                        "prompt_tokens": prompt_words + PROMPT_OVERHEAD,
-                        "rate": sum(lengths) / m["seconds"], "rate_unit": "tok/s",
-                        "step_s": m["seconds"] / max(1, steps), "flops": flops, "policy_logps": sampled_logps,
-                        **ratios(step_bytes, steps, flops, m["seconds"], spec.get("card"))}
-
-    # judge: sequences of exactly seq_len tokens (prompt + a response of up to new_tokens)
-    resp_len = min(new_tokens, seq_len // 3)
-    p_len = seq_len - resp_len
-    n_seq = spec["judge_seqs"]
-    seqs = [([rng.randrange(len(SPECIAL_TOKENS), vocab) for _ in range(p_len)],
-             [rng.randrange(len(SPECIAL_TOKENS), vocab) for _ in range(resp_len)]) for _ in range(n_seq)]
-    jb = cfg.judge.batch_size
-    backend.sequence_logps(model, seqs[:jb], batch_size=jb)  # warm-up batch
-    with measure as m:
-        backend.sequence_logps(model, seqs, batch_size=jb)
-    batches = -(-n_seq // jb)
-    flops = forward_flops(shape, n_seq * seq_len, seq_len / 2)
-    stages["judge"] = {**m, "items": n_seq, "unit": f"seqs of {seq_len} tok", "rate": n_seq / m["seconds"],
-                       "rate_unit": "seq/s", "forward_passes": batches, "flops": flops,
-                       **ratios(step_bytes, batches, flops, m["seconds"], spec.get("card"))}
-    backend.free(model)
-    del model
-    gc.collect()
-
-    # train: load for training, fresh LoRA, a few DPO optimizer steps with the SPA loss (round-1 settings)
-    from selfie_lite.train import train_dpo
-
-    with measure as m:
-        model, tok = backend.load(model_dir, trainable=True)
-        model = backend.add_lora(model, cfg.lora, seed=cfg.random_seed)
-    stages["train_load"] = {**m, "items": 1, "unit": "model+LoRA"}
-    tb = cfg.train.batch_size
-    n_pairs = tb * spec["dpo_steps"]
-    d_resp = min(new_tokens, seq_len // 3)
-    d_prompt = seq_len - d_resp - PAIR_OVERHEAD
-    pairs = [{"pair_id": i, "prompt": words(rng, d_prompt, vocab), "chosen": words(rng, d_resp, vocab),
-              "rejected": words(rng, d_resp, vocab)} for i in range(n_pairs)]
-    stamps: list[float] = []
-    work = Path(spec["work_dir"])
-    with measure as m:
-        result = train_dpo(model, tok, pairs, beta=cfg.beta, train=cfg.train, refine=RefineConfig(), lam=0.5,
-                           epochs=1, out_dir=work / f"trainer-{backend.name}", seed=cfg.random_seed,
-                           on_step=lambda step, total, logs: stamps.append(time.perf_counter()))
-    steady = (len(stamps) - 1) * tb / (stamps[-1] - stamps[0]) if len(stamps) >= 2 else None
-    stages["train"] = {**m, "items": n_pairs, "unit": f"pairs of {seq_len} tok", "steps": result.metrics["steps"],
-                       "rate": steady or result.metrics["pairs_per_s"], "rate_unit": "pairs/s",
-                       "rate_note": "after the first step" if steady else "whole run",
-                       "step_s": [round(b - a, 4) for a, b in zip(stamps, stamps[1:], strict=False)],
-                       "loss_start": result.metrics["loss_start"], "loss_end": result.metrics["loss_end"]}
-
-    # merge: save the adapter, free the policy, merge into 16-bit weights
-    adapter = work / f"adapter-{backend.name}"
-    backend.save_adapter(model, adapter)
-    backend.free(model)
-    del model
-    gc.collect()
-    if spec.get("skip_merge"):
-        stages["merge"] = {"skipped": "--skip-merge"}
-    else:
-        merged = work / f"merged-{backend.name}"
-        with measure as m:
-            backend.merge(model_dir, adapter, merged)
-        size = sum(f.stat().st_size for f in merged.glob("*.safetensors"))
-        stages["merge"] = {**m, "items": 1, "unit": "model", "merged_gb": size / 1e9,
-                           "path": getattr(backend, "last_merge", {}).get("path", "peft 16-bit (hf backend)")}
-        shutil.rmtree(merged, ignore_errors=True)
-    shutil.rmtree(adapter, ignore_errors=True)
-    return out
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth", "unsloth_zoo", "vllm"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,15 +92,14 @@ def run_backend(spec: dict, work: Path, timeout: float) -> dict:
     out_path = work / f"result-{spec['backend']}.json"
     log_path = work / f"worker-{spec['backend']}.log"
     out_path.unlink(missing_ok=True)
-    spec_path.write_text(json.dumps({**spec, "progress_out": str(out_path)}))
+    spec_path.write_text(json.dumps({**spec, "out": str(out_path)}))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     t0 = time.perf_counter()
     try:
         with log_path.open("w") as log:
-            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path),
-                                   "--worker-out", str(out_path)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                  timeout=timeout, cwd=str(work))
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_worker", str(spec_path)], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=str(work))
         rc = proc.returncode
     except subprocess.TimeoutExpired:
         rc = f"timeout after {timeout:.0f} s"
@@ -633,17 +229,11 @@ def parse_args(argv=None):
     ap.add_argument("--max-minutes", type=float, default=None, help="stop the whole run after this long (a backend "
                     "cut short keeps the stages it finished)")
     ap.add_argument("--out", type=Path, default=None, help="write every number as JSON here")
-    ap.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.worker is not None:  # inside a worker process: nothing imported yet but the standard library
-        result = run_worker(json.loads(args.worker.read_text()))
-        args.worker_out.write_text(json.dumps(result, indent=2))
-        return 0
 
     from rich.console import Console
 
@@ -693,7 +283,7 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         with console.status(f"building a random {args.model_shape} model folder"):
-            model_dir = build_model_dir(args.model_shape, work / f"model-{args.model_shape}", device)
+            model_dir = build_shaped_model(work / f"model-{args.model_shape}", shape, device=device)
         report["build_s"] = time.perf_counter() - t0
         for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
             missing = backend_missing(name)
@@ -703,7 +293,7 @@ def main(argv=None) -> int:
                 continue
             over = overrides + [{"model": str(model_dir), "backend": name, "train": train_over,
                                  "sample": {"max_new_tokens": new_tokens}}]
-            spec = {"backend": name, "shape": args.model_shape, "preset": preset, "overrides": over,
+            spec = {"backend": name, "shape": shape, "preset": preset, "overrides": over,
                     "model_dir": str(model_dir), "work_dir": str(work), "seq_len": seq_len, "new_tokens": new_tokens,
                     "sample_prompts": sample_prompts, "judge_seqs": judge_seqs, "dpo_steps": dpo_steps,
                     "skip_merge": args.skip_merge, "card": card}

@@ -142,3 +142,106 @@ class FakeBackend(HFBackend):
         if on_batch:
             on_batch(len(sequences))
         return [self.logp(tag, list(p), list(r)) for p, r in sequences]
+
+
+# ---------------------------------------------------------------------------------------------
+# A random model of a real shape: what benchmarks/gpu.py measures and the unsloth backend tests load
+#
+# A model folder built from a config alone (Llama, Mistral or Qwen2; random weights, no download) with a generated
+# word-level tokenizer: the words are "w<id>", one word = one token, so a prompt or response of n words is exactly
+# n tokens; the vocabulary is the model's full size, so every sampled id decodes; the chat template is the tiny
+# preset's (<s><|user|>...<|assistant|>...</s>). Real shapes (Mistral-7B, Qwen2.5-1.5B) are benchmark data and
+# live in benchmarks/gpu.py; TINY_SHAPE is a 2-layer Llama that builds in about a second on a CPU.
+#
+#     from selfie_lite.testing import TINY_SHAPE, build_shaped_model
+#     folder = build_shaped_model(tmp / "tiny")                 # or build_shaped_model(folder, shape, device="cuda")
+
+SHAPED_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]  # ids 0..6
+PROMPT_OVERHEAD = 3  # tokens the template adds to a prompt: <s><|user|>...<|assistant|>
+PAIR_OVERHEAD = 4  # tokens it adds to a prompt and response: the prompt's 3 and </s> after the response
+
+# qkv_bias is what the architecture has (qwen2: yes); the config does not take it, parameter counts read it.
+TINY_SHAPE = dict(arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, qkv_bias=False, tie_word_embeddings=False,
+                  max_position_embeddings=512, rope_theta=10000.0)
+
+
+def shaped_tokenizer(vocab_size: int, model_max_length: int):
+    """WordLevel tokenizer over "w<id>" words (see above): ids 0..6 are SHAPED_SPECIALS, "w7".."w<vocab_size-1>"
+    the rest."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from selfie_lite.tiny.build import CHAT_TEMPLATE as TINY_CHAT_TEMPLATE
+
+    vocab = {t: i for i, t in enumerate(SHAPED_SPECIALS)}
+    vocab.update({f"w{i}": i for i in range(len(SHAPED_SPECIALS), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(SHAPED_SPECIALS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        chat_template=TINY_CHAT_TEMPLATE, model_max_length=model_max_length,
+    )
+
+
+def random_word_ids(rng: random.Random, n: int, vocab_size: int) -> list[int]:
+    """n token ids of shaped_tokenizer's words (no special token)."""
+    return [rng.randrange(len(SHAPED_SPECIALS), vocab_size) for _ in range(n)]
+
+
+def random_words(rng: random.Random, n: int, vocab_size: int) -> str:
+    """A text that shaped_tokenizer encodes as exactly n tokens."""
+    return " ".join(f"w{i}" for i in random_word_ids(rng, n, vocab_size))
+
+
+def shaped_config(shape: dict, tokenizer):
+    """The transformers config of a shape dict (keys as in TINY_SHAPE; arch: llama, mistral or qwen2)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_hidden_layers"], num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape["num_key_value_heads"], max_position_embeddings=shape["max_position_embeddings"],
+        tie_word_embeddings=shape["tie_word_embeddings"], bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]},
+    )
+    if shape["arch"] == "mistral":
+        return MistralConfig(**common, sliding_window=4096)
+    if shape["arch"] == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=False)
+    return LlamaConfig(**common)
+
+
+def build_shaped_model(folder: Path, shape: dict = TINY_SHAPE, *, device: str = "cpu") -> Path:
+    """A random-weight model of `shape` with shaped_tokenizer, saved as a standard HF folder (safetensors; bf16 when
+    device is "cuda", else fp32). Seeded: the same shape on the same device gives the same weights. A folder already
+    built from the same shape dict (its shape.json) is reused: a 7B build writes 14.5 GB."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    marker = folder / "shape.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("shape") == shape:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = shaped_tokenizer(shape["vocab_size"], shape["max_position_embeddings"])
+    cfg = shaped_config(shape, tok)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):  # random init on the GPU: seconds for 7B, where the CPU takes minutes
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(str(folder), safe_serialization=True, max_shard_size="5GB")
+    tok.save_pretrained(str(folder))
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    marker.write_text(json.dumps({"shape": shape, "params": params}))
+    return folder

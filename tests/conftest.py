@@ -13,10 +13,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
 import selfie_lite  # noqa: F401  first: it pins MKL's reproducible mode before torch computes anything
+
+REPO = str(Path(__file__).resolve().parent.parent)
+if REPO not in sys.path:  # the benchmarks package (tests import benchmarks.gpu*), from whatever folder pytest runs in
+    sys.path.insert(0, REPO)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"

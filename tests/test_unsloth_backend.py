@@ -23,22 +23,16 @@ import pytest
 
 from selfie_lite.config import LoraConfig, RunConfig, TrainConfig
 from selfie_lite.errors import UserError
+from selfie_lite.testing import TINY_SHAPE, build_shaped_model
 
 REPO = Path(__file__).resolve().parent.parent
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("selfie_bench_gpu_for_backend_tests", REPO / "benchmarks" / "gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """A 2-layer random Llama with a generated chat tokenizer (benchmarks/gpu.py's builder), built once."""
-    return _load_bench().build_model_dir("tiny", tmp_path_factory.mktemp("tiny-model"), "cpu")
+    """A 2-layer random Llama with a generated chat tokenizer (the GPU benchmark's builder), built once."""
+    return build_shaped_model(tmp_path_factory.mktemp("tiny-model"), TINY_SHAPE)
 
 
 # ---------------------------------------------------------------------------------------------
