@@ -12,7 +12,6 @@ Three layers:
 
 import importlib.util
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -21,12 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from selfie_lite.compat import quiet_bnb_kernels_warning
 from selfie_lite.config import LoraConfig, RunConfig, TrainConfig
 from selfie_lite.errors import UserError
 from selfie_lite.testing import TINY_SHAPE, build_shaped_model
 
 REPO = Path(__file__).resolve().parent.parent
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+quiet_bnb_kernels_warning()
 
 
 @pytest.fixture(scope="module")
