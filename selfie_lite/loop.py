@@ -26,7 +26,7 @@ from selfie_lite.judge import judge_stage
 from selfie_lite.merge import merge_stage
 from selfie_lite.numerics import resolve_threads, torch_threads
 from selfie_lite.report import round_table
-from selfie_lite.robust import consistency_stage, reference_stage
+from selfie_lite.robust import consistency_stage
 from selfie_lite.rundir import (
     atomic_write_json,
     config_rev,
@@ -36,7 +36,7 @@ from selfie_lite.rundir import (
 )
 from selfie_lite.sample import sample_stage
 from selfie_lite.stage import NULL_PROGRESS, Round
-from selfie_lite.train import train_stage
+from selfie_lite.train import reference_stage, train_stage
 
 
 def run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console: Console, progress=None,

@@ -4,7 +4,7 @@ drift"). Each is off by default, and off is exactly the paper's loop (arXiv 2406
 - gold replay (DICE's gamma): human seed pairs mixed into every self-labelled round's training set;
 - learning-rate decay: round i >= 1 trains at train.learning_rate * lr_decay ** (i - 1);
 - a fixed DPO reference (train_reference = "sft"): log pi_init of every training pair, scored in a pass of its own
-  before training (one model in memory at a time, as the judge does);
+  before training (one model in memory at a time, as the judge does; train.reference_stage);
 - consistency weighting (CREAM, arXiv 2410.12735): in round i >= 2, each prompt's samples are ranked by this round's
   judge and by the previous round's; the smoothing of its pair follows their disagreement (consistency_smoothing);
 - length-debiased judging lives in judge.py (fit_length_penalty), where the pairs are chosen.
@@ -17,8 +17,6 @@ from pathlib import Path
 
 from selfie_lite.config import RunConfig
 from selfie_lite.stage import Round
-
-TABLE = "train_reference_logps.json"  # in round-<i>/: pi_init's log-probs of every training pair
 
 
 def gold_pair_id(seed_index: int) -> int:
@@ -69,40 +67,6 @@ def training_pairs(r: Round) -> list[dict]:
         pairs = gold_replay(pairs, read_jsonl(r.run_dir / "data" / "seed.jsonl"), r.cfg.robust.gold_replay,
                             r.cfg.random_seed, r.index)
     return pairs
-
-
-def reference_stage(r: Round) -> dict:
-    """robust.train_reference = "sft", rounds >= 1, before training: pi_init's log-probs of the training set."""
-    return reference_logps(r.cfg, r.dir, r.backend, r.init_dir, training_pairs(r), r.progress)
-
-
-def reference_logps(cfg: RunConfig, round_dir: Path, backend, init_dir: Path, pairs: list[dict],
-                    progress=None) -> dict:
-    """robust.train_reference = "sft": score every training pair (chosen and rejected) with pi_init, loaded alone
-    and freed afterwards, on exactly the tokens the trainer will score (train.training_sequences).
-
-    Reads: the training pairs (self-labelled + replayed). Writes: round-<i>/train_reference_logps.json (atomic),
-    {pair_id: {"chosen", "rejected", "chosen_tokens", "rejected_tokens"}}; the loop then marks the stage done, so a
-    resumed round reuses the file."""
-    import time
-
-    from selfie_lite.judge import score_with
-    from selfie_lite.rundir import atomic_write_json
-    from selfie_lite.train import reference_table, training_sequences
-
-    t0 = time.perf_counter()
-    sequences = training_sequences(backend.load_tokenizer(init_dir), pairs, cfg.train)
-    logps, seconds = score_with(backend, init_dir, sequences, cfg.judge.batch_size, progress, "reference (pi_init)")
-    table = reference_table(pairs, logps, sequences)
-    atomic_write_json(round_dir / TABLE, {str(k): v for k, v in table.items()})
-    return {"pairs": len(pairs), "sequences": len(sequences), "model": str(init_dir),
-            "seconds": round(time.perf_counter() - t0, 3), "scoring_seconds": round(seconds, 3)}
-
-
-def read_reference_table(round_dir: Path) -> dict[int, dict]:
-    from selfie_lite.rundir import read_json
-
-    return {int(k): v for k, v in read_json(round_dir / TABLE).items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,11 +39,12 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from selfie_lite import compat
-from selfie_lite.config import RefineConfig, TrainConfig
+from selfie_lite.config import RefineConfig, RunConfig, TrainConfig
 from selfie_lite.errors import RunError, UserError
 from selfie_lite.loss import dpo_losses, dpo_margin, last_hidden, sequence_logps
 from selfie_lite.numerics import pick_device, pick_dtype
 from selfie_lite.refine import LowConfidencePicker, alpha_at, extrapolated_margin
+from selfie_lite.robust import round_learning_rate, training_pairs
 from selfie_lite.stage import Round
 
 
@@ -343,6 +344,43 @@ def reference_table(pairs: list[dict], logps: list[float], sequences) -> dict[in
             for i, p in enumerate(pairs)}
 
 
+REFERENCE_TABLE = "train_reference_logps.json"  # in round-<i>/: pi_init's log-probs of every training pair
+
+
+def reference_stage(r: Round) -> dict:
+    """robust.train_reference = "sft", rounds >= 1, before training: pi_init's log-probs of the training set
+    (robust.training_pairs), the fixed DPO reference of docs/method.md, "Counter-measures against drift"."""
+    return reference_logps(r.cfg, r.dir, r.backend, r.init_dir, training_pairs(r), r.progress)
+
+
+def reference_logps(cfg: RunConfig, round_dir: Path, backend, init_dir: Path, pairs: list[dict],
+                    progress=None) -> dict:
+    """robust.train_reference = "sft": score every training pair (chosen and rejected) with pi_init, loaded alone
+    and freed afterwards, on exactly the tokens the trainer will score (train.training_sequences).
+
+    Reads: the training pairs (self-labelled + replayed). Writes: round-<i>/train_reference_logps.json (atomic),
+    {pair_id: {"chosen", "rejected", "chosen_tokens", "rejected_tokens"}}; the loop then marks the stage done, so a
+    resumed round reuses the file."""
+    import time
+
+    from selfie_lite.judge import score_with
+    from selfie_lite.rundir import atomic_write_json
+
+    t0 = time.perf_counter()
+    sequences = training_sequences(backend.load_tokenizer(init_dir), pairs, cfg.train)
+    logps, seconds = score_with(backend, init_dir, sequences, cfg.judge.batch_size, progress, "reference (pi_init)")
+    table = reference_table(pairs, logps, sequences)
+    atomic_write_json(round_dir / REFERENCE_TABLE, {str(k): v for k, v in table.items()})
+    return {"pairs": len(pairs), "sequences": len(sequences), "model": str(init_dir),
+            "seconds": round(time.perf_counter() - t0, 3), "scoring_seconds": round(seconds, 3)}
+
+
+def read_reference_table(round_dir: Path) -> dict[int, dict]:
+    from selfie_lite.rundir import read_json
+
+    return {int(k): v for k, v in read_json(round_dir / REFERENCE_TABLE).items()}
+
+
 def reference_pass(trainer: SPADPOTrainer, batch_size: int) -> dict[int, dict]:
     """The DPO reference's log-probs of every training pair, scored once before training, as a table for
     SPADPOTrainer.ref_logps (pair_id -> {"chosen", "rejected", "chosen_tokens", "rejected_tokens"}).
@@ -533,7 +571,6 @@ def train_stage(r: Round) -> dict:
     Writes round-<i>/adapter/ and round-<i>/pairs.jsonl (each training pair with its final-epoch statistics)."""
     import dataclasses
 
-    from selfie_lite.robust import read_reference_table, round_learning_rate, training_pairs
     from selfie_lite.rundir import (
         adapter_bytes,
         atomic_write_jsonl,
