@@ -526,7 +526,7 @@ SMOKE = r"""
 import json, random, sys, shutil
 from pathlib import Path
 try:
-    import selfie_lite.backends.unsloth as U
+    from selfie_lite.backends.unsloth import merged_folder_problem
 except ImportError as e:
     print("ABSENT", e); sys.exit(0)
 from selfie_lite.backends import get_backend
@@ -551,7 +551,7 @@ be.save_adapter(model, work / "adapter")
 be.free(model)
 be.merge(model_dir, work / "adapter", work / "merged")
 print("RESULT", json.dumps({"why": why, "rows": len(rows), "logps": logps, "steps": res.metrics["steps"],
-                            "merge": be.last_merge, "problem": U.merged_folder_problem(work / "merged")}))
+                            "merge": be.last_merge, "problem": merged_folder_problem(work / "merged")}))
 """
 
 
