@@ -379,15 +379,13 @@ def judge(
       selfie-lite judge responses.jsonl --policy runs/x/round-1/model --reference my-sft-model -o pairs.jsonl
     """
     from selfie_lite import api
-    from selfie_lite.judge import load_response_rows
     from selfie_lite.progress import Reporter
     from selfie_lite.rundir import atomic_write_jsonl, check_writable
 
-    rows = load_response_rows(input_file)
     check_writable(output, "--output", kind="file")
     with Reporter(err_console) as progress:
-        pairs, drops = api.judge(rows, policy, reference, beta=beta, batch_size=batch_size, chat_template=chat_template,
-                                 progress=progress)
+        pairs, drops = api.judge(input_file, policy, reference, beta=beta, batch_size=batch_size,
+                                 chat_template=chat_template, progress=progress)
     atomic_write_jsonl(output, pairs)
     with json_output(as_json) as emit:
         console.print(f"wrote {len(pairs)} pairs to {esc(output)} (dropped {drops['dropped_identical']} identical or "

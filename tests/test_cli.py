@@ -99,3 +99,17 @@ def test_calibration_figures_and_verdicts():
     seed_wr = s["figures"]["dpo_seed_win_rate"]
     assert seed_wr["mean"] == pytest.approx(0.54) and seed_wr["holds"] is False  # a mean under 0.55 fails
     assert s["figures"]["dpo_100_win_rate"]["holds"] is True
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"prompt": "p", "responses": ["a", "b"]}\nnot json\n', "in.jsonl line 2 is not JSON"),
+    ('{"prompt": "p", "responses": ["only one"]}\n', 'in.jsonl row 1: need {"prompt": str, "responses": [at least 2 strings]}'),
+    ('\n\n', "in.jsonl has no rows"),
+    ('{"prompt": "p", "responses": ["a", "b"]}\n', "model folder no-such-policy does not exist"),
+], ids=["not-json", "one-response", "empty", "no-policy"])
+def test_judge_input_is_checked_before_any_model_loads(content, message, tmp_path):
+    (tmp_path / "in.jsonl").write_text(content)
+    r = invoke("judge", tmp_path / "in.jsonl", "--policy", "no-such-policy", "--reference", "no-such-ref",
+               "-o", tmp_path / "pairs.jsonl")
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "pairs.jsonl").exists()
