@@ -79,7 +79,7 @@ def eval_cmd(
 
 
 def _escaped_eval(result: dict) -> dict:
-    """eval.json with the user's strings (model folder names, baseline path, judge spec) escaped for the Rich table."""
+    """eval.json with the user's strings (model folder names, baseline path, scorer spec) escaped for the Rich table."""
     s = result["settings"]
     return {**result, "settings": {**s, "baseline": esc(s["baseline"]), "scorer": esc(s["scorer"]) if s["scorer"] else s["scorer"]},
             "models": {esc(k): v for k, v in result["models"].items()}}

@@ -32,7 +32,7 @@ class Scorer(Protocol):
 class AnchorScorer:
     """The seed-DPO judge as a scorer: r_0(x, y) = beta * (log pi_0(y|x) - log pi_init(y|x)) (docs/method.md (E2),
     with pi_0 as the policy). Every run has it (pi_0 learnt from the human seed pairs only), so `run` can compare its
-    rounds without an external judge (benchmarks/anchor_select.py tries that). Responses are re-tokenised with the chat template;
+    rounds without an external scorer (benchmarks/anchor_select.py tries that). Responses are re-tokenised with the chat template;
     pi_0 and pi_init are loaded one after the other, never together."""
 
     name = "anchor"
