@@ -391,6 +391,28 @@ def write_markdown(md: Path, body: str) -> None:
     md.write_text(pre + BEGIN + "\n" + body.rstrip() + "\n" + END + post)
 
 
+def header(cfg: dict, settings: dict, args, timings: dict, total: float) -> list[str]:
+    """The lines above the tables: the command, the settings (cfg: a run's config.json; settings: eval.json's) and
+    the wall time."""
+    return [
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `" + " ".join(["python benchmarks/results.py", *sys.argv[1:]]) + "`.",
+        "",
+        "- Settings: examples/tiny.toml as shipped (the main job's), "
+        + (f"with --set {', '.join(args.sets)}" if args.sets else "nothing changed") + ".",
+        f"- Random seeds {', '.join(map(str, args.seeds))}; {settings['prompts']} held-out {args.split} prompts, "
+        f"{settings['samples_per_prompt']} sampled answer(s) per prompt and model at temperature {settings['temperature']} "
+        f"(top_p {settings['top_p']}, at most {settings['max_new_tokens']} new tokens), the same sampling seed for every model.",
+        f"- Labelled seed {cfg['data']['labelled_share']}; prompt pools {cfg['data']['pool_sizes']} for rounds 1-{cfg['rounds']}; "
+        f"test split {cfg['data']['test_size']} pairs; beta {cfg['beta']}; learning rate {cfg['train']['learning_rate']}; "
+        f"LoRA r {cfg['lora']['r']}; refine alpha {cfg['refine']['alpha']}, lambdas {cfg['refine']['lambdas']}, "
+        f"K {cfg['refine']['low_conf_frac']}; sampling temperature {cfg['sample']['temperature']}.",
+        f"- Wall time of a fresh run: {sum(timings.values()) / 60:.1f} min with torch on {args.threads} thread(s) of "
+        f"{os.cpu_count()} CPU cores ({platform.machine()}), shared with other work"
+        + (f"; this invocation took {total / 60:.1f} min, reusing finished stages" if total < 0.8 * sum(timings.values()) else "")
+        + f". Per seed: {per_part(timings)}.",
+    ]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="random seeds (default 1 2 3)")
@@ -435,23 +457,8 @@ def main():
     if args.split == "eval" and not args.sets and not args.quick and len(args.seeds) >= 3:
         calibration.save(calib)  # what `selfie-lite tiny info` prints: only from the full, untuned benchmark
     cfg = json.loads((args.out / f"seed-{args.seeds[0]}" / "spa" / "config.json").read_text())
-    settings = results[args.seeds[0]]["settings"]
     body = [
-        f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `" + " ".join(["python benchmarks/results.py", *sys.argv[1:]]) + "`.",
-        "",
-        "- Settings: examples/tiny.toml as shipped (the main job's), "
-        + (f"with --set {', '.join(args.sets)}" if args.sets else "nothing changed") + ".",
-        f"- Random seeds {', '.join(map(str, args.seeds))}; {settings['prompts']} held-out {args.split} prompts, "
-        f"{settings['samples_per_prompt']} sampled answer(s) per prompt and model at temperature {settings['temperature']} "
-        f"(top_p {settings['top_p']}, at most {settings['max_new_tokens']} new tokens), the same sampling seed for every model.",
-        f"- Labelled seed {cfg['data']['seed']}; prompt pools {cfg['data']['pool_sizes']} for rounds 1-{cfg['rounds']}; "
-        f"test split {cfg['data']['test_size']} pairs; beta {cfg['beta']}; learning rate {cfg['train']['learning_rate']}; "
-        f"LoRA r {cfg['lora']['r']}; refine alpha {cfg['refine']['alpha']}, lambdas {cfg['refine']['lambdas']}, "
-        f"K {cfg['refine']['low_conf_frac']}; sampling temperature {cfg['sample']['temperature']}.",
-        f"- Wall time of a fresh run: {sum(timings.values()) / 60:.1f} min with torch on {args.threads} thread(s) of "
-        f"{os.cpu_count()} CPU cores ({platform.machine()}), shared with other work"
-        + (f"; this invocation took {total / 60:.1f} min, reusing finished stages" if total < 0.8 * sum(timings.values()) else "")
-        + f". Per seed: {per_part(timings)}.",
+        *header(cfg, results[args.seeds[0]]["settings"], args, timings, total),
         "",
         calibration_table(calib),
         "",

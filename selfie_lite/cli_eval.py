@@ -57,7 +57,7 @@ def eval_cmd(
     from selfie_lite import api
     from selfie_lite.progress import Reporter
 
-    with err_console.status("checking the inputs"):
+    with err_console.status("checking the inputs (and building the tiny preset if it is not cached: 1-2 minutes, once)"):
         plan = api.plan_evaluation(
             targets, scorer=scorer, baseline=baseline, prompts=prompts, limit=limit,
             samples_per_prompt=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens,
