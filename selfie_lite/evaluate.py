@@ -204,7 +204,10 @@ def evaluate_models(
     pair_logps: dict[str, tuple[list[float], list[float]]] = {}
     seconds: dict[str, float] = {}
     sequences = None
-    task = progress.start("eval (sample)", total=len(todo), unit="models") if progress else None
+    from selfie_lite.stage import NULL_PROGRESS
+
+    progress = progress or NULL_PROGRESS
+    task = progress.start("eval (sample)", total=len(todo), unit="models")
     for key, (d, sample) in todo.items():
         t0 = time.perf_counter()
         model, tok = backend.load(d)
@@ -216,10 +219,8 @@ def evaluate_models(
             pair_logps[key] = _pair_logps(backend, model, sequences, settings.batch_size)
         backend.free(model)
         seconds[key] = time.perf_counter() - t0
-        if progress:
-            progress.advance(task, 1)
-    if progress:
-        progress.finish(task)
+        progress.advance(task, 1)
+    progress.finish(task)
 
     # Score every response once, with the scorer loaded once.
     scores: dict[str, list[float]] = {}
