@@ -20,7 +20,7 @@ run stopped; finished stages are kept, resume continues them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,26 +44,39 @@ class Prepared:
     sampler_why: str
     inputs: Any  # inputs.Inputs: pi_init's folder, the data source, the oracle where one exists
     split: Any  # data.Split of a new run (None on resume: the run folder holds its split)
+    saved: dict | None = None  # a resumed run's config.json as it was
+    changes: list[str] = field(default_factory=list)  # settings a forced resume changes ("key: old -> new")
+    config_rev: int | None = None  # set by execute when a forced resume saved the old settings as a revision
 
 
-def prepare(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False, console: Console | None = None,
-            unique: bool = False) -> Prepared:
+def prepare(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False, force: bool = False,
+            console: Console | None = None, unique: bool = False) -> Prepared:
     """Everything that can be wrong with the input, checked before a weight loads or a file is written: the
     settings, the model folder (or hub id while offline), its chat template, every data row, the split sizes; on
-    resume, that the SFT model is the one the run started from. cfg None on resume: the run's saved settings.
+    resume, that the SFT model is the one the run started from. cfg None on resume: the run's saved settings; a cfg
+    that differs from them is refused (UserError naming the keys) unless force=True, and then execute keeps the old
+    settings as config.<rev>.json before the new ones replace them.
     unique=True: run_dir is a default name (runs/<timestamp>) that the caller claims afresh (rundir.claim_run_dir)
     once this has passed, so an existing run there is not an error."""
     from selfie_lite.backends import get_backend
-    from selfie_lite.config import from_dict, validate
+    from selfie_lite.config import from_dict, migrate, resume_changes, to_dict, validate
     from selfie_lite.inputs import check_resume_sft, preflight, resolve_inputs
     from selfie_lite.rundir import read_json
     from selfie_lite.sampler_vllm import get_sampler
 
     run_dir = Path(run_dir)
+    saved, changes = None, []
     if resume:
         if not (run_dir / "config.json").is_file():
             raise UserError(f"{run_dir} is not a selfie-lite run folder (no config.json)")
-        cfg = cfg or from_dict(read_json(run_dir / "config.json"))
+        saved = migrate(read_json(run_dir / "config.json"))  # older runs call the labelled share data.seed
+        changes = resume_changes(saved, to_dict(cfg)) if cfg is not None else []
+        if changes and not force:
+            raise UserError(
+                f"{run_dir} was made with other settings: {'; '.join(changes[:6])}" + (" ..." if len(changes) > 6 else ""),
+                hint="drop those flags to resume as it was, or add --force (force=True) to continue with the new settings",
+            )
+        cfg = cfg if changes else from_dict(saved)
     elif cfg is None:
         from selfie_lite.config import load_config
 
@@ -79,7 +92,7 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
     if resume and not cfg.model:
         check_resume_sft(run_dir, inputs.model_dir)  # the tiny preset's model, known once resolved
     split = None if resume else preflight(cfg, backend, inputs)
-    return Prepared(cfg, run_dir, resume, backend, backend_why, sampler_why, inputs, split)
+    return Prepared(cfg, run_dir, resume, backend, backend_why, sampler_why, inputs, split, saved, changes)
 
 
 def execute(p: Prepared, *, console=None, progress=None, before=None, on_takeover=None) -> dict:
@@ -87,14 +100,17 @@ def execute(p: Prepared, *, console=None, progress=None, before=None, on_takeove
     content. console: anything with .print (the round tables and verdicts; default: the progress reporter, else
     nowhere). progress: a progress reporter, or a callable returning a context manager that yields one (entered
     once config.json is written, as the CLI's live display is). before(): called once the lock is held, before
-    config.json is written (the CLI keeps the settings a --force resume replaces, and prints its start lines)."""
+    config.json is written, after a forced resume kept the old settings (p.config_rev); the CLI prints its start
+    lines there."""
     import contextlib
 
     from selfie_lite.config import to_dict
     from selfie_lite.loop import run_rounds
-    from selfie_lite.rundir import RunLock, atomic_write_json, ctrl_c_noted
+    from selfie_lite.rundir import RunLock, atomic_write_json, ctrl_c_noted, save_config_revision
 
     with RunLock(p.run_dir, on_takeover=on_takeover), ctrl_c_noted():
+        if p.changes:
+            p.config_rev = save_config_revision(p.run_dir, p.saved, p.changes)
         if before is not None:
             before()
         atomic_write_json(p.run_dir / "config.json", to_dict(p.cfg))
@@ -104,12 +120,13 @@ def execute(p: Prepared, *, console=None, progress=None, before=None, on_takeove
             return run_rounds(p.cfg, p.run_dir, p.backend, p.inputs, out, reporter, p.split)
 
 
-def run(cfg: RunConfig | None = None, run_dir: str | Path = "runs/api", *, resume: bool = False,
+def run(cfg: RunConfig | None = None, run_dir: str | Path = "runs/api", *, resume: bool = False, force: bool = False,
         console: Console | None = None) -> dict:
     """The whole SPA loop (docs/method.md, "The loop") in run_dir, or its continuation with resume=True; returns
     summary.json's content (final_model, final_round, final_why, per_round metrics). console: where the round
-    tables go (default: nowhere)."""
-    return execute(prepare(cfg, run_dir, resume=resume, console=console), console=console)
+    tables go (default: nowhere). On resume, cfg None continues with the saved settings; other settings need
+    force=True."""
+    return execute(prepare(cfg, run_dir, resume=resume, force=force, console=console), console=console)
 
 
 def evaluate(targets: str | Path | list[str | Path] | EvalPlan, *, progress=None, **options) -> Evaluation:

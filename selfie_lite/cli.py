@@ -103,26 +103,6 @@ class ReportTo(StrEnum):
     wandb = "wandb"
 
 
-def canonical_seed(text: str) -> str:
-    """The labelled share as config.json stores it: 3.3% and 3.3 pct -> "3.3pct", 0042 -> "42", so that a
-    resume with another spelling of the same share is not a change of settings."""
-    from selfie_lite.config import parse_labelled_share
-
-    value = parse_labelled_share(text)
-    return f"{value * 100:.10g}pct" if isinstance(value, float) else str(value)
-
-
-def _same_seed_spelling(saved: dict, new: dict) -> dict:
-    """`saved` with its data.labelled_share spelled as in `new` when both mean the same share (runs made before seeds were
-    stored canonically kept "3.3%")."""
-    old_seed, new_seed = saved.get("data", {}).get("labelled_share"), new.get("data", {}).get("labelled_share")
-    try:
-        same = old_seed is not None and new_seed is not None and canonical_seed(old_seed) == canonical_seed(new_seed)
-    except UserError:
-        same = False
-    return {**saved, "data": {**saved["data"], "labelled_share": new_seed}} if same and old_seed != new_seed else saved
-
-
 @app.command()
 @friendly_errors
 def run(
@@ -157,7 +137,7 @@ def run(
 
       selfie-lite run --resume runs/zephyr
     """
-    from selfie_lite.config import diff_configs, from_dict, migrate, to_dict, validate
+    from selfie_lite.config import canonical_labelled_share, from_dict, migrate, to_dict
     from selfie_lite.rundir import check_writable, claim_run_dir, read_json
     from selfie_lite.tracking import check_available
 
@@ -166,11 +146,10 @@ def run(
     if select_by is not None:
         sets = [*(sets or []), f"guard.select={json.dumps(select_by)}"]
     if seed is not None:
-        seed = canonical_seed(seed)
+        seed = canonical_labelled_share(seed)
     given = any(v is not None for v in (seed, preset, config_file, model, data, rounds, random_seed, backend, beta,
                                         chat_template, sampler)) \
         or load_in_4bit or trust_remote_code or bool(sets)
-    forced: list[str] = []  # settings a --force resume changes: the old ones are kept as config.<rev>.json
     claim = None  # the default folder, runs/<timestamp>: made (unique) only once the input has passed every check
     if resume is not None:
         if out is not None:
@@ -180,18 +159,10 @@ def run(
             raise UserError(f"{run_dir} is not a selfie-lite run folder (no config.json)")
         check_writable(run_dir, "--resume")
         saved = migrate(read_json(run_dir / "config.json"))  # older runs call the labelled share data.seed
-        cfg = from_dict(saved)
+        cfg = None  # the saved settings; flags change them (api.prepare refuses a change without --force)
         if given:
-            new_cfg, _ = build_config(preset, config_file, seed, model, data, rounds, random_seed, backend,
-                                      load_in_4bit, beta, chat_template, trust_remote_code, sets, sampler, base=saved)
-            diffs = diff_configs(_same_seed_spelling(saved, to_dict(new_cfg)), to_dict(new_cfg))
-            if diffs and not force:
-                raise UserError(
-                    f"{run_dir} was made with other settings: {'; '.join(diffs[:6])}" + (" ..." if len(diffs) > 6 else ""),
-                    hint="drop those flags to resume as it was, or add --force to continue with the new settings",
-                )
-            cfg, forced = new_cfg if diffs else cfg, diffs
-        validate(cfg)
+            cfg, _ = build_config(preset, config_file, seed, model, data, rounds, random_seed, backend, load_in_4bit,
+                                  beta, chat_template, trust_remote_code, sets, sampler, base=saved)
     else:
         cfg, preset = build_config(preset, config_file, seed, model, data, rounds, random_seed, backend, load_in_4bit,
                                    beta, chat_template, trust_remote_code, sets, sampler)
@@ -209,12 +180,13 @@ def run(
     from selfie_lite.progress import Reporter
     from selfie_lite.tracking import Tracker
 
-    if not cfg.model:
+    if not (cfg if cfg is not None else from_dict(saved)).model:
         err_console.print("[cyan]No --model given: using the built-in tiny preset (a small model, task and oracle "
                           "that run on a CPU).[/cyan]")
     # Every check, before anything is written (api.prepare); the run itself is api.execute.
-    prepared = api.prepare(cfg, claim or run_dir, resume=resume is not None, console=err_console,
+    prepared = api.prepare(cfg, claim or run_dir, resume=resume is not None, force=force, console=err_console,
                            unique=claim is not None)
+    cfg = prepared.cfg
     if prepared.split is not None:
         _say_data(prepared.split, prepared.inputs.data_source)
     if claim is not None:
@@ -222,8 +194,8 @@ def run(
     tracker = None
 
     def start():
-        if forced:
-            _save_forced_settings(run_dir, saved, forced)
+        if prepared.changes:
+            _say_forced_settings(run_dir, prepared.changes, prepared.config_rev)
         _print_start(cfg, run_dir, preset, resumed=resume is not None, split=prepared.split)
         err_console.print(f"backend: [bold]{prepared.backend.name}[/bold] ({esc(prepared.backend_why)}), device: "
                           f"{getattr(prepared.backend, 'device', '?')}; sampler: [bold]{cfg.sample.sampler}[/bold] "
@@ -341,12 +313,11 @@ def _print_start(cfg, run_dir: Path, preset: str | None, resumed: bool, split=No
         err_console.print(f"  {esc(_reused(run_dir))}", highlight=False, soft_wrap=True)
 
 
-def _save_forced_settings(run_dir: Path, saved: dict, changes: list[str]) -> None:
-    """--resume --force with other settings: keep the old config, then say which finished stages ran under which
-    settings, since from here on the run mixes them."""
-    from selfie_lite.rundir import save_config_revision, stages_by_rev
+def _say_forced_settings(run_dir: Path, changes: list[str], rev: int) -> None:
+    """--resume --force with other settings (api.execute kept the old config as config.<rev - 1>.json): say which
+    finished stages ran under which settings, since from here on the run mixes them."""
+    from selfie_lite.rundir import stages_by_rev
 
-    rev = save_config_revision(run_dir, saved, changes)
     err_console.print(f"[yellow]settings changed (--force):[/yellow] config rev {rev - 1} -> {rev}: "
                       f"{esc('; '.join(changes))}. The old settings are kept in {esc(run_dir / f'config.{rev - 1}.json')}.",
                       highlight=False, soft_wrap=True)

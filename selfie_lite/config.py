@@ -490,6 +490,29 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("train.max_prompt_length must be smaller than train.max_length")
 
 
+def canonical_labelled_share(text: str) -> str:
+    """The labelled share as config.json stores it: 3.3% and 3.3 pct -> "3.3pct", 0042 -> "42", so that a resume
+    with another spelling of the same share is not a change of settings."""
+    value = parse_labelled_share(text)
+    return f"{value * 100:.10g}pct" if isinstance(value, float) else str(value)
+
+
+def resume_changes(saved: dict, new: dict) -> list[str]:
+    """What a resume with the settings `new` would change in a run saved with `saved` (both as config.json holds
+    them), as "key: old -> new" lines; the same labelled share spelt another way is no change (runs made before
+    shares were stored canonically kept "3.3%")."""
+    saved = migrate(saved)
+    old_share, new_share = saved.get("data", {}).get("labelled_share"), new.get("data", {}).get("labelled_share")
+    try:
+        same = old_share is not None and new_share is not None and \
+            canonical_labelled_share(old_share) == canonical_labelled_share(new_share)
+    except UserError:
+        same = False
+    if same and old_share != new_share:
+        saved = {**saved, "data": {**saved["data"], "labelled_share": new_share}}
+    return diff_configs(saved, new)
+
+
 def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
     """Keys whose values differ, dotted; for --resume on a directory made with other settings."""
     out = []

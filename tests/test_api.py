@@ -36,6 +36,19 @@ def test_run_then_resume(toy_cfg, tmp_path):
     with pytest.raises(UserError, match="already holds a run"):
         api.prepare(toy_cfg, out)
 
+    # Other settings on resume: refused (naming the key) unless forced; forced, the old settings are kept.
+    import dataclasses
+
+    saved = (out / "config.json").read_text()
+    other = dataclasses.replace(toy_cfg, beta=0.2)
+    with pytest.raises(UserError, match=r"was made with other settings: beta: 0.1 -> 0.2"):
+        api.run(other, out, resume=True)
+    assert (out / "config.json").read_text() == saved and not (out / "config.0.json").exists()
+    api.run(other, out, resume=True, force=True)
+    assert (out / "config.0.json").read_text() == saved and json.loads((out / "config.json").read_text())["beta"] == 0.2
+    history = [json.loads(x) for x in (out / "config-history.jsonl").read_text().splitlines()]
+    assert history[-1]["rev"] == 1 and history[-1]["changes"] == ["beta: 0.1 -> 0.2"]
+
 
 def test_bad_input_is_refused_before_anything_is_written(toy_cfg, tmp_path):
     bad = tmp_path / "bad.jsonl"
