@@ -74,7 +74,7 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
         if changes and not force:
             raise UserError(
                 f"{run_dir} was made with other settings: {'; '.join(changes[:6])}" + (" ..." if len(changes) > 6 else ""),
-                hint="drop those flags to resume as it was, or add --force (force=True) to continue with the new settings",
+                hint="drop those flags to resume as it was, or add --force to continue with the new settings",
             )
         cfg = cfg if changes else from_dict(saved)
     elif cfg is None:
