@@ -151,7 +151,8 @@ def judge(rows: list[dict] | str | Path, policy: str | Path, reference: str | Pa
     """Label responses with a model's implicit reward against a reference (docs/method.md (E2, E3)): for each
     {"prompt", "responses": [>= 2]} row (a list, or a JSONL file), the highest-reward response is chosen and the
     lowest rejected. Returns (pairs, counts of dropped rows). Both models are checked before either loads."""
-    from selfie_lite.backends.hf import HFBackend, check_model_source
+    from selfie_lite.backends import get_backend
+    from selfie_lite.backends.hf import check_model_source
     from selfie_lite.config import check_range
     from selfie_lite.judge import judge_responses, load_response_rows
     from selfie_lite.stage import NULL_PROGRESS
@@ -163,5 +164,5 @@ def judge(rows: list[dict] | str | Path, policy: str | Path, reference: str | Pa
     rows = load_response_rows(Path(rows)) if isinstance(rows, (str, Path)) else rows
     for model in (policy, reference):
         check_model_source(model)
-    backend = HFBackend(RunConfig(chat_template=str(chat_template or "")))
+    backend, _ = get_backend(RunConfig(chat_template=str(chat_template or "")))  # as a run picks it (backend auto)
     return judge_responses(backend, rows, policy, reference, beta, batch_size, progress or NULL_PROGRESS)

@@ -4,22 +4,11 @@ The full table (32K and 152K vocabularies, 512 and 1024 tokens) is in docs/perfo
 is enough to see that the chunked loss and judge need a fraction of the memory.
 """
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("selfie_bench_memory", REPO / "benchmarks" / "memory.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load_bench()
+from benchmarks import memory as bench
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
