@@ -1,5 +1,5 @@
 """The Python API: what `selfie-lite run`, `eval` and `judge` do, for notebooks, scripts and the benchmarks. The
-CLI is one client of it (it adds flag parsing, resume-with-other-settings checks and printing).
+CLI is one client of it: it turns flags into these calls' arguments and prints what they return.
 
     from selfie_lite import api
     from selfie_lite.config import load_config
@@ -154,14 +154,14 @@ def judge(rows: list[dict] | str | Path, policy: str | Path, reference: str | Pa
     from selfie_lite.backends import get_backend
     from selfie_lite.backends.hf import check_model_source
     from selfie_lite.config import check_range
-    from selfie_lite.judge import judge_responses, load_response_rows
+    from selfie_lite.judge import check_response_rows, judge_responses, load_response_rows
     from selfie_lite.stage import NULL_PROGRESS
 
     check_range("beta", beta, "--beta")  # beta <= 0 would invert (or zero) every label and still exit 0
     check_range("judge.batch_size", batch_size, "--batch-size")
     if chat_template and not Path(chat_template).is_file():
         raise UserError(f"--chat-template {chat_template}: no such file")
-    rows = load_response_rows(Path(rows)) if isinstance(rows, (str, Path)) else rows
+    rows = load_response_rows(Path(rows)) if isinstance(rows, (str, Path)) else check_response_rows(list(rows))
     for model in (policy, reference):
         check_model_source(model)
     backend, _ = get_backend(RunConfig(chat_template=str(chat_template or "")))  # as a run picks it (backend auto)

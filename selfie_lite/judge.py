@@ -235,21 +235,27 @@ def judge_round(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], poli
 
 
 def load_response_rows(path: Path) -> list[dict]:
-    """A JSONL file of {"prompt": str, "responses": [at least 2 strings]}, checked row by row (UserError naming the
-    line)."""
+    """A JSONL file of {"prompt": str, "responses": [at least 2 strings]}, checked (check_response_rows)."""
     from selfie_lite.errors import UserError
     from selfie_lite.rundir import read_jsonl
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist")
-    rows = read_jsonl(path, user_file=True)
+    return check_response_rows(read_jsonl(path, user_file=True), str(path))
+
+
+def check_response_rows(rows: list, where: str = "rows") -> list[dict]:
+    """Every row {"prompt": str, "responses": [at least 2 strings]}, at least one row; else a UserError naming the
+    first bad row."""
+    from selfie_lite.errors import UserError
+
     for n, r in enumerate(rows):
         if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("responses"), list) \
                 or len(r["responses"]) < 2 or not all(isinstance(x, str) for x in r["responses"]):
-            raise UserError(f"{path} row {n + 1}: need {{\"prompt\": str, \"responses\": [at least 2 strings]}}")
+            raise UserError(f"{where} row {n + 1}: need {{\"prompt\": str, \"responses\": [at least 2 strings]}}")
     if not rows:
-        raise UserError(f"{path} has no rows")
+        raise UserError(f"{where} has no rows")
     return rows
 
 

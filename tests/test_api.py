@@ -107,3 +107,5 @@ def test_evaluate_and_judge_from_python(toy_cfg, tmp_path):
         assert pair["rewards"] == pytest.approx(rewards, abs=1e-6)
     with pytest.raises(UserError, match="does not exist"):
         api.judge(rows, tmp_path / "no-model", toy_cfg.model)
+    with pytest.raises(UserError, match=r"rows row 2: need \{"):
+        api.judge([rows[0], {"prompt": "p", "responses": ["only one"]}], policy, toy_cfg.model)
