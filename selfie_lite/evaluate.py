@@ -508,14 +508,15 @@ def plan_eval(
     prompt_texts = [r["prompt"] for r in prompt_rows]
 
     if scorer is None and gold is not None:  # the oracle by default, where it can score every prompt
+        scorer_obj = OracleScorer()
         try:
-            OracleScorer().check(prompt_texts)
-            scorer = "oracle"
+            scorer_obj.check(prompt_texts)
         except UserError:
-            scorer = None
-    scorer_obj = parse_scorer(scorer)
-    if scorer_obj is not None:
-        scorer_obj.check(prompt_texts)
+            scorer_obj = None
+    else:
+        scorer_obj = parse_scorer(scorer)
+        if scorer_obj is not None:
+            scorer_obj.check(prompt_texts)
 
     pair_file = Path(pairs) if pairs is not None else (run_dir / "data" / "test.jsonl" if run_dir is not None else None)
     labelled = load_pairs(pair_file) if pair_file is not None and (pairs is not None or pair_file.is_file()) else None

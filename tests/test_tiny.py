@@ -263,14 +263,9 @@ def test_a_second_builder_waits_for_the_first_and_uses_its_build(quick_sft, tmp_
     assert results["first"] == results["second"] and quick_sft == [build.N_SFT]  # one SFT, one preset
 
 
-@pytest.fixture(scope="module")
-def preset(tiny_preset):
-    """The session's build of the real preset (tests/conftest.py starts it in the background at session start)."""
-    return tiny_preset
-
-
-def test_build_writes_a_complete_preset(preset, data):
-    built = preset
+def test_build_writes_a_complete_preset(tiny_preset, data):
+    """The session's build of the real preset (tests/conftest.py starts it in the background)."""
+    built = tiny_preset
     assert built.model_dir == built.root / "sft-model"
     assert built.manifest == json.loads((built.root / "manifest.json").read_text())
     assert built.manifest["data_sha256"] == data_hash(data)
@@ -285,11 +280,11 @@ def test_build_writes_a_complete_preset(preset, data):
     assert built.manifest["sft"]["steps"] == 4 * -(-build.N_SFT // 32)  # the real schedule: 4 epochs of batches of 32
 
 
-def test_built_model_loads_and_chats(preset):
+def test_built_model_loads_and_chats(tiny_preset):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    built = preset
+    built = tiny_preset
     assert (built.model_dir / "model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(built.model_dir)
     tok = AutoTokenizer.from_pretrained(built.model_dir)
@@ -309,8 +304,8 @@ def test_built_model_loads_and_chats(preset):
     assert task.score_details("Add 3 and 5.", reply)["formatted"]  # greedy follows the dominant format
 
 
-def test_sft_model_quality_is_in_the_band(preset):
-    built = preset
+def test_sft_model_quality_is_in_the_band(tiny_preset):
+    built = tiny_preset
     report = sft_report(built, n_prompts=200)
     assert 1 / 3 <= report["frac_good"] <= 2 / 3, report
     assert report["frac_correct"] > report["frac_good"] + 0.05  # formatting leaves room for DPO
