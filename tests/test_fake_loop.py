@@ -206,3 +206,43 @@ def test_a_python_judge_selects_the_round_it_scores_best(toy, tmp_path, monkeypa
     assert summary["final_round"] == 1
     assert summary["selection"]["scores"] == {0: 1.0, 1: 3.0, 2: 2.0} and summary["selection"]["prompts"] == 5
     assert "round 1 scored best under python:toyscore:score on 5 held-out prompts" in summary["final_why"]
+
+
+def test_the_guard_stops_through_the_cli_and_a_forced_resume_goes_on(toy, tmp_path, monkeypatch):
+    """The CLI's side of the guard, on a scripted judge (reversing_judge: round 2's labels disagree with the seed-DPO
+    judge on every pair), so that the verdict never rests on one CPU's floats: the stop line, summary.json, a resume
+    that changes nothing, and a forced lower threshold that reuses the measured agreement and trains round 2."""
+    from typer.testing import CliRunner
+
+    import selfie_lite.backends
+    from selfie_lite.cli import app
+
+    monkeypatch.setattr(selfie_lite.backends, "get_backend",
+                        lambda cfg: (FakeBackend(cfg, logp=reversing_judge), "scripted judge"))
+    model, data = toy
+    out = tmp_path / "guarded"
+    flags = ["--model", str(model), "--data", str(data), "--seed", "24", "--rounds", "2", "--out", str(out),
+             "--set", "data.pool_sizes=[16, 16]", "--set", "data.test_size=20", "--set", "sample.max_new_tokens=8",
+             "--set", "train.batch_size=4", "--set", "train.grad_accum=1", "--set", "train.max_length=64",
+             "--set", "train.max_prompt_length=32", "--set", "train.gradient_checkpointing=false",
+             "--set", "lora.r=4", "--set", "lora.alpha=8", "--set", "guard.from_round=2"]
+    r = CliRunner().invoke(app, ["run", *flags])
+    assert r.exit_code == 0, r.output
+    g = json.loads((out / "round-2" / "done" / "guard.json").read_text())
+    assert g["stop"] and g["anchor_agreement"] == 0.0 and g["threshold"] == 0.93
+    assert "stopped before training it; shipping round 1" in " ".join(r.output.split())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_round"] == 1 and summary["final_model"] == str((out / "round-1" / "model").resolve())
+    assert "agree with the seed-DPO judge" in summary["final_why"]
+    assert not (out / "round-2" / "model").exists() and not (out / "round-2" / "done" / "train.json").exists()
+    # A resume reads the verdict from disk: it stops at the same place and writes nothing new.
+    before = sorted(p.relative_to(out) for p in out.rglob("*") if ".lock" not in p.name)
+    r = CliRunner().invoke(app, ["run", "--resume", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "summary.json").read_text())["final_round"] == 1
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if ".lock" not in p.name) == before
+    # A lower threshold, forced, lets the stopped run go on: the measured agreement is reused, round 2 trains.
+    r = CliRunner().invoke(app, ["run", "--resume", str(out), "--force", "--set", "guard.min_anchor_agreement=0.0"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "summary.json").read_text())["final_round"] == 2
+    assert json.loads((out / "round-2" / "done" / "guard.json").read_text()) == g  # not measured again
