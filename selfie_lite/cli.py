@@ -17,19 +17,32 @@ import typer
 from typer.core import TyperGroup
 
 from selfie_lite import __version__, cli_eval, compat, doctor
-from selfie_lite.console import STATE, console, err_console, esc, friendly_errors, json_output
+from selfie_lite.console import STATE, console, err_console, esc, friendly_errors, json_output, one_line_usage_errors
 from selfie_lite.errors import RunError, UserError
 
 
 class _Commands(TyperGroup):
     """`--debug` belongs to the app, but the error hint tells users to append it ("run again with --debug"): accept
-    it after the command too, by moving it to the front (never past a `--`)."""
+    it after the command too, by moving it to the front (never past a `--`). Usage errors (a bad flag value, a
+    misspelt flag or command) are one `error:` line like every other error, not Typer's box: the app's own parsing
+    happens in make_context, a command's (and a sub-app's) inside invoke."""
 
     def parse_args(self, ctx, args):
         end = args.index("--") if "--" in args else len(args)
         if "--debug" in args[1:end]:
             args = ["--debug", *(a for i, a in enumerate(args) if not (a == "--debug" and i < end))]
         return super().parse_args(ctx, args)
+
+    def make_context(self, *args, **kwargs):
+        with one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        # Some parser errors ("Option '--seed' requires an argument.") carry no context: name the command here.
+        rest = [*(getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", None) or []), *ctx.args]
+        sub = rest[0] if rest and self.get_command(ctx, rest[0]) is not None else None
+        with one_line_usage_errors(f"{ctx.command_path} {sub}" if sub else ctx.command_path):
+            return super().invoke(ctx)
 
 
 app = typer.Typer(
@@ -88,6 +101,8 @@ def build_config(preset, config_file, seed, model, data, rounds, random_seed, ba
         direct["data"] = data_over
     if sampler is not None:
         direct["sample"] = {"sampler": sampler}
+    if chat_template and Path(chat_template).is_dir():
+        raise UserError(f"--chat-template {chat_template} is a folder, expected a Jinja template file")
     if chat_template and not Path(chat_template).is_file():
         raise UserError(f"--chat-template {chat_template}: no such file")
     # No model anywhere: the built-in tiny preset, whatever the machine.
@@ -107,9 +122,9 @@ class ReportTo(StrEnum):
 @friendly_errors
 def run(
     seed: Annotated[str | None, typer.Option("--seed", help="Labelled share of the preference set kept as human pairs: 3.3pct, 3.3% or a count (2000).")] = None,
-    preset: Annotated[str | None, typer.Option("--preset", help="A preset from examples/: tiny, zephyr-7b, qwen-colab.")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="A preset from examples/: tiny, smol (SmolLM2-135M-Instruct on a CPU), zephyr-7b, qwen-colab.")] = None,
     config_file: Annotated[Path | None, typer.Option("--config", help="A TOML file of settings (see examples/).")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="SFT model: local folder or hub id. Default: the tiny preset.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="SFT model: local folder, hub id, .gguf file (converted once, cached) or builtin:smollm2. Default: the tiny preset.")] = None,
     data: Annotated[str | None, typer.Option("--data", help="Preference set: hub name, .jsonl/.parquet or save_to_disk folder.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run folder. Default: runs/\\<timestamp>.")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder where it stopped.")] = None,
@@ -118,7 +133,7 @@ def run(
     random_seed: Annotated[int | None, typer.Option("--random-seed", help="Random seed for shuffling, sampling and training.")] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="auto, hf or unsloth.")] = None,
     sampler: Annotated[str | None, typer.Option("--sampler", help="generate (default), vllm or auto.")] = None,
-    select_by: Annotated[str | None, typer.Option("--select-by", help="Which round ships: guard (default), last (the paper), or an external scorer: oracle, python:MODULE:FUNCTION, reward-model:PATH (the round it scores best on held-out prompts). Same as --set guard.select=...")] = None,
+    select_by: Annotated[str | None, typer.Option("--select-by", help="Which round ships: guard (default), last (the paper), or an external scorer: oracle (tiny), ifeval (smol), python:MODULE:FUNCTION, reward-model:PATH (the round it scores best on held-out prompts). Same as --set guard.select=...")] = None,
     load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="QLoRA: load weights in 4-bit (bitsandbytes).")] = False,
     beta: Annotated[float | None, typer.Option("--beta", help="DPO temperature for judge and loss (paper 0.1).")] = None,
     chat_template: Annotated[str | None, typer.Option("--chat-template", help="Jinja chat template file for models without one.")] = None,

@@ -7,7 +7,9 @@ An unknown key or a value of the wrong type is named and stops the run before an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import re
 import tomllib
 import typing
@@ -223,7 +225,9 @@ def _build(cls, data: dict, prefix: str = ""):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(data[f.name], dict):
-                raise UserError(f"config key {prefix}{f.name} must be a table of settings")
+                raise UserError(f"config key {prefix}{f.name} must be a table of settings",
+                                hint=f"set one of its keys (--set {prefix}{f.name}.KEY=VALUE), or write a "
+                                f"[{prefix}{f.name}] table in a TOML file")
             kwargs[f.name] = _build(tp, data[f.name], f"{prefix}{f.name}.")
         else:
             kwargs[f.name] = _check_type(prefix + f.name, data[f.name], tp)
@@ -249,10 +253,17 @@ def preset_path(name: str) -> Path:
 
 def read_toml(path: Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder, expected a .toml file")
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     try:
-        return tomllib.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")  # TOML is UTF-8; an editor's byte-order mark is harmless
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})",
+                        hint="save it as UTF-8 (TOML files are UTF-8)") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path} is not valid TOML: {e}") from None
 
@@ -282,18 +293,31 @@ def to_dict(cfg) -> dict:
 def load_config(preset: str | None = None, config_file: Path | None = None, overrides: list[dict] | None = None,
                 base: dict | None = None):
     """Defaults (or `base`, a saved config.json on --resume) < preset < file < overrides. Returns a validated
-    RunConfig."""
-    data: dict = migrate(dict(base or {}))
+    RunConfig.
+
+    Each layer is checked on its own (unknown keys, types, a section given as a value) before the layers merge:
+    merged first, a later layer's [data] table would replace an earlier layer's `data = 5` and hide it. Settings
+    that the file and the overrides (what the user wrote; not the preset, not a resumed run's saved settings) give
+    but that the chosen method would ignore are refused too (`check_ignored`)."""
+    layers = [migrate(dict(base or {}))]
     if preset:
-        data = deep_merge(data, migrate(read_toml(preset_path(preset))))
+        layers.append(migrate(read_toml(preset_path(preset))))
+    explicit = []
     if config_file:
-        data = deep_merge(data, migrate(read_toml(config_file)))
-    for o in overrides or []:
-        data = deep_merge(data, migrate(o))
+        explicit.append(migrate(read_toml(config_file)))
+    explicit += [migrate(o) for o in overrides or []]
+    data: dict = {}
+    for layer in layers + explicit:
+        _build(RunConfig, layer)  # types and keys of this layer alone
+        data = deep_merge(data, layer)
     if data.get("method") == "paper":
         data = _paper(data)
     cfg = _build(RunConfig, data)
     validate(cfg)
+    given: dict = {}
+    for layer in explicit:
+        given = deep_merge(given, layer)
+    check_ignored(cfg, given)
     return cfg
 
 
@@ -316,6 +340,55 @@ def _paper(data: dict) -> dict:
             given[key] = value
         out[section] = given
     return out
+
+
+# Files that hold one table of rows: data.split (a split of a hub dataset or a save_to_disk DatasetDict) means nothing.
+SINGLE_FILE_DATA = (".jsonl", ".json", ".parquet")
+
+
+def check_ignored(cfg: RunConfig, given: dict) -> None:
+    """Refuse a setting that `given` (what the user wrote: a --config file and the flags, merged) sets to something
+    other than its default when cfg's method would ignore it, rather than save it and run without it. A value equal
+    to the default is let through: it changes nothing, and a settings file may restate every default."""
+    default = RunConfig()
+
+    def set_(key: str) -> bool:
+        node = given
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return _get(cfg, key) != _get(default, key)
+
+    def refuse(key: str, why: str, hint: str):
+        raise UserError(f"{key} = {json.dumps(_get(cfg, key))} would be ignored: {why}", hint=hint)
+
+    select = cfg.guard.select
+    if select == "last":
+        for key in ("guard.min_anchor_agreement", "guard.from_round"):
+            if set_(key):
+                if cfg.method == "paper":
+                    refuse(key, "method = paper ships the last round, with no round guard",
+                           f"drop {key}, or drop method = paper (the default method runs the guard)")
+                refuse(key, "guard.select = last ships the last round, with no round guard",
+                       f"drop {key}, or use guard.select = guard (--select-by guard)")
+    if select not in ("last", "guard"):
+        for key in ("guard.min_anchor_agreement", "guard.from_round"):
+            if set_(key):
+                refuse(key, f"guard.select = {select} picks the round with that scorer, with no round guard",
+                       f"drop {key}, or use guard.select = guard (--select-by guard)")
+    if select in ("last", "guard") and set_("guard.probe_prompts"):
+        why = "method = paper" if cfg.method == "paper" else f"guard.select = {select}"
+        refuse("guard.probe_prompts", f"{why} answers no probe prompts (only a scorer selection does: "
+               "guard.select = oracle, python:MODULE:FUNCTION or reward-model:PATH)",
+               "drop guard.probe_prompts, or pick the round with a scorer (--select-by ...)")
+    if set_("data.split"):
+        source = cfg.data.source
+        path = Path(source).expanduser() if source else None
+        if path is None or path.suffix.lower() in SINGLE_FILE_DATA or path.is_file():
+            what = f"{source} is one file with no splits" if source else "the tiny preset's data is one file"
+            refuse("data.split", f"{what} (data.split picks a split of a hub dataset or a save_to_disk folder)",
+                   "drop data.split, or pass the file that holds the rows you want with --data")
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -364,7 +437,7 @@ class Range:
     says: str = ""
 
     def ok(self, v: float) -> bool:
-        if v != v:  # NaN passes no comparison below, so name it explicitly
+        if not math.isfinite(v):  # NaN passes no comparison below, and no setting means anything at infinity
             return False
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
             return False
@@ -409,7 +482,8 @@ RANGES: dict[str, Range] = {
     "sample.batch_size": AT_LEAST_1,
     "sample.chunk_size": AT_LEAST_1,
     "judge.batch_size": AT_LEAST_1,
-    "train.learning_rate": POSITIVE,
+    # Above 1 the adapter's weights blow up in the first steps and DPO's loss sits at log 2 = 0.693 (seen at 1e30).
+    "train.learning_rate": Range(0, 1, lo_open=True, says="must be in (0, 1] (LoRA DPO uses about 1e-6 to 1e-3)"),
     "train.warmup_ratio": Range(0, 1, hi_open=True),  # 1 would warm up for the whole run: the LR never peaks
     "train.batch_size": AT_LEAST_1,
     "train.grad_accum": AT_LEAST_1,
@@ -445,6 +519,8 @@ def check_range(key: str, value, name: str | None = None) -> None:
     for i, v in enumerate(values):
         if not rng.ok(v):
             where = (name or key) + (f"[{i}]" if isinstance(value, list) else "")
+            if math.isinf(v):
+                raise UserError(f"{where} must be a finite number, got {v}")
             raise UserError(f"{where} {rng.describe()}, got {v}")
 
 
@@ -475,8 +551,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"judge.reference must be 'init' or 'previous', got {cfg.judge.reference!r}")
     if cfg.method not in ("selfie", "paper"):
         raise UserError(f"method must be 'selfie' or 'paper', got {cfg.method!r}")
-    if cfg.guard.select not in ("last", "guard", "oracle") and not cfg.guard.select.startswith(("python:", "reward-model:")):
-        raise UserError(f"guard.select must be last, guard, oracle, python:MODULE:FUNCTION or reward-model:PATH, "
+    if cfg.guard.select not in ("last", "guard", "oracle", "ifeval") and not cfg.guard.select.startswith(("python:", "reward-model:")):
+        raise UserError(f"guard.select must be last, guard, oracle, ifeval, python:MODULE:FUNCTION or reward-model:PATH, "
                         f"got {cfg.guard.select!r}")
     if cfg.robust.train_reference not in ("previous", "sft"):
         raise UserError(f"robust.train_reference must be 'previous' or 'sft', got {cfg.robust.train_reference!r}")
@@ -486,8 +562,21 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"backend must be auto, hf or unsloth, got {cfg.backend!r}")
     if cfg.train.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"train.precision must be auto, bf16, fp16 or fp32, got {cfg.train.precision!r}")
+    if cfg.train.lr_scheduler not in lr_schedulers():
+        raise UserError(f"train.lr_scheduler must be one of {', '.join(lr_schedulers())}, got "
+                        f"{cfg.train.lr_scheduler!r}", hint="the paper uses cosine")
     if cfg.train.max_prompt_length >= cfg.train.max_length:
         raise UserError("train.max_prompt_length must be smaller than train.max_length")
+
+
+@functools.cache
+def lr_schedulers() -> tuple[str, ...]:
+    """The scheduler names the trainer accepts (transformers' SchedulerType), asked of transformers itself so that
+    the list follows the installed version. Imported here, not at the top: it costs seconds, and only a run (which
+    imports transformers anyway) validates a config."""
+    from transformers.trainer_utils import SchedulerType
+
+    return tuple(s.value for s in SchedulerType)
 
 
 def canonical_labelled_share(text: str) -> str:

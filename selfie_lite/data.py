@@ -9,6 +9,7 @@ their labels, the next rows become prompt-only pools for rounds 1..T, the last r
 from __future__ import annotations
 
 import difflib
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,9 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
     path = Path(source).expanduser()
     try:
         if path.is_dir():
+            if not any((path / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json")):
+                raise UserError(f"{path} is a folder but not a saved dataset (no dataset_dict.json or state.json)",
+                                hint="pass a .jsonl/.json/.parquet file, or a folder written by datasets' save_to_disk")
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
@@ -82,7 +86,7 @@ def _read_json_rows(path: Path) -> list:
     broken line) would lose rows without a word. Here every row stays as written and bad lines are counted."""
     import json
 
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) would cost row 0
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -119,12 +123,19 @@ def normalize_row(row: dict) -> dict | str:
     if missing:
         return f"missing field {missing[0]!r}"
     prompt = row.get("prompt")
+    given = prompt is not None  # the prompt field, or (None) the user turn of the message lists
     if prompt is None and isinstance(row["chosen"], list):
         prompt = _text_of(row["chosen"], "user")
     if isinstance(prompt, list):
         prompt = _text_of(prompt, "user")
     if not isinstance(prompt, str):
         return "prompt is missing or not text"
+    # A message list carries its own user turn: one that is not the prompt means chosen/rejected answer another
+    # question (a misaligned export); neither text can be said to be the right prompt, so the row is invalid.
+    for k in REQUIRED:
+        turn = _text_of(row[k], "user") if isinstance(row[k], list) else None
+        if turn is not None and turn.strip() != prompt.strip():
+            return f"the user turn in {k} differs from {'prompt' if given else 'the one in chosen'}"
     chosen, rejected = _text_of(row["chosen"], "assistant"), _text_of(row["rejected"], "assistant")
     if chosen is None or rejected is None:
         return "chosen/rejected must be text or a message list with an assistant turn"
@@ -136,6 +147,8 @@ def normalize_row(row: dict) -> dict | str:
         if v is not None:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 return f"{k} must be a number"
+            if not math.isfinite(v):
+                return f"{k} is {v}, not a finite number"
             out[k] = float(v)
     return out
 

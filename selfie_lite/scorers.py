@@ -11,6 +11,7 @@ float: a unit-test runner, a math checker). Every spec is parsed, and every file
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 from typing import Protocol
 
@@ -82,7 +83,7 @@ class OracleScorer:
             except ValueError:
                 raise UserError(
                     f"the oracle scores only the tiny preset's prompts, not {p[:60]!r}",
-                    hint="use --scorer reward-model:PATH for other prompts",
+                    hint="score other prompts with reward-model:PATH or python:MODULE:FUNCTION",
                 ) from None
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
@@ -110,6 +111,9 @@ class RewardModelScorer:
         self.max_length = max_length
         self._model = None
         self._tok = None
+        if self.path.is_file():
+            raise UserError(f"reward model folder {path} is a file, expected a model folder (config.json, "
+                            "*.safetensors, tokenizer files)")
         if not self.path.is_dir():
             raise UserError(f"reward model folder {path} does not exist",
                             hint="download it once (huggingface-cli download ORG/NAME --local-dir DIR), then pass DIR")
@@ -173,6 +177,10 @@ class RewardModelScorer:
                 logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits  # [B, 1]
             for row, i in enumerate(idx):
                 out[i] = float(logits[row, 0])
+                if not math.isfinite(out[i]):
+                    raise UserError(f"the reward model {self.path} scored response {i + 1} (prompt "
+                                    f"{prompts[i][:60]!r}) {out[i]}; a score must be a finite number",
+                                    hint="its weights may be broken, or it needs another precision")
         return out
 
     def close(self) -> None:
@@ -188,18 +196,18 @@ class PythonScorer:
     from sys.path or the current folder, or a path to a .py file. Every problem (bad spec, no such module or
     function, a scorer that raises or returns something that is not a number) is a one-line UserError."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, option: str = "--scorer"):
         self.name = f"python:{target}"
         module, sep, func = target.rpartition(":")  # rpartition: a Windows path may hold a colon
         if not sep or not module or not func:
-            raise UserError(f"--scorer python:{target}: expected python:MODULE:FUNCTION",
-                            hint="e.g. --scorer python:checks.py:score or --scorer python:mypkg.grading:score")
-        mod = _import_scorer_module(module)
+            raise UserError(f"{option} python:{target}: expected python:MODULE:FUNCTION",
+                            hint=f"e.g. {option} python:checks.py:score or {option} python:mypkg.grading:score")
+        mod = _import_scorer_module(module, option)
         fn = getattr(mod, func, None)
         if fn is None:
-            raise UserError(f"--scorer {self.name}: {module} has no function {func!r}")
+            raise UserError(f"{option} {self.name}: {module} has no function {func!r}")
         if not callable(fn):
-            raise UserError(f"--scorer {self.name}: {module}.{func} is not callable (a {type(fn).__name__})")
+            raise UserError(f"{option} {self.name}: {module}.{func} is not callable (a {type(fn).__name__})")
         self._fn = fn
 
     def check(self, prompts: list[str]) -> None:
@@ -212,10 +220,20 @@ class PythonScorer:
         where = f"the python scorer {self.name.split(':', 1)[1]} on prompt {i + 1} ({prompt[:60]!r})"
         try:
             value = self._fn(prompt, response)
-        except Exception as e:  # the scorer is user code: any failure is reported, with the prompt it failed on
+        except KeyboardInterrupt:  # Ctrl-C (or a scorer that fakes one) stops the command as Ctrl-C does: exit 130
+            raise
+        except SystemExit as e:  # sys.exit() inside the scorer would end the whole command, with exit 0 for exit(0)
+            code = "" if e.code is None else repr(e.code)
+            raise UserError(f"{where} called sys.exit({code}) instead of returning a score",
+                            hint="a scorer returns a number; raise an exception to report a failure") from None
+        except BaseException as e:  # the scorer is user code: any failure is reported, with the prompt it failed on
             raise UserError(f"{where} raised {describe(e)}") from None
-        # bool is an int: a pass/fail checker returning True/False scores 1/0, which is what it means.
-        if not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
+        # A bool is an int to Python, but True from a scorer is more often a bug (a check returned where a score
+        # was meant) than a score: refuse it rather than read it as 1.
+        if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's bool is not a Python bool
+            raise UserError(f"{where} returned {value!r}, a bool; a scorer returns a number (higher is better)",
+                            hint="return 1.0 / 0.0 for pass / fail")
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise UserError(f"{where} returned {value!r}; a scorer returns a finite number (higher is better)")
         return float(value)
 
@@ -223,7 +241,7 @@ class PythonScorer:
         pass
 
 
-def _import_scorer_module(module: str):
+def _import_scorer_module(module: str, option: str = "--scorer"):
     """A .py path (or anything with a path separator) is loaded from that file; else a dotted module name, looked
     up on sys.path with the current folder first (as `python -m` would), so a checks.py next to the run is found."""
     import importlib
@@ -235,8 +253,10 @@ def _import_scorer_module(module: str):
     try:
         if is_path:
             path = Path(module).expanduser()
+            if path.is_dir():
+                raise UserError(f"{option} python:{module}:...: {module} is a folder, expected a .py file")
             if not path.is_file():
-                raise UserError(f"--scorer python:{module}:...: scorer file {module} does not exist")
+                raise UserError(f"{option} python:{module}:...: scorer file {module} does not exist")
             spec = importlib.util.spec_from_file_location(f"selfie_lite_scorer_{path.stem}", path)
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
@@ -253,24 +273,32 @@ def _import_scorer_module(module: str):
         raise
     except ModuleNotFoundError as e:
         if e.name and module.startswith(e.name) and not is_path:
-            raise UserError(f"--scorer python:{module}:...: module {module!r} not found on sys.path or in the "
+            raise UserError(f"{option} python:{module}:...: module {module!r} not found on sys.path or in the "
                             "current folder", hint="pass a path to the .py file instead, e.g. python:./checks.py:score") from None
-        raise UserError(f"--scorer python:{module}:...: importing it failed: {describe(e)}") from None
+        raise UserError(f"{option} python:{module}:...: importing it failed: {describe(e)}") from None
+    except SystemExit as e:  # sys.exit() at import time would end the whole command
+        code = "" if e.code is None else repr(e.code)
+        raise UserError(f"{option} python:{module}:...: importing it called sys.exit({code})") from None
     except Exception as e:  # a syntax error or an exception at import time, in user code
-        raise UserError(f"--scorer python:{module}:...: importing it failed: {describe(e)}") from None
+        raise UserError(f"{option} python:{module}:...: importing it failed: {describe(e)}") from None
 
 
-def parse_scorer(spec: str | None, batch_size: int = 8) -> Scorer | None:
-    """"oracle" | "reward-model:PATH" | "python:MODULE:FUNCTION" | None/"none" (no win rates). Fails before any weights load."""
+def parse_scorer(spec: str | None, batch_size: int = 8, option: str = "--scorer") -> Scorer | None:
+    """"oracle" | "reward-model:PATH" | "python:MODULE:FUNCTION" | None/"none" (no win rates). Fails before any weights
+    load. option: the flag the spec came from, for the messages (`eval --scorer`, `run --select-by`)."""
     if spec is None or spec == "none":
         return None
     if spec == "oracle":
         return OracleScorer()
+    if spec == "ifeval":  # the smol preset's checker (selfie_lite/smol/checker.py)
+        from selfie_lite.smol.checker import IFEvalScorer
+
+        return IFEvalScorer()
     if spec.startswith("reward-model:"):
         path = spec.split(":", 1)[1]
         if not path:
-            raise UserError("--scorer reward-model: needs a folder, e.g. --scorer reward-model:./Skywork-Reward-V2")
+            raise UserError(f"{option} reward-model: needs a folder, e.g. {option} reward-model:./Skywork-Reward-V2")
         return RewardModelScorer(path, batch_size=batch_size)
     if spec.startswith("python:"):
-        return PythonScorer(spec.split(":", 1)[1])
-    raise UserError(f"unknown scorer {spec!r}", hint="use oracle (tiny preset), reward-model:PATH or python:MODULE:FUNCTION")
+        return PythonScorer(spec.split(":", 1)[1], option)
+    raise UserError(f"unknown scorer {spec!r}", hint="use oracle (tiny preset), ifeval (smol preset), reward-model:PATH or python:MODULE:FUNCTION")

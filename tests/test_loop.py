@@ -268,7 +268,8 @@ def test_select_by_a_scorer_through_the_cli(reference_run, tmp_path):
     shutil.copytree(ref, out, ignore=shutil.ignore_patterns(".lock"))
     (tmp_path / "long_scorer.py").write_text("def score(prompt, response):\n    return len(response)\n")
     spec = f"python:{tmp_path / 'long_scorer.py'}:score"
-    r = CliRunner().invoke(app, ["run", "--resume", str(out), "--force", *GUARD_ONLY, "--select-by", spec,
+    paper_loop = GUARD_ONLY[:-2]  # without guard.from_round: a scorer picks the round, there is no guard
+    r = CliRunner().invoke(app, ["run", "--resume", str(out), "--force", *paper_loop, "--select-by", spec,
                                  "--set", "guard.probe_prompts=8"])  # the paper's loop, but a scorer picks
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())

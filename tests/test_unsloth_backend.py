@@ -271,7 +271,7 @@ def test_dtype_follows_precision(fake_unsloth):
 def test_lora_goes_through_get_peft_model(fake_unsloth, tiny_model):
     be = fake_unsloth.UnslothBackend(_cfg(tiny_model))
     model, _ = be.load(tiny_model, trainable=True)
-    lora = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "not_there"])
+    lora = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
     model = be.add_lora(model, lora, seed=7)
     calls = FakeFastLanguageModel.calls
     assert _names(calls) == ["from_pretrained", "for_training", "get_peft_model", "for_training"]
@@ -280,6 +280,8 @@ def test_lora_goes_through_get_peft_model(fake_unsloth, tiny_model):
     assert model.training and hasattr(model, "disable_adapter")
     with pytest.raises(UserError, match="none of the LoRA targets"):
         be.add_lora(be.load(tiny_model, trainable=True)[0], LoraConfig(target_modules=["nope"]), seed=1)
+    with pytest.raises(UserError, match="lora.target_modules names not_there, which this model does not have"):
+        be.add_lora(be.load(tiny_model, trainable=True)[0], LoraConfig(target_modules=["q_proj", "not_there"]), seed=1)
 
 
 def test_generate_switches_to_inference_and_back(fake_unsloth, tiny_model):
