@@ -53,7 +53,8 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
             console: Console | None = None, unique: bool = False) -> Prepared:
     """Everything that can be wrong with the input, checked before a weight loads or a file is written: the
     settings, the model folder (or hub id while offline), its chat template, every data row, the split sizes; on
-    resume, that the SFT model is the one the run started from. cfg None on resume: the run's saved settings; a cfg
+    resume, that the SFT model is the one the run started from and that the run's data split is whole and kept
+    (check_saved_split). cfg None on resume: the run's saved settings; a cfg
     that differs from them is refused (UserError naming the keys) unless force=True, and then execute keeps the old
     settings as config.<rev>.json before the new ones replace them.
     unique=True: run_dir is a default name (runs/<timestamp>) that the caller claims afresh (rundir.claim_run_dir)
@@ -77,6 +78,7 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
                 hint="drop those flags to resume as it was, or add --force to continue with the new settings",
             )
         cfg = cfg if changes else from_dict(saved)
+        check_saved_split(run_dir, changes, cfg.rounds)
     elif cfg is None:
         from selfie_lite.config import load_config
 
@@ -92,7 +94,61 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
     if resume and not cfg.model:
         check_resume_sft(run_dir, inputs.model_dir)  # the tiny preset's model, known once resolved
     split = None if resume else preflight(cfg, backend, inputs)
+    test = run_dir / "data" / "test.jsonl"
+    if resume and changes and test.is_file():  # a forced resume may pick the shipped round another way: checked
+        from selfie_lite.inputs import check_selection  # as a new run's is, before anything is written
+        from selfie_lite.rundir import read_jsonl
+
+        check_selection(cfg, [r["prompt"] for r in read_jsonl(test)])
     return Prepared(cfg, run_dir, resume, backend, backend_why, sampler_why, inputs, split, saved, changes)
+
+
+# Settings that decide the data split (data.load_split). Once data/ holds a split, the finished rounds were made from
+# it, so a forced resume may not change them: config.json would name data that the run does not use.
+SPLIT_KEYS = ("data.source", "data.split", "data.labelled_share", "data.test_size", "data.pool_ratio",
+              "data.pool_sizes", "random_seed")
+
+
+def check_saved_split(run_dir: Path, changes: list[str], rounds: int) -> None:
+    """On resume, before anything is written: data/split.json and the split's files are whole (a damaged
+    split.json cannot be rebuilt: it holds the SFT model's hash that a resume checks), and a forced change of
+    settings neither changes the split (SPLIT_KEYS) nor asks for more rounds than it has pools."""
+    from selfie_lite.rundir import DamagedFile, read_json, read_jsonl, round_dirs
+
+    data = run_dir / "data"
+    if not (data / "split.json").is_file():
+        if any((d / "done").is_dir() and any((d / "done").iterdir()) for _, d in round_dirs(run_dir)):
+            raise UserError(f"{data / 'split.json'} is missing, but rounds of this run have finished",
+                            hint="it records the run's data split and the SFT model's content hash that a resume "
+                            "checks, and cannot be rebuilt: restore it from a backup, or start a new run")
+        return  # killed before the split was complete: it is made (again) from the current settings
+    info = read_json(data / "split.json")  # damaged: DamagedFile, exit 2, with how to recover
+    pools = info.get("pools") if isinstance(info, dict) else None
+    if not isinstance(pools, list):
+        raise DamagedFile(data / "split.json", "no list of pools")
+    for name in ["seed.jsonl", "test.jsonl", *(f"pool-{i}.jsonl" for i in range(1, len(pools) + 1))]:
+        try:
+            read_jsonl(data / name)
+        except FileNotFoundError:
+            raise UserError(f"{data / name} is missing (part of the run's data split)",
+                            hint="restore it from a backup; the split cannot be made again safely (the data source "
+                            "may have changed since), so otherwise start a new run") from None
+        except DamagedFile as e:
+            e.hint = "restore it from a backup, or start a new run: the split cannot be made again safely"
+            raise
+    split_changes = [c for c in changes if c.partition(": ")[0] in SPLIT_KEYS]
+    if split_changes:
+        raise UserError(
+            f"--force cannot change the data split of {run_dir}: {'; '.join(split_changes)} (the finished rounds "
+            "were made from the split in data/)",
+            hint="drop those settings to continue with the run's split; a new split needs a new run (--out NEW)",
+        )
+    if rounds > len(pools):
+        raise UserError(
+            f"--rounds {rounds}: {run_dir} was split into {len(pools)} prompt pool(s) (data/pool-1..{len(pools)}.jsonl), "
+            f"one per round, so it can run at most {len(pools)} round(s)",
+            hint=f"continue with --rounds {len(pools)} or fewer; more rounds need a new run (--out NEW)",
+        )
 
 
 def execute(p: Prepared, *, console=None, progress=None, before=None, on_takeover=None) -> dict:
@@ -154,6 +210,7 @@ def judge(rows: list[dict] | str | Path, policy: str | Path, reference: str | Pa
     from selfie_lite.backends import get_backend
     from selfie_lite.backends.hf import check_model_source
     from selfie_lite.config import check_range
+    from selfie_lite.gguf import resolve_model
     from selfie_lite.judge import check_response_rows, judge_responses, load_response_rows
     from selfie_lite.stage import NULL_PROGRESS
 
@@ -164,5 +221,6 @@ def judge(rows: list[dict] | str | Path, policy: str | Path, reference: str | Pa
     rows = load_response_rows(Path(rows)) if isinstance(rows, (str, Path)) else check_response_rows(list(rows))
     for model in (policy, reference):
         check_model_source(model)
+    policy, reference = resolve_model(policy), resolve_model(reference)  # a GGUF model: its converted folder
     backend, _ = get_backend(RunConfig(chat_template=str(chat_template or "")))  # as a run picks it (backend auto)
     return judge_responses(backend, rows, policy, reference, beta, batch_size, progress or NULL_PROGRESS)

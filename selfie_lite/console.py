@@ -20,8 +20,28 @@ from rich.markup import escape
 
 from selfie_lite.errors import RunError, UserError, describe
 
-console = Console()
-err_console = Console(stderr=True)
+
+class LogConsole(Console):
+    """A Console that, writing to a file or a pipe (a log, nohup, CI) with no COLUMNS set, is LOG_WIDTH wide instead
+    of Rich's 80: tables lay out at their natural width and keep every header and figure ("pa…", "0.…" at 80).
+    In a terminal, or with COLUMNS set, it is a plain Console."""
+
+    LOG_WIDTH = 1000
+
+    @property
+    def size(self):
+        dims = Console.size.fget(self)
+        if self._width is None and not self.is_terminal and not self._environ.get("COLUMNS", "").isdigit():
+            return dims._replace(width=self.LOG_WIDTH)
+        return dims
+
+    @size.setter
+    def size(self, new_size):
+        Console.size.fset(self, new_size)
+
+
+console = LogConsole()
+err_console = LogConsole(stderr=True)
 STATE = {"debug": False}
 
 
@@ -66,6 +86,26 @@ def friendly_errors(fn):
             raise typer.Exit(mapped.exit_code) from None
 
     return wrapper
+
+
+@contextmanager
+def one_line_usage_errors(command: str = "selfie-lite"):
+    """click's usage errors (a bad flag value, an unknown flag or command, a missing argument) as one `error:` line
+    and a hint naming `command --help` (the error's own command where it carries one), exit 2, instead of Typer's
+    boxed panel. A bare command that shows its help (no arguments) is left alone."""
+    try:
+        from typer._click import exceptions as click_errors  # typer vendors its own click since 0.2x
+    except ImportError:
+        from click import exceptions as click_errors
+
+    try:
+        yield
+    except getattr(click_errors, "NoArgsIsHelpError", ()):
+        raise
+    except click_errors.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else command
+        print_error(UserError(" ".join(e.format_message().split()), hint=f"see {where} --help"))
+        raise typer.Exit(2) from None
 
 
 def _map_library_error(e: Exception):

@@ -240,6 +240,8 @@ def load_response_rows(path: Path) -> list[dict]:
     from selfie_lite.rundir import read_jsonl
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, expected a .jsonl file of responses")
     if not path.is_file():
         raise UserError(f"{path} does not exist")
     return check_response_rows(read_jsonl(path, user_file=True), str(path))

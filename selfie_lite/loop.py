@@ -8,6 +8,13 @@ Every stage has one shape (stage.py: `stage(Round) -> metrics`) and lives in its
 them (round_stages), skips finished ones, stops where the round guard says so, and names the model that ships. Each
 stage writes its outputs atomically, then the loop marks it done, so a run killed anywhere resumes with `--resume` at
 the first unfinished stage and reaches the same result.
+
+Resume checks before it skips (docs/method.md, "Resume"): a finished stage counts only while its outputs
+(STAGE_OUTPUTS) are there and whole; a round whose model/ is finished and whole needs nothing else of its folder, so
+only an unfinished round is looked into stage by stage. A stage whose outputs or done-marker are missing or damaged
+is redone, saying so; its marker keeps a digest of its outputs, and when the redone stage makes other bytes than
+before (or the old ones are unknown), every later stage of the round is redone, and when that changes the round's
+model, every later round too.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from selfie_lite.config import RunConfig
+from selfie_lite.errors import RunError
 from selfie_lite.guard import guard_stage, select_by_scorer, verdict
 from selfie_lite.inputs import Inputs, prepare_data
 from selfie_lite.judge import judge_stage
@@ -30,8 +38,15 @@ from selfie_lite.robust import consistency_stage
 from selfie_lite.rundir import (
     atomic_write_json,
     config_rev,
+    file_problem,
     is_done,
     mark_done,
+    marker,
+    outputs_digest,
+    outputs_problem,
+    read_marker,
+    remove_outputs,
+    remove_stale_tmp_files,
     stage_metrics,
 )
 from selfie_lite.sample import sample_stage
@@ -60,25 +75,131 @@ def round_stages(cfg: RunConfig, i: int) -> list[tuple[str, Callable[[Round], di
     return stages + [("train", train_stage), ("merge", merge_stage)]
 
 
+# What each stage leaves in round-<i>/ for the stages after it (and the next rounds: model/), as glob patterns: each
+# must match, and every file must parse (rundir.outputs_problem); their digest goes into the done-marker.
+STAGE_OUTPUTS = {
+    "sample": ("samples/chunk-*.jsonl",),
+    "judge": ("judged.jsonl", "reference_logps.json"),
+    "guard": (),  # its measurement is the marker itself
+    "consistency": ("consistency.json",),
+    "reference": ("train_reference_logps.json",),
+    "train": ("adapter/adapter_config.json", "adapter/*.safetensors", "pairs.jsonl"),
+    "merge": ("model/config.json", "model/tokenizer_config.json", "model/*.safetensors"),
+}
+# Work a stage keeps while it runs, reused by a resumed stage: a damaged file is deleted (saying so) and made again.
+STAGE_CACHES = {
+    "sample": ("samples/chunk-*.jsonl",),
+    "judge": ("policy_logps.json", "reference_logps.json"),
+    "guard": ("logps-round-0.json",),
+    "consistency": ("logps-round-*.json",),
+}
+
+
+def _problem(r: Round, name: str, m: dict) -> str | None:
+    """Why finished stage `name` of round r cannot be skipped (its outputs are missing or damaged), or None."""
+    why = outputs_problem(r.dir, STAGE_OUTPUTS[name])
+    if why is None and name == "sample":
+        # Every chunk is whole; are they all there? The marker counts the prompts the stage sampled.
+        rows = sum(1 for f in r.dir.glob("samples/chunk-*.jsonl") for line in f.open() if line.strip())
+        if rows != m.get("prompts", rows):
+            why = f"samples/ holds {rows} of {m['prompts']} prompts"
+    return why
+
+
+def _drop_damaged_caches(r: Round, name: str, say) -> None:
+    """Delete what a stage kept of an earlier attempt that does not parse, so that the stage makes it again.
+    say: None when the redo was announced already."""
+    for pattern in STAGE_CACHES.get(name, ()):
+        for f in sorted(r.dir.glob(pattern)):
+            why = file_problem(f)
+            if why:
+                if say is not None:
+                    say(f"{r.dir.name} {name}: {f.relative_to(r.dir)} {why}; making it again")
+                f.unlink()
+
+
+def _invalidate(r: Round, name: str) -> None:
+    """Stage `name` of round r will be redone from inputs that changed: its marker, outputs and caches go."""
+    marker(r.dir, name).unlink(missing_ok=True)
+    remove_outputs(r.dir, STAGE_OUTPUTS[name] + STAGE_CACHES.get(name, ()))
+
+
+def _run_round(r: Round, stages, inputs_changed: bool, say) -> tuple[bool, str | None]:
+    """Run round r's unfinished stages, and the finished ones whose outputs are gone or damaged. inputs_changed: an
+    earlier round's model was made again with other weights, so the whole round is redone. Returns (whether the
+    round's model was made anew with other bytes than before, the guard's verdict when it stops the run)."""
+    names = [n for n, _ in stages]
+
+    def redo_from(k: int, why: str) -> None:
+        if any(marker(r.dir, n).exists() for n in names[k:]):
+            say(why)
+        for n in names[k:]:
+            _invalidate(r, n)
+
+    def stop() -> str | None:
+        return verdict(r) if "guard" in names and is_done(r.dir, "guard") else None
+
+    if inputs_changed:
+        redo_from(0, f"{r.dir.name}: it starts from a model that was made again with other weights; redoing the round")
+    else:
+        m = read_marker(r.dir, names[-1])
+        whole = all(read_marker(r.dir, n) is not None for n in names if marker(r.dir, n).exists())
+        if m is not None and whole and _problem(r, names[-1], m) is None:
+            # A finished round (every marker readable, the model whole): its model is all that later rounds and
+            # the user need of it, so its other outputs are not checked (deleted adapters do not retrain a round).
+            return False, stop()
+    changed = inputs_changed
+    for k, (name, stage) in enumerate(stages):
+        m = read_marker(r.dir, name)
+        redo, old = False, None  # a finished stage redone; the digest of what it made before (None: unknown)
+        if m is not None:
+            why = _problem(r, name, m)
+            run = redo = why is not None
+            old = m.get("outputs_sha256")
+        elif marker(r.dir, name).exists():
+            why = f"done/{name}.json " + (file_problem(marker(r.dir, name)) or "is not a stage's record")
+            run = redo = True
+            if outputs_problem(r.dir, STAGE_OUTPUTS[name]) is None:
+                old = outputs_digest(r.dir, STAGE_OUTPUTS[name])  # the outputs are whole: the redo must make them
+        else:
+            # Not finished: it runs, unless a later stage has finished (a stage added by a --force change of
+            # settings does not re-open a round already trained).
+            run = not any(is_done(r.dir, later) for later in names[k + 1 :])
+        if redo:
+            say(f"{r.dir.name} {name}: {why}; redoing the stage")
+        if run:
+            _drop_damaged_caches(r, name, None if redo else say)
+            metrics = stage(r)
+            digest = outputs_digest(r.dir, STAGE_OUTPUTS[name])
+            mark_done(r.dir, name, metrics, digest)
+            if redo and old != digest:
+                # Other bytes than before (or the old ones are unknown): what was made from them is stale.
+                changed = True
+                redo_from(k + 1, f"{r.dir.name} {name}: redone with other results than before; redoing the stages "
+                                 "after it")
+        stopped = stop() if name == "guard" else None
+        if stopped:
+            return False, stopped
+    return changed, None
+
+
 def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console: Console, progress, split,
                 n_threads: int) -> dict:
     t_start = time.perf_counter()
+    remove_stale_tmp_files(run_dir)  # what a writer killed mid-write left (kill -9 runs no clean-up)
     split = prepare_data(cfg, run_dir, inputs, split)
+
+    def say(line: str) -> None:
+        console.print(f"[yellow]resume:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+
     history = []
     stopped = None
+    model_changed = False  # an earlier round's model was made again with other weights: later rounds are redone
     for i in range(cfg.rounds + 1):
         r = Round(cfg, run_dir, i, backend, Path(inputs.model_dir), inputs.gold, progress or NULL_PROGRESS)
         r.dir.mkdir(parents=True, exist_ok=True)
-        stages = round_stages(cfg, i)
-        for k, (name, stage) in enumerate(stages):
-            # A stage runs when it has not finished and no stage after it has (a resumed round picks up where it
-            # stopped; a stage added by a --force change of settings does not re-open a round already trained).
-            if not is_done(r.dir, name) and not any(is_done(r.dir, later) for later, _ in stages[k + 1 :]):
-                mark_done(r.dir, name, stage(r))
-            if name == "guard" and is_done(r.dir, "guard"):
-                stopped = verdict(r)
-                if stopped:
-                    break
+        changed, stopped = _run_round(r, round_stages(cfg, i), model_changed, say)
+        model_changed = model_changed or changed
         if stopped:
             console.print(f"[yellow]guard:[/yellow] {escape(stopped)}")
             break
@@ -100,7 +221,13 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console:
         final = selection["round"]
         why = (f"round {final} scored best under {cfg.guard.select} on {selection['prompts']} held-out prompts ("
                + ", ".join(f"round {k}: {v:.3f}" for k, v in selection["scores"].items()) + ")")
-    console.print(f"final model: round {final}, {escape(why)}")
+    # Never name a model that is not there (the loop has just checked or made every round's model).
+    why_missing = outputs_problem(run_dir / f"round-{final}", STAGE_OUTPUTS["merge"])
+    if why_missing:
+        raise RunError(f"round {final}'s model cannot be shipped: round-{final}/{why_missing}",
+                       hint=f"selfie-lite run --resume {run_dir} makes it again")
+    # The guard's verdict was printed once above; here only which round ships.
+    console.print(f"final model: round {final}" + (" (the round guard stopped the run)" if stopped else f", {escape(why)}"))
     summary = {
         "final_model": str((run_dir / f"round-{final}" / "model").resolve()),
         "final_round": final,

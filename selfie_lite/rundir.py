@@ -24,14 +24,23 @@ from selfie_lite.errors import RunError, UserError
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it into place: `path` is either the old file or
+    the whole new one. A failed write (a full disk) removes the temporary file and names `path` in the error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if e.filename is None or str(e.filename) == str(tmp):
+            e.filename = str(path)  # a write() or fsync() error names no file; the user knows `path`, not tmp
+        raise
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -42,25 +51,77 @@ def atomic_write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+class DamagedFile(UserError, ValueError):
+    """A file of a run folder that exists but does not parse (a disk error, an editor, a copy cut short): exit 2
+    with one line naming it and how to recover (damaged_hint). A ValueError too, as json's own error is."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path} is damaged ({why})", hint=damaged_hint(path))
+        self.path, self.why = Path(path), why
+
+
+def damaged_hint(path: Path) -> str:
+    """How to recover from a damaged run file, by what the file is."""
+    path = Path(path)
+    parent = path.parent
+    if path.name == "config.json" and ((parent / "data").is_dir() or any(parent.glob("round-*"))):
+        revs = sorted((int(p.name.split(".")[1]), p) for p in parent.glob("config.*.json") if p.name.split(".")[1].isdigit())
+        if revs:
+            return (f"{revs[-1][1]} holds the settings before the last --force change ({HISTORY} lists it): copy it "
+                    "over config.json and resume, repeating that change with --force if you still want it")
+        return "it held the run's only copy of its settings, so the run cannot be resumed: start a new run"
+    if path.name == "split.json" and parent.name == "data":
+        return ("it records the run's data split and the SFT model's content hash that a resume checks, and cannot "
+                "be rebuilt from what is left: restore it from a backup, or start a new run")
+    for folder in (parent, parent.parent):  # round-<i>/, or its done/ or samples/
+        if folder.name.startswith("round-"):
+            return (f"delete it: selfie-lite run --resume {folder.parent} redoes the stage that wrote it where the "
+                    "run still needs it")
+    if path.name == "summary.json":
+        return f"delete it: selfie-lite run --resume {parent} writes it again"
+    return "restore it from a backup, or delete it"
+
+
 def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DamagedFile(path, "not valid JSON") from None
 
 
 def read_jsonl(path: Path, user_file: bool = False) -> list:
-    """Every non-blank line of a JSON Lines file. user_file=True: a file the user gave, so a line that is not JSON is
-    a one-line UserError naming it (our own files are written whole by atomic_write_jsonl)."""
+    """Every non-blank line of a JSON Lines file. A line that is not JSON is a one-line UserError naming the file:
+    user_file=True, a file the user gave; else one of the run's own files, which atomic_write_jsonl writes whole,
+    so a bad line means it was damaged since (DamagedFile, with how to recover)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if not user_file:
-                    raise
-                raise UserError(f"{path} line {n} is not JSON") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if user_file:
+                        raise UserError(f"{path} line {n} is not JSON") from None
+                    raise DamagedFile(path, f"line {n} is not JSON") from None
+    except UnicodeDecodeError:
+        if user_file:
+            raise UserError(f"{path} is not UTF-8 text") from None
+        raise DamagedFile(path, "not UTF-8 text") from None
     return rows
+
+
+def read_if_intact(path: Path):
+    """A run file's content (JSON, or JSON Lines for *.jsonl), or None when it is missing or damaged: for the
+    files a stage can make again (done-markers, sample chunks, cached log-probs), which are then redone."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return read_jsonl(path) if path.suffix == ".jsonl" else read_json(path)
+    except (DamagedFile, OSError):
+        return None
 
 
 def is_run_dir(path: Path) -> bool:
@@ -76,10 +137,33 @@ def round_dirs(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written folder into place; whatever stood there before is dropped."""
+    """Move a fully written folder into place; whatever stood there before is dropped. Its files get the
+    permissions of every other file of the run (safetensors writes weights 0600)."""
+    follow_umask(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets as it reads, a race with the lock's heartbeat thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: Path) -> None:
+    """Files under `folder` readable as the umask allows (0644 under the usual 022), as open() would have made them:
+    safetensors' writer creates its files 0600, so merged weights were private while the rest of the run was not."""
+    mode = 0o666 & ~_umask()
+    for p in Path(folder).rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            p.chmod(mode)
 
 
 def fresh_tmp_dir(final: Path) -> Path:
@@ -90,6 +174,16 @@ def fresh_tmp_dir(final: Path) -> Path:
     return tmp
 
 
+def remove_stale_tmp_files(folder: Path) -> None:
+    """Temporary files that a killed writer left behind (.<name>.tmp-<pid> whose process is gone): a live writer's
+    (this run's lock heartbeat, an eval writing into the run folder) is left alone."""
+    for p in Path(folder).rglob(".*.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if p.is_file() and pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
 # -- done markers -------------------------------------------------------------------------------
 
 
@@ -97,23 +191,121 @@ def marker(round_dir: Path, stage: str) -> Path:
     return round_dir / "done" / f"{stage}.json"
 
 
+def read_marker(round_dir: Path, stage: str) -> dict | None:
+    """The stage's done-marker, or None when it is missing or damaged (the stage then counts as not finished)."""
+    m = read_if_intact(marker(round_dir, stage))
+    return m if isinstance(m, dict) else None
+
+
 def is_done(round_dir: Path, stage: str) -> bool:
-    return marker(round_dir, stage).is_file()
+    return read_marker(round_dir, stage) is not None
 
 
-def mark_done(round_dir: Path, stage: str, metrics: dict) -> None:
+def mark_done(round_dir: Path, stage: str, metrics: dict, outputs: str | None = None) -> None:
     """The stage's metrics plus the config revision it ran under (round_dir's parent is the run folder), so that
-    after a `--resume --force` every finished stage still names the settings that made it."""
-    atomic_write_json(marker(round_dir, stage), {**metrics, "config_rev": config_rev(Path(round_dir).parent)})
+    after a `--resume --force` every finished stage still names the settings that made it; and the digest of its
+    outputs (outputs_digest), so that a stage redone on resume can tell whether it made the same files."""
+    extra = {"outputs_sha256": outputs} if outputs else {}
+    atomic_write_json(marker(round_dir, stage), {**metrics, "config_rev": config_rev(Path(round_dir).parent), **extra})
 
 
 def stage_metrics(round_dir: Path) -> dict:
-    """All finished stages' metrics of a round, keyed by stage, in the order they finished."""
+    """All finished stages' metrics of a round, keyed by stage, in the order they finished (a damaged marker counts
+    as not finished)."""
     done = round_dir / "done"
     if not done.is_dir():
         return {}
     files = sorted(done.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
-    return {p.stem: read_json(p) for p in files}
+    markers = {p.stem: read_marker(round_dir, p.stem) for p in files}
+    return {k: v for k, v in markers.items() if v is not None}
+
+
+# -- a stage's outputs --------------------------------------------------------------------------
+# Each stage declares its outputs as patterns relative to its round folder (loop.STAGE_OUTPUTS). Before a finished
+# stage is skipped on resume they are checked here: each pattern must match, and every file must be whole (JSON and
+# JSON Lines parse; a safetensors file's header reads and its size is what the header says). Cheap: no weight loads.
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                return "is damaged (cut short)"
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "is damaged (its safetensors header does not read)"
+    return None if size == 8 + n + end else f"is damaged ({size:,} bytes where its header says {8 + n + end:,})"
+
+
+def file_problem(path: Path) -> str | None:
+    """Why one output file is not whole, or None."""
+    if path.suffix == ".safetensors":
+        return _safetensors_problem(path)
+    if path.suffix in (".json", ".jsonl"):
+        try:
+            rows = read_jsonl(path) if path.suffix == ".jsonl" else [read_json(path)]
+        except DamagedFile as e:
+            return f"is damaged ({e.why})"
+        except OSError as e:
+            return f"cannot be read ({e.strerror})"
+        return None if rows else "is empty"
+    return None
+
+
+def outputs_problem(round_dir: Path, patterns: Iterable[str]) -> str | None:
+    """Why a finished stage's outputs are not usable ("model/ is missing", "judged.jsonl is damaged (line 3 is not
+    JSON)"), or None when every declared output is there and whole."""
+    for pattern in patterns:
+        found = sorted(round_dir.glob(pattern))
+        if not found:
+            top = pattern.split("/")[0]
+            if "/" in pattern and not (round_dir / top).is_dir():
+                return f"{top}/ is missing"
+            return f"{pattern} is missing"
+        for f in found:
+            why = file_problem(f)
+            if why:
+                return f"{f.relative_to(round_dir)} {why}"
+        if pattern.endswith("*.safetensors"):  # sharded weights: every shard the index names
+            for index in found[0].parent.glob("*.safetensors.index.json"):
+                try:
+                    shards = set(read_json(index)["weight_map"].values())
+                except (DamagedFile, OSError, KeyError, TypeError, AttributeError):
+                    return f"{index.relative_to(round_dir)} is damaged (no weight_map)"
+                missing = sorted(s for s in shards if not (index.parent / s).is_file())
+                if missing:
+                    return f"{(index.parent / missing[0]).relative_to(round_dir)} is missing"
+    return None
+
+
+def outputs_digest(round_dir: Path, patterns: Iterable[str]) -> str:
+    """A content hash of a stage's outputs (names, sizes and bytes; a 7B model's weights sampled, fingerprint.py)."""
+    import hashlib
+
+    from selfie_lite.fingerprint import update_with_file
+
+    h = hashlib.sha256()
+    for pattern in patterns:
+        for f in sorted(round_dir.glob(pattern)):
+            update_with_file(h, f, str(f.relative_to(round_dir)))
+    return "sha256:" + h.hexdigest()
+
+
+def remove_outputs(round_dir: Path, patterns: Iterable[str]) -> None:
+    """Delete a stage's outputs (before it is redone from inputs that changed), folders included."""
+    for pattern in patterns:
+        top = round_dir / pattern.split("/")[0]
+        if "/" in pattern and top.is_dir():
+            shutil.rmtree(top)
+            continue
+        for f in round_dir.glob(pattern):
+            if f.is_dir():
+                shutil.rmtree(f)
+            else:
+                f.unlink()
 
 
 # -- config revisions ----------------------------------------------------------------------------
@@ -251,6 +443,8 @@ def writable_problem(path: Path, kind: str = "folder") -> str | None:
         if kind == "file" and path.is_dir():
             return "is a folder (need a file name)"
     probe = path.absolute()
+    if kind == "file" and probe.is_file():
+        probe = probe.parent  # a file to be replaced: it is written beside and renamed over, so its folder counts
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():

@@ -6,7 +6,8 @@ merge.py) has the same shape, as torchtune's recipes build their components from
     def <name>_stage(r: Round) -> dict        # the stage's metrics, which the loop writes to done/<name>.json
 
 A stage reads its inputs from the run folder (the previous stages' outputs), writes its outputs atomically into
-round-<i>/, and returns its metrics; the loop (loop.py) only orders the stages and skips finished ones.
+round-<i>/, and returns its metrics; the loop (loop.py) only orders the stages and skips finished ones (those whose
+done-marker reads and whose declared outputs, loop.STAGE_OUTPUTS, are there and whole).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def gold_rows(tiny_preset):
 
 
 def test_relative_model_and_data_are_stored_absolute(tiny_preset, gold_rows, stub_rounds, tmp_path, monkeypatch):
-    from selfie_lite.inputs import model_fingerprint
+    from selfie_lite.fingerprint import model_fingerprint
 
     work = tmp_path / "work"
     shutil.copytree(tiny_preset.model_dir, work / "sft")
@@ -81,15 +81,15 @@ def _flip_last_byte(path):
 
 def test_fingerprint_of_big_weights_samples_them(tiny_preset, tmp_path, monkeypatch):
     """Over FULL_HASH_BYTES the hash reads the header and sampled blocks: copies match, another model does not."""
-    from selfie_lite import inputs
+    from selfie_lite import fingerprint
 
-    monkeypatch.setattr(inputs, "FULL_HASH_BYTES", 1000)  # the tiny model (2 MB) takes the big-model path
+    monkeypatch.setattr(fingerprint, "FULL_HASH_BYTES", 1000)  # the tiny model (2 MB) takes the big-model path
     shutil.copytree(tiny_preset.model_dir, tmp_path / "a")
     shutil.copytree(tiny_preset.model_dir, tmp_path / "b")
-    assert inputs.model_fingerprint(tmp_path / "a") == inputs.model_fingerprint(tiny_preset.model_dir)
+    assert fingerprint.model_fingerprint(tmp_path / "a") == fingerprint.model_fingerprint(tiny_preset.model_dir)
     _flip_last_byte(tmp_path / "b" / "model.safetensors")
-    assert inputs.model_fingerprint(tmp_path / "b") != inputs.model_fingerprint(tmp_path / "a")
-    assert inputs.model_fingerprint("org/hub-model") is None
+    assert fingerprint.model_fingerprint(tmp_path / "b") != fingerprint.model_fingerprint(tmp_path / "a")
+    assert fingerprint.model_fingerprint("org/hub-model") is None
 
 
 def test_resume_refuses_a_different_sft_model(tiny_preset, stub_rounds, tmp_path, monkeypatch):
