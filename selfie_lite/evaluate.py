@@ -2,12 +2,14 @@
 
 Per model, on held-out prompts, one response per prompt (or n) sampled with a fixed seed, then:
 - win rate against the baseline's response to the same prompt under an external scorer (scorers.py: the tiny
-  preset's oracle, a reward model, or a Python function of yours; win = 1, tie = 1/2, loss = 0), and the scorer's
-  mean score;
+  preset's oracle, the smol preset's instruction checker, a reward model, or a Python function of yours; win = 1,
+  tie = 1/2, loss = 0), the scorer's mean score, and the scorer's own figures where it has some (ifeval: IFEval's
+  instruction-level and prompt-level strict accuracy, and the share met per instruction kind);
 - always, at no extra cost: seed-pair accuracy (how often the implicit reward beta * (log pi - log pi_sft) ranks
   held-out human-labelled pairs correctly; ties count 1/2, so the SFT model itself scores exactly 0.5), the mean
   response length (tokens and words: the paper's raw win rate grew much faster than its length-controlled one),
-  and, for a run folder, the agreement of each round's self-labels with gold labels where gold exists (tiny).
+  and, for a run folder, the agreement of each round's self-labels with gold labels where gold exists (the tiny and
+  smol presets).
 
 Every model is sampled with the same seed, so two models differ only by their weights (common random numbers:
 less noise in the comparison).
@@ -224,6 +226,7 @@ def evaluate_models(
 
     # Score every response once, with the scorer loaded once.
     scores: dict[str, list[float]] = {}
+    extra: dict[str, dict] = {}
     if scorer is not None:
         flat_p, flat_r, spans = [], [], {}
         for key, rows in outputs.items():
@@ -237,6 +240,8 @@ def evaluate_models(
         scorer_seconds = time.perf_counter() - t0
         scorer.close()
         scores = {k: all_scores[a:b] for k, (a, b) in spans.items()}
+        if hasattr(scorer, "metrics"):  # a scorer with figures of its own (ifeval: strict and per-instruction accuracy)
+            extra = {k: scorer.metrics(flat_p[a:b], flat_r[a:b]) for k, (a, b) in spans.items()}
     else:
         scorer_seconds = 0.0
 
@@ -254,6 +259,7 @@ def evaluate_models(
             if getattr(scorer, "good_score", None) is not None:  # scorers with a notion of "good" (the oracle)
                 m["frac_good"] = mean([float(x >= scorer.good_score) for x in scores[key]])
             m["baseline_mean_score"] = mean(scores[base_key])
+            m.update(extra.get(key, {}))
         if pairs:
             from selfie_lite.loss import implicit_rewards
 
@@ -426,9 +432,9 @@ def plan_eval(
     """Resolve and check an eval (every error is a UserError, nothing loaded or written yet).
 
     targets: one run folder (its SFT model and every finished round, or only `rounds`) or model folders. Defaults
-    follow the run: baseline and reference = its SFT model, prompts = the tiny preset's held-out eval prompts (else
-    the run's test split), scorer = the oracle where the prompts are the tiny preset's, sampling = the run's
-    temperature and max_new_tokens. Model folders without a baseline compare against the tiny preset's SFT model."""
+    follow the run: baseline and reference = its SFT model, prompts = the tiny (or smol) preset's held-out eval
+    prompts (else the run's test split), scorer = the preset's oracle where the prompts are the preset's (tiny:
+    oracle, smol: ifeval), sampling = the run's temperature and max_new_tokens. Model folders without a baseline compare against the tiny preset's SFT model."""
     from selfie_lite.config import check_range, from_dict, load_config, migrate
     from selfie_lite.rundir import check_writable, is_run_dir, read_json
     from selfie_lite.scorers import OracleScorer, parse_scorer
@@ -469,11 +475,16 @@ def plan_eval(
         rounds = sorted(set(rounds))
         _check_rounds_exist(run_dir, rounds)
 
-    # The settings the models were made with, and the tiny preset where the defaults come from it.
+    # The settings the models were made with, and the tiny preset where the defaults come from it. A smol-preset run
+    # (data.source = builtin:smol) takes its defaults from the smol preset: its eval prompts and its checker.
+    from selfie_lite.smol.build import SOURCE as SMOL_SOURCE
+
     tiny = gold = None
+    smol = False
     if run_dir is not None:
         cfg = from_dict(migrate(read_json(run_dir / "config.json")))
-        uses_tiny = not cfg.model or not cfg.data.source
+        smol = cfg.data.source == SMOL_SOURCE
+        uses_tiny = (not cfg.model or not cfg.data.source) and not smol
     else:
         cfg = None
         uses_tiny = baseline is None or prompts is None
@@ -483,6 +494,8 @@ def plan_eval(
 
         tiny = build_tiny()
         gold = score if (run_dir is None or not cfg.data.source) else None
+    if smol:
+        from selfie_lite.smol.checker import score as gold
     if cfg is None:
         cfg = load_config("tiny") if baseline is None else from_dict({})
     sft = Path(cfg.model) if (run_dir is not None and cfg.model) else (tiny.model_dir if tiny else None)
@@ -497,18 +510,25 @@ def plan_eval(
         raise UserError("no baseline to compare against", hint="pass --baseline MODEL_DIR (usually the SFT model)")
 
     if prompts is not None:
-        prompt_rows = load_prompts(Path(prompts))
+        prompt_rows, prompts_from = load_prompts(Path(prompts)), str(prompts)
+    elif smol:  # a pure function of the preset's seed: no build, no model needed
+        from selfie_lite.smol.build import generate_prompts
+
+        prompt_rows, prompts_from = [{"prompt": p} for p in generate_prompts()["eval"]], "smol eval prompts"
     elif tiny is not None and (run_dir is None or not cfg.data.source):
-        prompt_rows = load_prompts(tiny.eval_prompts)
+        prompt_rows, prompts_from = load_prompts(tiny.eval_prompts), "tiny eval prompts"
     elif run_dir is not None and (run_dir / "data" / "test.jsonl").is_file():
         prompt_rows = [{"prompt": r["prompt"]} for r in load_pairs(run_dir / "data" / "test.jsonl")]
+        prompts_from = "test split"
     else:
         raise UserError("no prompts to evaluate on", hint="pass --prompts FILE")
     prompt_rows = prompt_rows[:limit] if limit else prompt_rows
     prompt_texts = [r["prompt"] for r in prompt_rows]
 
-    if scorer is None and gold is not None:  # the oracle by default, where it can score every prompt
-        scorer_obj = OracleScorer()
+    if scorer is None and gold is not None:  # the preset's oracle by default, where it can score every prompt
+        from selfie_lite.smol.checker import IFEvalScorer
+
+        scorer_obj = IFEvalScorer() if smol else OracleScorer()
         try:
             scorer_obj.check(prompt_texts)
         except UserError:
@@ -542,7 +562,7 @@ def plan_eval(
         check_writable(out_dir, "the run folder" if run_dir is not None else "--out (default eval/)")
     reference = sft if run_dir is not None and sft is not None else base
     record = settings_record(settings, scorer_obj, len(prompt_texts), base, reference, len(labelled or []))
-    record["prompts_file"] = str(prompts) if prompts else ("tiny eval prompts" if tiny else "test split")
+    record["prompts_file"] = prompts_from
     partial = run_dir is not None and rounds is not None
     previous = _previous_eval(out_dir / "eval.json", record) if partial else None
     return EvalPlan(models=models, baseline=base, reference=reference, prompt_rows=prompt_rows, scorer=scorer_obj,

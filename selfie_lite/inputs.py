@@ -15,7 +15,8 @@ from rich.console import Console
 
 from selfie_lite.config import RunConfig
 from selfie_lite.data import load_split
-from selfie_lite.errors import UserError
+from selfie_lite.errors import UserError, describe
+from selfie_lite.fingerprint import model_fingerprint
 from selfie_lite.rundir import atomic_write_json, atomic_write_jsonl, read_json
 
 
@@ -28,13 +29,26 @@ class Inputs:
 
 
 def resolve_inputs(cfg: RunConfig, console: Console | None = None) -> Inputs:
-    """No --model / no data source means the built-in tiny preset (built on first use, then cached)."""
+    """No --model / no data source means the built-in tiny preset (built on first use, then cached). A GGUF model
+    (a .gguf file, a folder holding one, builtin:NAME) is converted once into a cached model folder
+    (gguf.resolve_model), and the run uses that folder; config.json keeps the model as the user gave it.
+    data.source = "builtin:smol": the smol preset's gold preference set and checker (selfie_lite/smol), on
+    builtin:smollm2 unless a model is given."""
     from selfie_lite.backends.hf import check_model_source
+    from selfie_lite.gguf import resolve_model
 
     model_dir, source, gold, tiny = cfg.model, cfg.data.source, None, False
+    if source == SMOL_SOURCE and not model_dir:
+        model_dir = SMOL_MODEL
     if model_dir:
         check_model_source(model_dir)  # before building anything
-    if not model_dir or not source:
+        model_dir = resolve_model(model_dir, progress=_say(console))  # a GGUF model: its converted folder
+    if source == SMOL_SOURCE:
+        from selfie_lite.smol import build_smol
+
+        preset = build_smol(Path(model_dir), progress=_build_progress(console, "the smol preset"))
+        source, gold = str(preset.preferences), preset.score
+    elif not model_dir or not source:
         from selfie_lite.tiny.build import build_tiny
         from selfie_lite.tiny.task import score
 
@@ -45,14 +59,23 @@ def resolve_inputs(cfg: RunConfig, console: Console | None = None) -> Inputs:
     return Inputs(Path(model_dir) if Path(model_dir).exists() else model_dir, source, gold, tiny)
 
 
-def _build_progress(console):
+SMOL_SOURCE, SMOL_MODEL = "builtin:smol", "builtin:smollm2"  # the real-model preset's data, and its default model
+
+
+def _say(console):
+    from rich.markup import escape
+
+    return None if console is None else (lambda message: console.print(f"[dim]{escape(message)}[/dim]"))
+
+
+def _build_progress(console, what: str = "the tiny preset"):
     if console is None:
         return None
     state = {"last": None}
 
     def report(stage: str, fraction: float):
         if stage != state["last"]:
-            console.print(f"[dim]building the tiny preset: {stage}[/dim]")
+            console.print(f"[dim]building {what}: {stage}[/dim]")
             state["last"] = stage
 
     return report
@@ -60,13 +83,46 @@ def _build_progress(console):
 
 def preflight(cfg: RunConfig, backend, inputs: Inputs):
     """Everything that can be wrong with the input, checked before a single weight loads or a file is written:
-    the model folder (or hub id while offline), its chat template, every data row, the split sizes."""
-    from selfie_lite.backends.hf import check_model_source
+    the model folder (or hub id while offline: its files are checked, its weights sampled for NaN, never loaded),
+    its tokenizer and chat template, settings this machine cannot run, every data row, the split sizes, and the
+    scorer that picks the shipped round (guard.select)."""
+    from selfie_lite.backends.hf import check_chat_template, check_model_files, check_model_source
 
     check_model_source(inputs.model_dir)
+    if cfg.train.precision == "fp16" and getattr(backend, "device", "cpu") != "cuda":
+        raise UserError("train.precision = fp16 needs a CUDA GPU, and this machine has none",
+                        hint="use train.precision = fp32 (or auto) on a CPU")
     if Path(inputs.model_dir).exists():
-        backend.load_tokenizer(inputs.model_dir)
-    return load_split(cfg.data, cfg.rounds, cfg.random_seed, inputs.data_source)
+        check_model_files(inputs.model_dir, cfg.lora, cfg.trust_remote_code)
+        try:
+            tok = backend.load_tokenizer(inputs.model_dir)
+        except UserError:
+            raise
+        except Exception as e:  # tokenizers/transformers raise many types for a broken tokenizer
+            raise UserError(f"could not load the tokenizer in {inputs.model_dir}: {describe(e)[:200]}",
+                            hint="download or copy the model's tokenizer files again") from None
+        where = f"--chat-template {cfg.chat_template}" if cfg.chat_template else f"of {inputs.model_dir}"
+        check_chat_template(tok, where)
+    split = load_split(cfg.data, cfg.rounds, cfg.random_seed, inputs.data_source)
+    check_selection(cfg, [r["prompt"] for r in split.test_pairs])
+    return split
+
+
+def check_selection(cfg: RunConfig, test_prompts: list[str]) -> None:
+    """guard.select = a scorer: parse it and check it against the probe prompts (the first guard.probe_prompts of
+    the held-out test split) now, as `eval` does, rather than after every round has trained. Nothing heavy loads:
+    a reward model's folder is checked, not loaded; a python scorer's module is imported (its own code runs)."""
+    if cfg.guard.select in ("last", "guard"):
+        return
+    from selfie_lite.scorers import parse_scorer
+
+    scorer = parse_scorer(cfg.guard.select, option="--select-by")
+    prompts = test_prompts[: cfg.guard.probe_prompts]
+    if not prompts:
+        raise UserError(f"--select-by {cfg.guard.select} needs held-out prompts to probe the rounds with, but "
+                        "data.test_size = 0 leaves none", hint="give data.test_size > 0, or use --select-by guard")
+    scorer.check(prompts)
+    scorer.close()
 
 
 def prepare_data(cfg: RunConfig, run_dir: Path, inputs: Inputs, split=None) -> dict:
@@ -103,50 +159,18 @@ def sft_model_of(run_dir: Path) -> str | None:
     return read_json(p).get("sft_model") if p.is_file() else None
 
 
-FULL_HASH_BYTES = 64 * 2**20  # weight files up to this size are hashed whole
-SAMPLE_BLOCKS, BLOCK_BYTES = 64, 64 * 2**10
-
-
-def model_fingerprint(model_dir) -> str | None:
-    """A content hash of a local model folder: config.json plus every *.safetensors file; None for a hub id.
-
-    Small files (the tiny preset, test models) are hashed whole. A 7B model is ~15 GB: reading it all would add
-    a minute to every resume, so for files over FULL_HASH_BYTES we hash the safetensors header (names, dtypes,
-    shapes, offsets) and 64 blocks of 64 KiB spread evenly over the file (4 MB read per file). Two fine-tunes of
-    one base differ in nearly every weight, so a sampled block tells them apart; sizes and mtimes would not do,
-    since a plain `cp` changes mtimes and a fine-tune keeps the sizes."""
-    import hashlib
-
-    folder = Path(model_dir).expanduser()
-    if not folder.is_dir():
-        return None
-    h = hashlib.sha256()
-    for f in [folder / "config.json", *sorted(folder.glob("*.safetensors"))]:
-        if not f.is_file():
-            continue
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}\n".encode())
-        with open(f, "rb") as fh:
-            if size <= FULL_HASH_BYTES:
-                for block in iter(lambda: fh.read(2**20), b""):
-                    h.update(block)
-                continue
-            header_len = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(min(header_len, size - 8)))
-            for k in range(SAMPLE_BLOCKS):
-                fh.seek(k * (size - BLOCK_BYTES) // (SAMPLE_BLOCKS - 1))
-                h.update(fh.read(BLOCK_BYTES))
-    return "sha256:" + h.hexdigest()
-
-
 def check_resume_sft(run_dir: Path, model_dir=None) -> None:
     """On --resume: the SFT model must be the one the run started from (data/split.json), or the resumed rounds
     would train and judge against another pi_init without a word. model_dir is the model this resume would use
     (None: not known yet, the tiny preset's); the same weights moved elsewhere (--force --model NEW) pass, since
     the content hash is compared, not the path."""
+    from selfie_lite.gguf import resolve_model
+
     p = Path(run_dir) / "data" / "split.json"
     info = read_json(p) if p.is_file() else {}
     recorded, want = info.get("sft_model"), info.get("sft_model_hash")
+    if recorded and model_dir is not None:
+        model_dir = resolve_model(model_dir)  # a GGUF model (builtin:NAME, x.gguf): the converted folder it recorded
     if not recorded:
         return  # no split yet: nothing has trained, any model is fine
     # A hash means it was a local folder. Checked before the model resolves, so the message names the run's model

@@ -39,6 +39,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from selfie_lite import compat
+from selfie_lite.chat import end_of_turn_ids, through_end_of_turn
 from selfie_lite.config import RefineConfig, RunConfig, TrainConfig
 from selfie_lite.errors import RunError, UserError
 from selfie_lite.loss import dpo_losses, dpo_margin, last_hidden, sequence_logps
@@ -114,12 +115,19 @@ class SPADPOTrainer(DPOTrainer):
         # TRL DROPS pairs whose prompt alone fills max_length. We cut every prompt to its last max_prompt_length
         # tokens instead (the end keeps the turn markers next to the response), so TRL's filter is skipped while it
         # tokenises. Without max_prompt_length, TRL's rule stands.
+        # Each response ends at its end of turn, as a sample does (chat.through_end_of_turn): TRL keeps what the
+        # template writes after it (ChatML's newline after <|im_end|>).
+        stops = end_of_turn_ids(processing_class)
+        cut = {"chosen_ids": lambda ex: through_end_of_turn(ex["chosen_ids"], stops),
+               "rejected_ids": lambda ex: through_end_of_turn(ex["rejected_ids"], stops)}
         if not self.max_prompt_length:
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        with compat.no_trl_prompt_filter(args):
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        keep = self.max_prompt_length
-        return dataset.map(lambda ex: {"prompt_ids": ex["prompt_ids"][-keep:]})
+        else:
+            with compat.no_trl_prompt_filter(args):
+                dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            keep = self.max_prompt_length
+            cut["prompt_ids"] = lambda ex: ex["prompt_ids"][-keep:]
+        return dataset.map(lambda ex: {name: f(ex) for name, f in cut.items()})
 
     def _set_signature_columns_if_needed(self):
         # Trainer drops dataset columns that are not "signature" columns; keep pair_id for the collator.
@@ -307,8 +315,9 @@ def training_sequences(tokenizer, pairs: list[dict], train: TrainConfig) -> list
     reference log-probs computed outside it (robust.train_reference = "sft").
 
     Mirrors what train_dpo feeds the model: TRL's conversational tokenisation (the completion starts where the
-    tokenised prompt and prompt + completion diverge), the prompt cut to its last max_prompt_length tokens
-    (SPADPOTrainer._prepare_dataset), then prompt + completion cut to max_length (the collator's keep_start).
+    tokenised prompt and prompt + completion diverge, and ends at its end of turn), the prompt cut to its last
+    max_prompt_length tokens (SPADPOTrainer._prepare_dataset), then prompt + completion cut to max_length (the
+    collator's keep_start).
     tests/test_robust.py checks it against the trainer's own batches; the trainer also checks every pair's
     token counts against it at run time.
     """
@@ -323,6 +332,7 @@ def training_sequences(tokenizer, pairs: list[dict], train: TrainConfig) -> list
         return n
 
     chosen, rejected = [], []
+    stops = end_of_turn_ids(tokenizer)
     for p in pairs:
         conv = _to_conversation(p)
         prompt = ids(conv["prompt"], add_generation_prompt=True)
@@ -330,8 +340,8 @@ def training_sequences(tokenizer, pairs: list[dict], train: TrainConfig) -> list
         cut = min(prefix(prompt, with_c), prefix(prompt, with_r))
         head = prompt[:cut][-train.max_prompt_length:] if train.max_prompt_length else prompt[:cut]
         room = max(0, train.max_length - len(head))
-        chosen.append((head, with_c[cut:][:room]))
-        rejected.append((head, with_r[cut:][:room]))
+        chosen.append((head, through_end_of_turn(with_c[cut:], stops)[:room]))
+        rejected.append((head, through_end_of_turn(with_r[cut:], stops)[:room]))
     return chosen + rejected
 
 

