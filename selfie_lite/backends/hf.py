@@ -111,7 +111,7 @@ FULL_CHECK_BYTES = 64 * 2**20  # weight files up to this size are checked whole 
 SAMPLE_BYTES = 64 * 2**10  # else the first and last 64 KiB of every tensor: ~40 MB read for a 7B model
 
 
-def nonfinite_weights(folder: Path) -> tuple[Path, str] | None:
+def nonfinite_weights(folder: Path, headers: dict[Path, dict] | None = None) -> tuple[Path, str] | None:
     """(file, tensor) of the first tensor found holding NaN or inf, else None; without loading the model.
 
     A diverged fine-tune or a bad conversion leaves whole tensors NaN, which the start of a tensor shows; reading a
@@ -121,7 +121,7 @@ def nonfinite_weights(folder: Path) -> tuple[Path, str] | None:
     import numpy as np
 
     kinds = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
-    for f, tensors in safetensors_headers(folder).items():
+    for f, tensors in (headers if headers is not None else safetensors_headers(folder)).items():
         whole = f.stat().st_size <= FULL_CHECK_BYTES
         with open(f, "rb") as fh:
             data_start = 8 + int.from_bytes(fh.read(8), "little")
@@ -160,7 +160,7 @@ def check_model_files(model_dir: Path, lora: LoraConfig, trust_remote_code: bool
     headers = safetensors_headers(folder)
     leaves = {name.rsplit(".", 2)[-2] for tensors in headers.values() for name in tensors if "." in name}
     check_lora_targets(lora, leaves, f"the model in {folder}")
-    bad = nonfinite_weights(folder)
+    bad = nonfinite_weights(folder, headers)  # the headers read above: each file's header is read once here
     if bad is not None:
         raise UserError(f"{bad[0]}: tensor {bad[1]} holds NaN or infinite values",
                         hint="the weights are broken (a diverged fine-tune or a bad conversion): use another checkpoint")
