@@ -26,6 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from selfie_lite import rss
 from selfie_lite.config import RunConfig
 from selfie_lite.errors import RunError
 from selfie_lite.guard import guard_stage, select_by_scorer, verdict
@@ -169,7 +170,9 @@ def _run_round(r: Round, stages, inputs_changed: bool, say) -> tuple[bool, str |
             say(f"{r.dir.name} {name}: {why}; redoing the stage")
         if run:
             _drop_damaged_caches(r, name, None if redo else say)
+            measured = rss.reset_peak()
             metrics = stage(r)
+            metrics["peak_rss_mb"] = rss.peak_mb() if measured else None  # this stage's own peak (rss.py)
             digest = outputs_digest(r.dir, STAGE_OUTPUTS[name])
             mark_done(r.dir, name, metrics, digest)
             if redo and old != digest:

@@ -32,6 +32,23 @@ def _duration(seconds: float | None) -> str:
     return "?" if seconds is None else str(timedelta(seconds=round(seconds)))
 
 
+def _rate(done: float, elapsed: float) -> str:
+    """Items per second, or seconds per item when an item takes longer than ten seconds (a real model's training step
+    on a CPU): "0.0/s" would say nothing."""
+    if done <= 0 or elapsed <= 0:
+        return ""
+    per_s = done / elapsed
+    return f"{per_s:,.1f}/s" if per_s >= 0.1 else f"{elapsed / done:,.0f} s each"
+
+
+def _remaining(t) -> float | None:
+    """Seconds left at the mean pace so far. Rich's own estimate averages the last 30 seconds only, so it has no
+    figure when one item takes longer than that; the whole stage's mean pace always has one."""
+    if not t.total or t.completed <= 0 or not t.elapsed:
+        return None
+    return max(0.0, (t.total - t.completed) * t.elapsed / t.completed)
+
+
 class Reporter:
     """The stages call start/advance/finish; only this class knows about Rich.
 
@@ -116,12 +133,12 @@ class Reporter:
             if t is not None and t.elapsed:
                 rate = f"{self._tokens[task] / t.elapsed:,.0f} tok/s"
         elif t is not None and t.elapsed:
-            rate = f"{(t.completed + n) / t.elapsed:,.1f}/s"
+            rate = _rate(t.completed + n, t.elapsed)
         self.progress.update(task, advance=n, rate=rate, **fields)
         if not self.live and time.monotonic() - self._logged.get(task, 0.0) >= self.log_every_s:
             t = self.progress.tasks[task]
             self._log(task, f"{self._counts(task)}" + (f", {rate}" if rate else "")
-                      + f", elapsed {_duration(t.elapsed)}, eta {_duration(t.time_remaining)}")
+                      + f", elapsed {_duration(t.elapsed)}, eta {_duration(_remaining(t))}")
 
     def set_total(self, task: int, total: int) -> None:
         self.progress.update(task, total=total)

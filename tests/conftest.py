@@ -1,7 +1,9 @@
 """Offline, stable output, and one tiny-preset build shared by the whole session.
 
 The build lands in $SELFIE_LITE_CACHE when set (a folder that survives between sessions on the same machine);
-otherwise in a temp folder made for the session. Either way it starts in the background when the session starts
+otherwise in pytest's cache folder (.pytest_cache/d/selfie-lite-builds-<key>, _kept_cache), where the next session
+finds it: CI's second pass (the suite again under another CPU's kernels) tests those kernels on the computations the
+tests make, on the same built tiny model and converted SmolLM2. Either way it starts in the background when the session starts
 (`selfie-lite tiny build`, one torch thread, about 80-95 s on 2 cores) while the tests that do not need it run, and
 the tests that need it run last (pytest_collection_modifyitems). The test workers (pytest-xdist, `-n 2` in
 pyproject.toml) and subprocess CLI tests inherit the variable and find the same build; a build that is still running
@@ -53,7 +55,11 @@ def pytest_configure(config):
         return
     config._selfie_made_cache = None
     if not os.environ.get("SELFIE_LITE_CACHE"):
-        config._selfie_made_cache = os.environ["SELFIE_LITE_CACHE"] = tempfile.mkdtemp(prefix="selfie-lite-tests-")
+        kept = _kept_cache(config)
+        if kept is not None:
+            os.environ["SELFIE_LITE_CACHE"] = kept
+        else:  # -p no:cacheprovider: a folder for this session only
+            config._selfie_made_cache = os.environ["SELFIE_LITE_CACHE"] = tempfile.mkdtemp(prefix="selfie-lite-tests-")
     from selfie_lite.tiny.build import default_cache_dir
 
     config._selfie_builder = None
@@ -61,6 +67,37 @@ def pytest_configure(config):
         log = open(os.path.join(os.environ["SELFIE_LITE_CACHE"], "background-build.log"), "w")  # noqa: SIM115
         config._selfie_builder = subprocess.Popen([sys.executable, "-m", "selfie_lite", "tiny", "build"],
                                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+# What the session's builds are made from: a change to any of these (or to the packages' versions) starts a new build.
+BUILD_SOURCES = ("selfie_lite/tiny/build.py", "selfie_lite/tiny/task.py", "selfie_lite/gguf.py", "selfie_lite/cachedir.py")
+
+
+def _kept_cache(config) -> str | None:
+    """The builds kept between sessions in pytest's own cache folder (.pytest_cache/d/), keyed by the sources and
+    versions that make them, so that a second session (CI's second pass, a developer's rerun) reuses the first one's
+    tiny preset and converted SmolLM2 instead of spending 2-4 minutes building them again. Builds of other keys are
+    removed (the converted model is 540 MB). None when pytest's cache is off."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    cache = getattr(config, "cache", None)
+    if cache is None:
+        return None
+    h = hashlib.sha256()
+    for rel in BUILD_SOURCES:
+        h.update(rel.encode() + b"\0" + (Path(REPO) / rel).read_bytes())
+    for package in ("torch", "transformers", "tokenizers", "gguf", "safetensors"):
+        try:
+            h.update(f"{package}={version(package)}".encode())
+        except PackageNotFoundError:
+            h.update(f"{package}=-".encode())
+    name = f"selfie-lite-builds-{h.hexdigest()[:16]}"
+    folder = cache.mkdir(name)
+    for old in folder.parent.glob("selfie-lite-builds-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return str(folder)
 
 
 def pytest_unconfigure(config):

@@ -139,6 +139,7 @@ def dry_run(tmp_path_factory):
     return proc.stdout, json.loads((tmp / "results.json").read_text()), tmp / "work"
 
 
+@pytest.mark.cpu_agnostic
 def test_tiny_dry_run_prints_every_column(dry_run):
     """A tiny random Llama, every stage through the hf backend, the table and the estimate."""
     text = dry_run[0]
@@ -153,6 +154,7 @@ def test_tiny_dry_run_prints_every_column(dry_run):
         assert "unsloth not installed" in text
 
 
+@pytest.mark.cpu_agnostic
 def test_tiny_dry_run_reports_every_stage(dry_run):
     _, report, work = dry_run
     assert report["params"] == gpu_roofline.param_counts(gpu.SHAPES["tiny"])["total"]
@@ -179,6 +181,7 @@ def test_new_tokens_must_leave_room_for_a_prompt(capsys):
     assert "leaves no room for a prompt" in capsys.readouterr().out
 
 
+@pytest.mark.cpu_agnostic
 def test_a_failing_stage_keeps_the_stages_before_it(dry_run, tmp_path, capsys, monkeypatch):
     """A backend that fails (here: LoRA targets that do not exist) still reports what it measured, and the run exits
     1. The driver runs in this process, in the dry run's --work-dir: the model folder there is reused, not rebuilt."""

@@ -104,9 +104,30 @@ def test_without_a_terminal_each_stage_logs_lines_with_counts_and_eta():
     assert len(quiet.getvalue().splitlines()) == 2  # start and done only: no line per item
 
 
+def test_a_stage_whose_items_take_minutes_logs_a_pace_and_an_eta():
+    """A real model's training step on a CPU takes a minute: the log said "0.0/s, eta ?" (Rich averages speed over
+    the last 30 s only). Now: seconds per item, and the ETA at the mean pace so far."""
+    from rich.console import Console
+
+    from selfie_lite.progress import Reporter
+
+    log = io.StringIO()
+    now = [1000.0]
+    with Reporter(Console(file=log, width=200), log_every_s=0) as progress:
+        progress.progress.get_time = lambda: now[0]  # the stage's clock; each step below takes 60 s on it
+        task = progress.start("train", total=10, unit="steps")
+        for _ in range(2):
+            now[0] += 60.0
+            progress.advance(task)
+    lines = log.getvalue().splitlines()
+    # after step 2 at t=120 s: 60 s each, 8 steps left -> 8 minutes
+    assert re.search(r"train: 2/10 steps \(20%\), 60 s each, elapsed 0:02:00, eta 0:08:00", lines[2]), lines
+
+
 # -- one real run, in a pseudo-terminal ----------------------------------------------------------------------------
 
 
+@pytest.mark.cpu_agnostic
 def test_a_run_in_a_terminal(tiny_preset, tmp_path):
     """Items 6, 9, 15, 16 end to end: every round's table stays on the screen, the labelled-seed line, only the
     non-default settings, no FutureWarning, a last line with the time and the next command, tensorboard logs."""

@@ -217,6 +217,7 @@ def test_out_of_memory_names_the_flags(monkeypatch, tiny_preset, tmp_path):
     assert_one_line_error(r, 1, "out of GPU memory", "sample.batch_size", "--load-in-4bit", "gradient_checkpointing")
 
 
+@pytest.mark.cpu_agnostic
 def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tiny_preset, tmp_path):
     out = tmp_path / "run"
     # A shell's background jobs (CI) start with SIGINT ignored; a user's terminal does not: restore the default.

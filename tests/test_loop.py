@@ -58,6 +58,29 @@ def reference_run(tiny_preset, tmp_path_factory):
     return out, r.output
 
 
+def test_each_stage_records_its_own_peak_memory(reference_run):
+    """done/<stage>.json carries the stage's peak RSS (rss.py); a stage's peak is its own: after a reset the peak
+    follows what the process holds now, not what an earlier stage held."""
+    import sys
+
+    from selfie_lite import rss
+
+    out, _ = reference_run
+    markers = sorted(out.glob("round-*/done/*.json"))
+    assert {m.stem for m in markers} >= {"train", "merge", "sample", "judge"}
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-stage peak RSS is read from /proc (Linux)")
+    for m in markers:
+        peak = json.loads(m.read_text())["peak_rss_mb"]
+        assert isinstance(peak, float) and 20 < peak < 64 * 1024, (m, peak)
+    assert rss.reset_peak()
+    held = bytearray(256 * 2**20)  # 256 MB, touched
+    high = rss.peak_mb()
+    del held
+    assert rss.reset_peak()
+    assert high - rss.peak_mb() > 200  # the reset forgot the 256 MB
+
+
 def test_full_loop_writes_every_artifact(reference_run):
     out, output = reference_run
     assert "built-in tiny preset" in output or "tiny" in output
@@ -125,6 +148,7 @@ def test_second_run_on_a_locked_folder_refuses(reference_run):
         (out / ".lock").unlink()
 
 
+@pytest.mark.cpu_agnostic
 def test_kill_at_every_stage_then_resume_gives_the_same_result(reference_run, tmp_path):
     ref, _ = reference_run
     out = tmp_path / "killed"

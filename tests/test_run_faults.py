@@ -340,6 +340,7 @@ def test_merged_weights_and_adapters_follow_the_umask(finished):
 # -- output: a log keeps every column; the guard's verdict once ---------------------------------------------------
 
 
+@pytest.mark.cpu_agnostic
 def test_a_log_keeps_every_column_of_the_tables(finished, tmp_path):
     """stdout to a pipe (a log, nohup, CI) with COLUMNS unset: Rich would cut the tables to 80 columns."""
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}

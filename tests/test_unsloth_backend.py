@@ -114,6 +114,7 @@ def test_cli_run_with_backend_unsloth_fails_in_one_line(no_unsloth):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.cpu_agnostic
 def test_nothing_imports_unsloth_unless_chosen():
     code = (
         "import sys\n"
