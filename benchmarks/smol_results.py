@@ -53,8 +53,6 @@ def make_config(overrides: list[dict]):
 
 
 def train_seed(seed: int, args, quiet: Console, timings: Timings) -> dict[str, Path]:
-    from selfie_lite.rundir import read_jsonl
-
     out = args.out / f"seed-{seed}"
     base = [{"random_seed": seed}, *args.overrides]
     folders = {"default": out / "default", "paper": out / "paper", "dpo-100": out / "dpo-100"}
@@ -67,9 +65,8 @@ def train_seed(seed: int, args, quiet: Console, timings: Timings) -> dict[str, P
         timings[f"seed {seed}: paper"] = run(make_config(base + [{"method": "paper"}]), folders["paper"], quiet)
     if "dpo-100" in args.parts:
         cfg = make_config(base)
-        from selfie_lite.smol.build import build_smol
-
-        n_full = len(read_jsonl(build_smol(cfg.model).preferences)) - cfg.data.test_size
+        # every valid gold pair but the held-out test split (the same shuffle puts the same pairs there)
+        n_full = json.loads((folders["default"] / "summary.json").read_text())["data"]["valid_rows"] - cfg.data.test_size
         log(f"seed {seed}: DPO on 100% of the gold pairs ({n_full} pairs, {args.dpo100_epochs} epoch(s))")
         full = make_config(base + [{"rounds": 0, "data": {"labelled_share": str(n_full)},
                                     "train": {"seed_epochs": args.dpo100_epochs}}])
