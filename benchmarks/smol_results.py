@@ -209,8 +209,11 @@ def main():
         log(f"seed {seed}: done ({time.perf_counter() - t_start:.0f} s so far)")
     if not results:
         return
-    cfg = json.loads((args.out / f"seed-{min(results)}" / "default" / "config.json").read_text())
+    # the settings of the first seed whose runs are still here (a seed's eval json outlives its run folders)
+    kept = [k for k in sorted(results) if (args.out / f"seed-{k}" / "default" / "config.json").is_file()]
+    cfg = json.loads((args.out / f"seed-{kept[0]}" / "default" / "config.json").read_text())
     s = results[min(results)]["settings"]
+    notes = [f"- Seed {k}: {results[k]['note']}." for k in sorted(results) if results[k].get("note")]
     head = [
         f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `" + " ".join(["python benchmarks/smol_results.py", *sys.argv[1:]]) + "`.",
         "",
@@ -222,6 +225,7 @@ def main():
         f"rate {cfg['train']['learning_rate']}; LoRA r {cfg['lora']['r']}; DPO-100% {args.dpo100_epochs} epoch(s).",
         f"- Wall time of a fresh run: {sum(timings.values()) / 60:.0f} min on {args.threads} torch threads of "
         f"{os.cpu_count()} CPU cores ({platform.machine()}). Per seed: {per_part(timings)}.",
+        *notes,
         "",
     ]
     write_markdown(args.md, "\n".join(head) + tables(results))

@@ -100,10 +100,15 @@ def quiet_bnb_kernels_warning() -> None:
     """bitsandbytes' CPU backend (since its fused 4-bit CPU kernel, bitsandbytes#1804, late 2025; 0.50.2 here)
     logs a warning on import, on AVX512-BF16 CPUs, when the optional `kernels` package is missing. `kernels`
     fetches code from the hub at run time, which we never want, so the warning is noise: its logger is set to
-    errors only. Call before bitsandbytes is imported (transformers and PEFT import it)."""
+    errors only. Call before bitsandbytes is imported (transformers and PEFT import it).
+
+    transformers >= 5.25 requires `kernels`, so it is usually installed: bitsandbytes then asks it for that kernel,
+    and offline `kernels` logs "Skipping publisher trust check ... offline mode" before the fetch fails and
+    bitsandbytes falls back to its own code (the warning above follows). Both are noise to a user: errors only."""
     import logging
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
 
 
 def disable_bnb_cpu_inference_repack(model) -> None:

@@ -286,8 +286,10 @@ def check_unsloth(version: str | None, versions: Mapping[str, str | None], has_g
 def check_kernels(version: str | None) -> Check:
     if version is None:
         return Check("kernels", OK, "not installed")
-    return Check("kernels", WARN, f"{version}: installed; it fetches code from the hub at run time",
-                 "pip uninstall kernels")
+    # transformers >= 5.25 lists `kernels` as a requirement but imports it only when asked; bitsandbytes, on an
+    # AVX512-BF16 CPU, asks it for a kernel from the hub at import time. Both work without it (measured here).
+    return Check("kernels", WARN, f"{version}: installed; bitsandbytes may fetch code from the hub through it at run time",
+                 "pip uninstall kernels (transformers lists it but runs without it), or set HF_HUB_OFFLINE=1")
 
 
 @dataclass(frozen=True)
