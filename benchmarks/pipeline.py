@@ -1,7 +1,8 @@
-"""Pipeline overhead: our sampling and judging stages against the bare transformers calls doing the same work.
+"""Pipeline overhead: our sampling, judging and training stages against the bare library calls doing the same work.
 
     python benchmarks/pipeline.py                # the tiny preset, 256 prompts x 2 samples, best of 3
     python benchmarks/pipeline.py --model DIR --prompts 64 --max-new-tokens 128
+    python benchmarks/pipeline.py --preset smol --prompts 16 --train-pairs 32 --repeats 1   # SmolLM2 (about 8 min)
 
 Sampling: our stage (sample_round: chunking, left padding, seeding, eos trimming, atomic shard writes) vs a bare
 batched model.generate with the same prompts, batch size and settings; tokens/s counts generated tokens up to and
@@ -9,7 +10,11 @@ including end-of-sequence. Judging: our stage (judge_round: policy and SFT-refer
 writes) vs bare batched forward passes over the same sequences with both models; "sequences/s" counts sequences
 scored by both models. Two rows for the judge: with judge.policy_from_sampling=false (two forward passes, like the
 bare side) and the default (the policy term comes from the sampling pass, one forward pass). Model loading is excluded from
-both sides (the stage loads each model once per round). The goal (issue 3): ours >= 0.8x bare.
+both sides (the stage loads each model once per round). Training (--train-pairs > 0): our train_dpo (SPADPOTrainer:
+per-pair smoothing, pair ids, the adapter-off reference scored once before the first step) against a stock
+trl.DPOTrainer with the same LoRA adapter, pairs and DPOConfig settings, one epoch each on a fresh adapter; two
+rows for ours: round 0 (plain DPO) and a round with the paper's noise detection (lambda 0.5: full reference logits
+in every step). pairs/s counts pairs trained, the reference pass included. The goal: ours >= 0.8x bare.
 """
 
 from __future__ import annotations
@@ -56,9 +61,53 @@ def bare_logps(model, seqs, batch_size):
     return time.perf_counter() - t0
 
 
+def bare_train(model, tok, pairs, cfg, out_dir):
+    """One epoch of stock TRL DPO (sigmoid loss, adapter-off reference every step) with our DPOConfig settings."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    t = cfg.train
+    args = DPOConfig(output_dir=str(out_dir), learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
+                     per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+                     num_train_epochs=1, max_grad_norm=t.max_grad_norm, gradient_checkpointing=t.gradient_checkpointing,
+                     beta=cfg.beta, loss_type="sigmoid", max_length=t.max_length, disable_dropout=True, seed=0,
+                     use_cpu=not torch.cuda.is_available(), report_to="none", disable_tqdm=True, save_strategy="no",
+                     logging_strategy="no")
+    rows = [{"prompt": [{"role": "user", "content": p["prompt"]}],
+             "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    t0 = time.perf_counter()
+    trainer.train()
+    return len(pairs) / (time.perf_counter() - t0)
+
+
+def train_rows(be, cfg, model_dir, pairs, out: Path) -> dict:
+    """pairs/s: ours (round 0; with noise detection) and bare TRL, each on a fresh LoRA adapter of the same model."""
+    from selfie_lite.train import train_dpo
+
+    def fresh():
+        model, tok = be.load(model_dir, trainable=True)
+        return be.add_lora(model, cfg.lora, seed=0), tok
+
+    figures = {}
+    for name, refine, lam in (("train_ours_pairs_s", None, 0.0), ("train_detect_pairs_s", cfg.refine, 0.5)):
+        model, tok = fresh()
+        res = train_dpo(model, tok, pairs, beta=cfg.beta, train=cfg.train, refine=refine, lam=lam, epochs=1,
+                        out_dir=out / name, seed=0)
+        figures[name] = res.metrics["pairs_per_s"]
+        be.free(model)
+    model, tok = fresh()
+    figures["train_bare_pairs_s"] = bare_train(model, tok, pairs, cfg, out / "bare")
+    be.free(model)
+    return figures
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="", help="model folder (default: the tiny preset's SFT model)")
+    ap.add_argument("--preset", choices=["tiny", "smol"], default="tiny", help="settings, prompts and pairs of this preset")
+    ap.add_argument("--model", default="", help="model folder (default: the preset's SFT model)")
+    ap.add_argument("--train-pairs", type=int, default=64, help="gold pairs trained on per side (0: no training rows)")
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
@@ -72,14 +121,22 @@ def main():
     from selfie_lite.sample import load_samples, sample_round
     from selfie_lite.tiny.build import build_tiny
 
-    preset = build_tiny()
-    model_dir = Path(args.model or preset.model_dir)
+    if args.preset == "smol":
+        from selfie_lite.gguf import builtin_model
+        from selfie_lite.smol.build import build_smol
+
+        model_dir = Path(args.model or builtin_model("smollm2"))
+        preset = build_smol(model_dir)
+    else:
+        preset = build_tiny()
+        model_dir = Path(args.model or preset.model_dir)
     over = [parse_override(f"sample.chunk_size={args.prompts}")]
     if args.max_new_tokens:
         over.append(parse_override(f"sample.max_new_tokens={args.max_new_tokens}"))
-    cfg = load_config("tiny", None, over)
-    cfg_two_pass = load_config("tiny", None, [*over, parse_override("judge.policy_from_sampling=false")])
+    cfg = load_config(args.preset, None, over)
+    cfg_two_pass = load_config(args.preset, None, [*over, parse_override("judge.policy_from_sampling=false")])
     prompts = [r["prompt"] for r in read_jsonl(preset.val_prompts)][: args.prompts]
+    pairs = [dict(r, pair_id=i) for i, r in enumerate(read_jsonl(preset.preferences)[: args.train_pairs])]
     be = HFBackend(cfg)
     model, tok = be.load(model_dir)
     eos = model.generation_config.eos_token_id
@@ -103,7 +160,9 @@ def main():
             (rd / "one").mkdir()
             _, m_one = judge_round(cfg, rd / "one", be, samples, model_dir, model_dir, None)
             t_bare_judge = bare_logps(model, seqs, cfg.judge.batch_size) + bare_logps(model, seqs, cfg.judge.batch_size)
+            trained = train_rows(be, cfg, model_dir, pairs, rd / "train") if pairs else {}
             rows.append({
+                **trained,
                 "sample_ours_tok_s": m_ours["tokens_per_s"],
                 "sample_bare_tok_s": n_bare / t_bare,
                 "judge_two_pass_seq_s": m_two["sequences_per_s"],
@@ -112,7 +171,7 @@ def main():
                 "sequences": len(seqs),
             })
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    t = Table(title=f"pipeline overhead: {model_dir.name}, {len(prompts)} prompts x {s.num_samples}, "
+    t = Table(title=f"pipeline overhead: {args.preset} preset, {len(prompts)} prompts x {s.num_samples}, "
                     f"{s.max_new_tokens} new tokens max, {torch.get_num_threads()} threads, median of {args.repeats}")
     for c in ("stage", "ours", "bare", "ours / bare", "goal"):
         t.add_column(c)
@@ -122,6 +181,11 @@ def main():
               f"{med['judge_two_pass_seq_s'] / med['judge_bare_seq_s']:.2f}x", ">= 0.8x")
     t.add_row("judging, default (sequences/s)", f"{med['judge_ours_seq_s']:,.0f}", f"{med['judge_bare_seq_s']:,.0f}",
               f"{med['judge_ours_seq_s'] / med['judge_bare_seq_s']:.2f}x", ">= 0.8x")
+    if pairs:
+        for label, key in (("training, round 0 (pairs/s)", "train_ours_pairs_s"),
+                           ("training, noise detection (pairs/s)", "train_detect_pairs_s")):
+            t.add_row(f"{label}, {len(pairs)} pairs", f"{med[key]:,.2f}", f"{med['train_bare_pairs_s']:,.2f}",
+                      f"{med[key] / med['train_bare_pairs_s']:.2f}x", ">= 0.8x")
     Console().print(t)
     if args.json:
         args.json.write_text(json.dumps({"median": med, "runs": rows}, indent=2))
