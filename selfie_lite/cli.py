@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from selfie_lite import __version__, cli_eval, compat, doctor
+from selfie_lite import __version__, cli_eval, cli_export, compat, doctor
 from selfie_lite.console import STATE, console, err_console, esc, friendly_errors, json_output, one_line_usage_errors
 from selfie_lite.errors import RunError, UserError
 
@@ -483,6 +483,8 @@ def _print_calibration():
 # Registered here, after run and judge, so --help lists the commands in the order a user reaches for them.
 app.command("eval")(cli_eval.eval_cmd)
 app.command("report")(cli_eval.report_cmd)
+app.command("export")(cli_export.export_cmd)
+app.command("push")(cli_export.push_cmd)
 app.command("doctor")(doctor.doctor_cmd)
 
 

@@ -593,6 +593,13 @@ def run_eval(plan: EvalPlan, backend, progress=None) -> Evaluation:
     for name, rows in outputs.items():
         atomic_write_jsonl(plan.out_dir / "eval" / "outputs" / f"{name}.jsonl", rows)
     atomic_write_json(plan.out_dir / "eval.json", result)
+    if plan.run_dir is not None:  # the shipped model's card shows these figures (card.py)
+        import contextlib
+
+        from selfie_lite.card import write_card
+
+        with contextlib.suppress(OSError):  # eval.json is written; a card that cannot be is written by the next eval
+            write_card(plan.run_dir, eval_result=result)
     exported = []
     if plan.export == "alpaca-eval":
         exported = export_alpaca_eval(outputs, plan.prompt_rows, plan.out_dir / "eval" / "alpaca-eval",

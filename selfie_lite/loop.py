@@ -244,4 +244,17 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console:
         "per_round": history,
     }
     atomic_write_json(run_dir / "summary.json", summary)
+    _write_card(run_dir, cfg, summary, console)
     return summary
+
+
+def _write_card(run_dir: Path, cfg: RunConfig, summary: dict, console: Console) -> None:
+    """The shipped model's README.md (card.py). Not a stage: the run has finished when it is written, so a failure
+    to write it (a full disk) is a warning, and the next --resume or eval writes it."""
+    from selfie_lite.card import write_card
+    from selfie_lite.config import to_dict
+
+    try:
+        write_card(run_dir, to_dict(cfg), summary)
+    except OSError as e:
+        console.print(f"[yellow]warning:[/yellow] the model card was not written: {escape(str(e))}")
