@@ -213,6 +213,8 @@ def main():
     kept = [k for k in sorted(results) if (args.out / f"seed-{k}" / "default" / "config.json").is_file()]
     cfg = json.loads((args.out / f"seed-{kept[0]}" / "default" / "config.json").read_text())
     s = results[min(results)]["settings"]
+    # every part of these seeds as timed when it really ran (this invocation may have run none of them)
+    spent = {k: v for k, v in timings.stored.items() if any(k.startswith(f"seed {n}: ") for n in results)}
     notes = [f"- Seed {k}: {results[k]['note']}." for k in sorted(results) if results[k].get("note")]
     head = [
         f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `" + " ".join(["python benchmarks/smol_results.py", *sys.argv[1:]]) + "`.",
@@ -223,12 +225,14 @@ def main():
         "same sampling seed for every model; scored by the checker (selfie_lite/smol/checker.py).",
         f"- Labelled seed {cfg['data']['labelled_share']}; pools {cfg['data']['pool_sizes']}; beta {cfg['beta']}; learning "
         f"rate {cfg['train']['learning_rate']}; LoRA r {cfg['lora']['r']}; DPO-100% {args.dpo100_epochs} epoch(s).",
-        f"- Wall time of a fresh run: {sum(timings.values()) / 60:.0f} min on {args.threads} torch threads of "
-        f"{os.cpu_count()} CPU cores ({platform.machine()}). Per seed: {per_part(timings)}.",
+        f"- Wall time: {sum(spent.values()) / 60:.0f} min for the {len({k.split(':')[0] for k in spent})} seed(s) timed, "
+        f"on {args.threads} torch threads of "
+        f"{os.cpu_count()} CPU cores ({platform.machine()}; the seeds' parts as they really ran, from "
+        f"{args.out.name}/timings.json). Per seed: {per_part(spent)}.",
         *notes,
         "",
     ]
-    write_markdown(args.md, "\n".join(head) + tables(results))
+    write_markdown(args.md, "\n".join(head) + "\n" + tables(results))
     (args.out / f"results-{args.split}.json").write_text(json.dumps(
         {"timings": dict(timings), "results": {str(k): v for k, v in results.items()}}, indent=2))
     log(f"wrote {args.md}")
