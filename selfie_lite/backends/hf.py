@@ -9,7 +9,7 @@ import gc
 import json
 from pathlib import Path
 
-from selfie_lite import compat, hub
+from selfie_lite import compat, hub, rss
 from selfie_lite.config import LoraConfig, RunConfig
 from selfie_lite.errors import RunError, UserError, describe, first_line
 from selfie_lite.loss import last_hidden, sequence_logps
@@ -391,6 +391,7 @@ class HFBackend:
     def free(self, *objs):
         del objs
         gc.collect()
+        rss.trim()  # give the freed weights' pages back to the OS, not only to the allocator
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
