@@ -6,7 +6,7 @@ metrics), RUN/eval.json when there is one. Writes: round-<final>/model/README.md
 
 The front matter is huggingface_hub's ModelCardData (base_model, library_name, license, datasets, tags,
 pipeline_tag): the library that the Hub's own tools use renders it, so the Hub reads what it expects. base_model and
-datasets are set only when they are Hub ids (the Hub refuses a README whose base_model is not one); the license is
+datasets are set only when they are Hub ids (the Hub checks base_model against its models); the license is
 carried over from the base model when known: the built-in SmolLM2 (Apache-2.0), or the `license` of the base model's
 own card in its folder or in the Hugging Face cache (no download).
 
@@ -189,10 +189,12 @@ def card_text(cfg: dict, summary: dict, eval_result: dict | None = None, extra_t
     split = summary.get("data") or {}
     method = cfg.get("method", "selfie")
     share = cfg.get("data", {}).get("labelled_share")
+    title = base_name if model else "The tiny preset's SFT model"  # a model's own name keeps its case
+    asked = cfg.get("rounds")
     lines = [
         MARK, "",
-        f"# {base_name}, aligned with SPA (selfie-lite)", "",
-        f"{base_name} after Spread Preference Annotation (SPA, arXiv 2406.04412) with selfie-lite {__version__}: "
+        f"# {title}, aligned with SPA (selfie-lite)", "",
+        f"{title} after Spread Preference Annotation (SPA, arXiv 2406.04412) with selfie-lite {__version__}: "
         "DPO on a small labelled share of a preference set (round 0), then rounds in which the model samples "
         "answers, labels them with its own implicit reward and trains on them (LoRA DPO, merged into the weights "
         "after every round). This folder is the model of round "
@@ -207,7 +209,8 @@ def card_text(cfg: dict, summary: dict, eval_result: dict | None = None, extra_t
            "late-round drift: docs/method.md") + ") |",
         f"| labelled share | {share}" + (f" ({split['seed_pairs']:,} human-labelled seed pairs)"
                                          if "seed_pairs" in split else "") + " |",
-        f"| rounds | {cfg.get('rounds')} self-labelling rounds asked for; rounds 0-{_last_round(summary)} finished"
+        f"| rounds | {asked} self-labelling round{'' if asked == 1 else 's'} asked for; rounds 0-{_last_round(summary)} "
+        "finished"
         + (f", prompts per round {', '.join(str(n) for n in split['pools'])}" if split.get("pools") else "") + " |",
         f"| ships | round {final}: {_cell(summary.get('final_why', ''))} |",
         f"| beta (DPO) | {cfg.get('beta')} |",
@@ -280,7 +283,9 @@ def eval_section(result: dict, final) -> list[str]:
              f"`selfie-lite eval`: {s.get('prompts')} held-out prompts, scorer {scorer or 'none'}, baseline "
              f"`{Path(str(s.get('baseline', ''))).name}` (win rate: ties count half), temperature "
              f"{s.get('temperature')}, {s.get('max_new_tokens')} new tokens at most.", ""]
-    cols = ["model"] + (["win rate", "W/T/L", "score"] if scorer else []) + ["seed-pair acc", "tokens"]
+    gold = any("self_label_gold_agreement" in m for m in result.get("models", {}).values())
+    cols = (["model"] + (["win rate", "W/T/L", "score"] if scorer else []) + ["seed-pair acc"]
+            + (["self-label gold agreement"] if gold else []) + ["tokens"])
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, m in result.get("models", {}).items():
         label = f"**{name}, ships**" if name == f"round-{final}" else name
@@ -288,7 +293,8 @@ def eval_section(result: dict, final) -> list[str]:
         if scorer:
             row += [_f(m.get("win_rate")), f"{m.get('wins', '-')}/{m.get('ties', '-')}/{m.get('losses', '-')}",
                     _f(m.get("mean_score"))]
-        row += [_f(m.get("seed_pair_accuracy")), _f(m.get("mean_response_tokens"), ".1f")]
+        row += [_f(m.get("seed_pair_accuracy"))] + ([_f(m.get("self_label_gold_agreement"))] if gold else [])
+        row += [_f(m.get("mean_response_tokens"), ".1f")]
         lines.append("| " + " | ".join(_cell(x) for x in row) + " |")
     return lines + [""]
 

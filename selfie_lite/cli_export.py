@@ -23,12 +23,14 @@ def _converter_progress():
 
     with Reporter(err_console) as reporter:
         tasks: dict[str, int] = {}
+        finished: set[str] = set()
 
         def progress(phase: str, done: int, total: int) -> None:
             name = {"tensors": "convert", "writing": "write"}[phase]
             if name not in tasks:
                 if name == "write" and "convert" in tasks:
                     reporter.finish(tasks["convert"])
+                    finished.add("convert")
                 tasks[name] = reporter.start(name, total=total, unit="tensors" if phase == "tensors" else "%")
             task = reporter.progress.tasks[tasks[name]]
             reporter.set_total(tasks[name], max(total, 1))
@@ -36,8 +38,9 @@ def _converter_progress():
                 reporter.advance(tasks[name], done - int(task.completed))
 
         yield progress
-        for task in tasks.values():
-            reporter.finish(task)
+        for name, task in tasks.items():
+            if name not in finished:
+                reporter.finish(task)
 
 
 @friendly_errors

@@ -60,7 +60,7 @@ def test_the_card_follows_the_shipped_round_and_says_why(toy, tmp_path):
     readme = out / "round-1" / "model" / "README.md"
     meta, body = parse(readme.read_text())
     # What the Hub reads: library, pipeline, tags; no base_model or datasets for a local model and a local file
-    # (the Hub refuses a base_model that is not a Hub id), no license that nobody stated.
+    # (the Hub checks base_model against its models), no license that nobody stated.
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
     assert {"dpo", "spa", "selfie-lite"} <= set(meta["tags"])
     assert "base_model" not in meta and "datasets" not in meta and "license" not in meta
@@ -98,13 +98,15 @@ def test_eval_figures_go_into_the_card(toy, tmp_path):
                          "round-0": {"win_rate": 0.55, "wins": 4, "ties": 14, "losses": 2, "mean_score": 0.2,
                                      "seed_pair_accuracy": 0.6, "mean_response_tokens": 7.5},
                          "round-1": {"win_rate": 0.625, "wins": 6, "ties": 13, "losses": 1, "mean_score": 0.25,
-                                     "seed_pair_accuracy": 0.65, "mean_response_tokens": 7.25}}}
+                                     "seed_pair_accuracy": 0.65, "mean_response_tokens": 7.25,
+                                     "self_label_gold_agreement": 0.7}}}
     (out / "eval.json").write_text(json.dumps(result))
     path = card.write_card(out)  # what run_eval calls after writing eval.json
     _, body = parse(path.read_text())
     assert "20 held-out prompts, scorer oracle" in body
-    assert "| **round-1, ships** | 0.625 | 6/13/1 | 0.250 | 0.650 | 7.2 |" in body
-    assert "| round-0 | 0.550 | 4/14/2 | 0.200 | 0.600 | 7.5 |" in body
+    assert "| **round-1, ships** | 0.625 | 6/13/1 | 0.250 | 0.650 | 0.700 | 7.2 |" in body
+    assert "| round-0 | 0.550 | 4/14/2 | 0.200 | 0.600 | - | 7.5 |" in body
+    assert "# The tiny" not in body and "| rounds | 1 self-labelling round asked for;" in body
     assert "| method | paper (the paper's loop exactly) |" in body
 
 
