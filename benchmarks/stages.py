@@ -1,9 +1,9 @@
 """Each stage's time, throughput and peak memory (RSS) on the real model, in full precision and in 4-bit (QLoRA).
 
-    python benchmarks/stages.py                    # two one-round smol runs: fp32 and --load-in-4bit (about 20 min)
+    python benchmarks/stages.py                    # three one-round smol runs: fp32, --load-in-4bit, checkpointing
     python benchmarks/stages.py --runs DIR [DIR]   # only the table, from finished run folders
 
-Both runs: `selfie-lite run --preset smol --seed 3.3pct --rounds 1` with a 24-prompt pool and the seed DPO on one
+Every run: `selfie-lite run --preset smol --seed 3.3pct --rounds 1` with a 24-prompt pool and the seed DPO on one
 epoch (so that both fit in minutes; everything else as examples/smol.toml ships it), the same random seed, torch
 on 2 threads. The figures are read off each stage's done/<stage>.json: seconds, throughput (tokens/s sampling,
 sequences/s judging, pairs/s training) and peak_rss_mb, the stage's own peak RSS of the process (selfie_lite/rss.py).
@@ -26,16 +26,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-VARIANTS = {"fp32": [], "4-bit (nf4)": [{"load_in_4bit": True}]}
+# name -> (run folder, overrides). Gradient checkpointing is off in the smol preset (faster on a CPU): the third
+# variant measures what turning it on saves in memory and costs in time.
+VARIANTS = {"fp32": ("fp32", []), "4-bit (nf4)": ("4-bit", [{"load_in_4bit": True}]),
+            "fp32, checkpointing": ("fp32-ckpt", [{"train": {"gradient_checkpointing": True}}])}
 SMALL = [{"rounds": 1, "data": {"pool_sizes": [24]}, "train": {"seed_epochs": 1}}]
 RATE = {"sample": ("tokens_per_s", "tok/s"), "judge": ("sequences_per_s", "seq/s"), "train": ("pairs_per_s", "pairs/s")}
 
 
-def run_variant(name: str, overrides: list[dict], out: Path, seed: int, threads: int) -> Path:
+def run_variant(name: str, folder: str, overrides: list[dict], out: Path, seed: int, threads: int) -> Path:
     from selfie_lite import api
     from selfie_lite.config import load_config
 
-    run_dir = out / name.split(" ")[0]
+    run_dir = out / folder
     cfg = load_config("smol", None, [{"random_seed": seed, "threads": threads}, *SMALL, *overrides])
     quiet = Console(file=io.StringIO())
     t0 = time.perf_counter()
@@ -78,7 +81,8 @@ def main():
     if args.runs:
         runs = {p.name: p for p in args.runs}
     else:
-        runs = {name: run_variant(name, over, args.out, args.seed, args.threads) for name, over in VARIANTS.items()}
+        runs = {name: run_variant(name, folder, over, args.out, args.seed, args.threads)
+                for name, (folder, over) in VARIANTS.items()}
     Console(width=160).print(table(runs))
     if args.json:
         args.json.write_text(json.dumps({n: rows_of(p) for n, p in runs.items()}, indent=2))
