@@ -4,7 +4,7 @@
     python benchmarks/stages.py --runs DIR [DIR]   # only the table, from finished run folders
 
 Every run: `selfie-lite run --preset smol --seed 3.3pct --rounds 1` with a 24-prompt pool and the seed DPO on one
-epoch (so that both fit in minutes; everything else as examples/smol.toml ships it), the same random seed, torch
+epoch (so that each fits in minutes; everything else as examples/smol.toml ships it), the same random seed, torch
 on 2 threads. The figures are read off each stage's done/<stage>.json: seconds, throughput (tokens/s sampling,
 sequences/s judging, pairs/s training) and peak_rss_mb, the stage's own peak RSS of the process (selfie_lite/rss.py).
 """
