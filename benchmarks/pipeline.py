@@ -171,20 +171,23 @@ def main():
                 "sequences": len(seqs),
             })
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    def fmt(v: float) -> str:
+        return f"{v:,.0f}" if v >= 100 else f"{v:.2f}"
+
     t = Table(title=f"pipeline overhead: {args.preset} preset, {len(prompts)} prompts x {s.num_samples}, "
                     f"{s.max_new_tokens} new tokens max, {torch.get_num_threads()} threads, median of {args.repeats}")
     for c in ("stage", "ours", "bare", "ours / bare", "goal"):
         t.add_column(c)
-    t.add_row("sampling (tokens/s)", f"{med['sample_ours_tok_s']:,.0f}", f"{med['sample_bare_tok_s']:,.0f}",
+    t.add_row("sampling (tokens/s)", fmt(med['sample_ours_tok_s']), fmt(med['sample_bare_tok_s']),
               f"{med['sample_ours_tok_s'] / med['sample_bare_tok_s']:.2f}x", ">= 0.8x")
-    t.add_row("judging, two passes (sequences/s)", f"{med['judge_two_pass_seq_s']:,.0f}", f"{med['judge_bare_seq_s']:,.0f}",
+    t.add_row("judging, two passes (sequences/s)", fmt(med['judge_two_pass_seq_s']), fmt(med['judge_bare_seq_s']),
               f"{med['judge_two_pass_seq_s'] / med['judge_bare_seq_s']:.2f}x", ">= 0.8x")
-    t.add_row("judging, default (sequences/s)", f"{med['judge_ours_seq_s']:,.0f}", f"{med['judge_bare_seq_s']:,.0f}",
+    t.add_row("judging, default (sequences/s)", fmt(med['judge_ours_seq_s']), fmt(med['judge_bare_seq_s']),
               f"{med['judge_ours_seq_s'] / med['judge_bare_seq_s']:.2f}x", ">= 0.8x")
     if pairs:
         for label, key in (("training, round 0 (pairs/s)", "train_ours_pairs_s"),
                            ("training, noise detection (pairs/s)", "train_detect_pairs_s")):
-            t.add_row(f"{label}, {len(pairs)} pairs", f"{med[key]:,.2f}", f"{med['train_bare_pairs_s']:,.2f}",
+            t.add_row(f"{label}, {len(pairs)} pairs", fmt(med[key]), fmt(med['train_bare_pairs_s']),
                       f"{med[key] / med['train_bare_pairs_s']:.2f}x", ">= 0.8x")
     Console().print(t)
     if args.json:
