@@ -97,6 +97,13 @@ def hashed_logp(tag: str, prompt_ids: list[int], response_ids: list[int]) -> flo
     return -0.5 * len(response_ids) - 2.0 * int.from_bytes(h[:4], "little") / 2**32
 
 
+def reversing_judge(tag: str, prompt_ids: list[int], response_ids: list[int]) -> float:
+    """A FakeBackend logp for guard tests: pi_0 and pi_1 rank every sample set in opposite orders and pi_init is flat,
+    so round 2's self-labels (judge pi_1) disagree with the seed-DPO judge pi_0 on every pair."""
+    s = hashed_logp("x", prompt_ids, response_ids)
+    return {"init": 0.0, "round-0": s, "round-1": -s}.get(tag, s)
+
+
 # (tag, prompt, sample index k, rng) -> response text
 Responder = Callable[[str, str, int, random.Random], str]
 

@@ -175,6 +175,15 @@ def smol_model():
     return builtin_model("smollm2")
 
 
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A toy model and 200 preference rows (selfie_lite.testing): the FakeBackend tests' SFT model and data."""
+    from selfie_lite.testing import build_toy_model, toy_preferences
+
+    root = tmp_path_factory.mktemp("toy")
+    return build_toy_model(root / "sft"), toy_preferences(root / "prefs.jsonl", n=200)
+
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # default run folders (runs/<timestamp>) land in the test's temp folder

@@ -15,13 +15,7 @@ from selfie_lite.config import load_config, to_dict
 from selfie_lite.inputs import Inputs
 from selfie_lite.loop import STAGE_OUTPUTS, run_rounds
 from selfie_lite.rundir import outputs_digest
-from selfie_lite.testing import FakeBackend, build_toy_model, hashed_logp, toy_preferences
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    return build_toy_model(root / "sft"), toy_preferences(root / "prefs.jsonl", n=200)
+from selfie_lite.testing import FakeBackend, reversing_judge
 
 
 def config(toy, **over):
@@ -33,12 +27,6 @@ def config(toy, **over):
                          "gradient_checkpointing": False, "learning_rate": 1e-3},
                "lora": {"r": 4, "alpha": 8}}]
     return load_config(None, None, layers + [over])
-
-
-def reversing_judge(tag, prompt_ids, response_ids):
-    """pi_1 ranks every sample set against pi_0: round 2's self-labels disagree with the seed-DPO judge."""
-    s = hashed_logp("x", prompt_ids, response_ids)
-    return {"init": 0.0, "round-0": s, "round-1": -s}.get(tag, s)
 
 
 def run(cfg, toy, out):

@@ -15,13 +15,7 @@ from selfie_lite.judge import flat_sequences
 from selfie_lite.loop import run_rounds
 from selfie_lite.loss import implicit_rewards
 from selfie_lite.sample import load_samples
-from selfie_lite.testing import FakeBackend, build_toy_model, hashed_logp, toy_preferences
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    return build_toy_model(root / "sft"), toy_preferences(root / "prefs.jsonl", n=200)
+from selfie_lite.testing import FakeBackend, hashed_logp, reversing_judge
 
 
 def config(toy, **over):
@@ -71,13 +65,6 @@ def test_the_judge_picks_by_the_canned_rewards(toy, tmp_path):
     # Sampling uses pi_{i-1}; the paper's judge scores pi_init (its policy term comes from the sampling pass).
     assert ("generate", "round-1") in backend.calls and ("sequence_logps", "init") in backend.calls
     assert ("sequence_logps", "round-1") not in backend.calls
-
-
-def reversing_judge(tag, prompt_ids, response_ids):
-    """pi_0 and pi_1 rank every sample set in opposite orders; pi_init is flat. So round 2's labels (judge pi_1)
-    disagree with the seed-DPO judge pi_0 on every pair."""
-    s = hashed_logp("x", prompt_ids, response_ids)
-    return {"init": 0.0, "round-0": s, "round-1": -s}.get(tag, s)
 
 
 def test_by_default_the_guard_lets_round_2_train(toy, tmp_path):

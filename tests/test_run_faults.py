@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 import selfie_lite.backends
 from selfie_lite.cli import app
-from selfie_lite.testing import FakeBackend, build_toy_model, hashed_logp, toy_preferences
+from selfie_lite.testing import FakeBackend, reversing_judge, toy_preferences
 
 FLAGS = ["--seed", "24", "--rounds", "2", "--set", "data.pool_sizes=[16, 16]", "--set", "data.test_size=20",
          "--set", "sample.max_new_tokens=8", "--set", "sample.chunk_size=8", "--set", "train.batch_size=4",
@@ -40,11 +40,6 @@ def fake_backend(cfg):
 def _fake(monkeypatch):
     monkeypatch.setattr(selfie_lite.backends, "get_backend", fake_backend)
 
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    return build_toy_model(root / "sft"), toy_preferences(root / "prefs.jsonl", n=200)
 
 
 def invoke(*args):
@@ -364,12 +359,6 @@ def test_a_log_keeps_every_column_of_the_tables(finished, tmp_path):
                for line in r.stdout.replace("┃", " ").replace("│", " ").splitlines()), r.stdout
     judge = json.loads((out / "round-2" / "done" / "judge.json").read_text())
     assert f"dropped {judge['dropped_identical']} identical or tied, p(chosen) {judge['mean_p_chosen']:.2f}" in r.stdout
-
-
-def reversing_judge(tag, prompt_ids, response_ids):
-    """As tests/test_fake_loop.py's: round 2's labels (judge pi_1) disagree with pi_0's on every pair."""
-    s = hashed_logp("x", prompt_ids, response_ids)
-    return {"init": 0.0, "round-0": s, "round-1": -s}.get(tag, s)
 
 
 def test_the_guard_verdict_is_printed_once(toy, tmp_path, monkeypatch):
