@@ -55,8 +55,8 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 def seed_retention(be, model_dir, seqs, ref_logps) -> float:
     """Share of seed pairs (seqs: N chosen, then N rejected) that pi's implicit reward against pi_init orders right."""
-    from selfie_lite.evaluate import pair_accuracy
     from selfie_lite.loss import implicit_rewards
+    from selfie_lite.metrics import pair_accuracy
 
     model, _ = be.load(model_dir)
     r = implicit_rewards(be.sequence_logps(model, seqs, batch_size=64), ref_logps, 1.0)
@@ -66,8 +66,9 @@ def seed_retention(be, model_dir, seqs, ref_logps) -> float:
 
 def anchor_agreement(be, tok, pairs: list[dict], anchor_model, init_model) -> float:
     """Share of pairs whose chosen response pi_0's implicit reward (against pi_init) also prefers; ties count 1/2."""
-    from selfie_lite.evaluate import pair_accuracy, pair_sequences
+    from selfie_lite.evaluate import pair_sequences
     from selfie_lite.loss import implicit_rewards
+    from selfie_lite.metrics import pair_accuracy
 
     seqs = pair_sequences(tok, pairs)  # N chosen, then N rejected
     r = implicit_rewards(be.sequence_logps(anchor_model, seqs, batch_size=64),

@@ -190,19 +190,17 @@ def stand_in_trainer(model, lam: float, ref_table: dict | None, exs: list[dict])
     """An object with what SPADPOTrainer.compute_loss and train.reference_pass read, and their methods bound to it:
     the measured code is the package's, without building a TRL trainer (dataset tokenisation, accelerate)."""
     from selfie_lite.config import RefineConfig
-    from selfie_lite.refine import LowConfidencePicker
-    from selfie_lite.train import PairCollator, SPADPOTrainer
+    from selfie_lite.smoothing import smoother_for
+    from selfie_lite.trainer import PairCollator, SPADPOTrainer
 
-    refine = RefineConfig() if lam > 0 else None
     t = types.SimpleNamespace(
-        model=model, refine=refine, lam=lam, ref_logps=ref_table, beta=BETA, gold_pair_ids=frozenset(), pair_smoothing=None,
-        picker=LowConfidencePicker(refine.low_conf_frac, refine.window_pairs) if refine else None,
+        model=model, smoother=smoother_for(RefineConfig() if lam > 0 else None, lam, []), ref_logps=ref_table, beta=BETA,
         state=types.SimpleNamespace(global_step=0, max_steps=10), args=types.SimpleNamespace(learning_rate=1e-5),
         accelerator=types.SimpleNamespace(unwrap_model=lambda m: m), pair_stats={}, seen_after_warmup=0,
         smoothed_after_warmup=0, _metrics={"train": __import__("collections").defaultdict(list)},
         train_dataset=exs, data_collator=PairCollator(pad_token_id=0), compute_loss_context_manager=contextlib.nullcontext,
     )
-    for name in ("compute_loss", "_given_ref_logps", "_gold_mask", "_record"):
+    for name in ("compute_loss", "_given_ref_logps", "_record"):
         setattr(t, name, types.MethodType(getattr(SPADPOTrainer, name), t))
     return t
 
@@ -218,7 +216,8 @@ def run_cell(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     from selfie_lite.backends.hf import HFBackend
     from selfie_lite.config import RunConfig
-    from selfie_lite.train import PairCollator, reference_pass
+    from selfie_lite.train import reference_pass
+    from selfie_lite.trainer import PairCollator
 
     V, T, path = spec["vocab"], spec["seq_len"], spec["path"]
     model = build_model(V, spec["hidden"], spec["layers"], T)

@@ -31,8 +31,8 @@ from rich.console import Console
 
 from selfie_lite.config import RunConfig
 from selfie_lite.errors import UserError
-from selfie_lite.evaluate import EvalPlan, Evaluation
-from selfie_lite.evaluate import plan_eval as plan_evaluation
+from selfie_lite.eval_plan import EvalPlan, Evaluation
+from selfie_lite.eval_plan import plan_eval as plan_evaluation
 
 
 @dataclass
@@ -164,8 +164,10 @@ def execute(p: Prepared, *, console=None, progress=None, before=None, on_takeove
     import contextlib
 
     from selfie_lite.config import to_dict
+    from selfie_lite.interrupt import ctrl_c_noted
+    from selfie_lite.lock import RunLock
     from selfie_lite.loop import run_rounds
-    from selfie_lite.rundir import RunLock, atomic_write_json, ctrl_c_noted, save_config_revision
+    from selfie_lite.rundir import atomic_write_json, save_config_revision
 
     with RunLock(p.run_dir, on_takeover=on_takeover), ctrl_c_noted():
         if p.changes:
@@ -195,7 +197,7 @@ def evaluate(targets: str | Path | list[str | Path] | EvalPlan, *, progress=None
     baseline, prompts, limit, samples_per_prompt, temperature, max_new_tokens, random_seed, rounds, pairs, export,
     out, batch_size); or pass a plan that plan_evaluation returned. progress: a progress reporter (default none)."""
     from selfie_lite.backends import get_backend
-    from selfie_lite.evaluate import run_eval
+    from selfie_lite.eval_plan import run_eval
 
     if isinstance(targets, EvalPlan):
         plan = targets

@@ -418,7 +418,7 @@ def tiny_info(
     """
     from rich.table import Table
 
-    from selfie_lite.rundir import format_bytes
+    from selfie_lite.disk import format_bytes
     from selfie_lite.tiny.build import build_tiny, sft_report
 
     if prompts < 1:

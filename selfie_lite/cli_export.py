@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from selfie_lite.console import console, err_console, esc, friendly_errors, json_output
-from selfie_lite.rundir import format_bytes
+from selfie_lite.disk import format_bytes
 
 
 @contextlib.contextmanager

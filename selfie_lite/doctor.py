@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
-GB = 1e9  # decimal gigabytes, as rundir.check_free_space reports them
+GB = 1e9  # decimal gigabytes, as disk.check_free_space reports them
 DISK_FAIL_BYTES = 2 * GB  # below this nothing useful fits (the tiny preset needs MBs, one checkpoint more)
 DISK_WARN_BYTES = 20 * GB  # a merged 7B model in 16 bit is ~15 GB, plus adapters and samples
 HUB_TIMEOUT_S = 3.0

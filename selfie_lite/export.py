@@ -121,7 +121,8 @@ def plan_export(target: str | Path, out: str | Path, outtype: str = "f16", *, mo
     """Every check before a byte is written: the outtype, the converter installed, the model (a run's shipped model
     or a model folder, its config and safetensors whole), the output writable, the disk's room."""
     from selfie_lite.backends.hf import check_model_source
-    from selfie_lite.rundir import check_free_space, check_writable, model_params
+    from selfie_lite.disk import check_free_space, model_params
+    from selfie_lite.rundir import check_writable
 
     if outtype not in OUTTYPES:
         raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")

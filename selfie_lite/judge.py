@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 
 from selfie_lite.config import RunConfig
+from selfie_lite.interrupt import safe_point
 from selfie_lite.loss import implicit_rewards
-from selfie_lite.rundir import atomic_write_json, atomic_write_jsonl, read_json, safe_point
+from selfie_lite.metrics import per_prompt, response_counts
+from selfie_lite.rundir import atomic_write_json, atomic_write_jsonl, read_json
 from selfie_lite.stage import NULL_PROGRESS, Round
 
 
@@ -39,11 +41,9 @@ def judge_pairs(rows: list[dict], policy_logps: list[float], ref_logps: list[flo
     reward - a * length_in_tokens instead; the stored rewards stay the true implicit rewards. a = 0: the paper.
     """
     pairs, dropped_identical, dropped_empty = [], 0, 0
-    k = 0
-    for r in rows:
-        n = len(r["responses"])
-        rewards = implicit_rewards(policy_logps[k : k + n], ref_logps[k : k + n], beta)  # (E2)
-        k += n
+    for r, rewards in zip(rows, per_prompt(implicit_rewards(policy_logps, ref_logps, beta), response_counts(rows)),  # (E2)
+                          strict=True):
+        n = len(rewards)
         key = _debiased(rewards, r, length_penalty) if length_penalty else rewards
         best = max(range(n), key=lambda j: (key[j], -j))
         worst = min(range(n), key=lambda j: (key[j], j))
@@ -95,11 +95,7 @@ def fit_length_penalty(rows: list[dict], policy_logps: list[float], ref_logps: l
     |gap|, ties to the one nearer a = 0, and return its midpoint: a value away from every breakpoint, so no pair
     is decided by rounding. A gap already 0 at a = 0, or no lengths to trade, gives a = 0 (the paper's choice).
     """
-    rewards, k = [], 0
-    for r in rows:
-        n = len(r["responses"])
-        rewards.append(implicit_rewards(policy_logps[k : k + n], ref_logps[k : k + n], beta))
-        k += n
+    rewards = per_prompt(implicit_rewards(policy_logps, ref_logps, beta), response_counts(rows))  # (E2)
     breaks = set()
     for r, rw in zip(rows, rewards, strict=True):
         lens = [len(ids) for ids in r["response_ids"]]
@@ -166,7 +162,7 @@ def cached_scores(backend, model_dir: Path, rows: list[dict], round_dir: Path, n
 def judge_stage(r: Round) -> dict:
     """Stage 2 of round i: judge the round's samples with pi_{i-1} against the judge's reference (pi_init, or
     pi_{i-2} with judge.reference = "previous"), write judged.jsonl; on the tiny preset also their gold agreement."""
-    from selfie_lite.evaluate import gold_agreement
+    from selfie_lite.metrics import gold_agreement
     from selfie_lite.sample import load_samples
 
     previous = r.cfg.judge.reference == "previous" and r.index >= 2

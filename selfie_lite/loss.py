@@ -248,9 +248,9 @@ def implicit_rewards(policy_logps: list[float], reference_logps: list[float], be
 
 
 def dpo_margin(policy_chosen, ref_chosen, policy_rejected, ref_rejected, beta: float):
-    """docs/method.md (E4, E7): z = beta * [(log pi(yw) - log ref(yw)) - (log pi(yl) - log ref(yl))], elementwise;
-    with pi_g's log-probs in place of pi's it is the extrapolated margin z_g."""
-    return beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    """The DPO margin z = r(yw) - r(yl), elementwise (docs/method.md (E4); with pi_g's log-probs in place of pi's it
+    is the extrapolated margin z_g of (E7)). The loss, the paper's picker and the margin logs all take it from here."""
+    return implicit_reward(policy_chosen, ref_chosen, beta) - implicit_reward(policy_rejected, ref_rejected, beta)
 
 
 def dpo_losses(
@@ -270,7 +270,7 @@ def dpo_losses(
     # Implicit rewards: how much more likely the policy makes each response than the reference does.
     chosen_rewards = implicit_reward(policy_chosen_logps, ref_chosen_logps, beta)  # [B]
     rejected_rewards = implicit_reward(policy_rejected_logps, ref_rejected_logps, beta)  # [B]
-    z = chosen_rewards - rejected_rewards  # [B] the DPO margin
+    z = dpo_margin(policy_chosen_logps, ref_chosen_logps, policy_rejected_logps, ref_rejected_logps, beta)  # [B] (E4)
 
     a = torch.as_tensor(smoothing, dtype=z.dtype, device=z.device)  # scalar or [B]
     # logsigmoid is stable for large |z|, unlike log(sigmoid(z)).

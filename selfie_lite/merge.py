@@ -11,14 +11,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from selfie_lite.rundir import (
-    check_free_space,
-    folder_bytes,
-    fresh_tmp_dir,
-    merged_model_bytes,
-    replace_dir,
-    safe_point,
-)
+from selfie_lite.disk import check_free_space, folder_bytes, merged_model_bytes
+from selfie_lite.interrupt import safe_point
+from selfie_lite.rundir import fresh_tmp_dir, replace_dir
 from selfie_lite.stage import Round
 
 

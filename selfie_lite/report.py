@@ -14,7 +14,8 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from selfie_lite.rundir import format_bytes, read_json, read_jsonl, round_dirs, stage_metrics
+from selfie_lite.disk import format_bytes
+from selfie_lite.rundir import read_json, read_jsonl, round_dirs, stage_metrics
 
 # Per-pair keys written by train.py (TrainResult.pair_stats): the plain DPO margin z, the extrapolated margin z_g
 # that decides who is smoothed, and whether the pair was smoothed the last time it was seen.
@@ -48,7 +49,7 @@ def collect(run_dir: Path) -> dict:
 
 
 def _eval_file(path: Path) -> dict:
-    from selfie_lite.evaluate import eval_settings
+    from selfie_lite.eval_plan import eval_settings
 
     ev = read_json(path)
     return {**ev, "settings": eval_settings(ev)}

@@ -149,17 +149,14 @@ def consistency_weights(cfg: RunConfig, round_dir: Path, backend, rows: list[dic
 
     from selfie_lite.judge import cached_scores
     from selfie_lite.loss import implicit_rewards
+    from selfie_lite.metrics import per_prompt, response_counts
     from selfie_lite.rundir import atomic_write_json
 
     t0 = time.perf_counter()
     logps = cached_scores(backend, previous_judge, rows, round_dir, previous_judge.parent.name, cfg.judge.batch_size,
                           progress, "consistency (previous judge)")
     rewards = implicit_rewards(logps, reference, cfg.beta)
-    by_prompt, k = {}, 0
-    for r in rows:
-        n = len(r["responses"])
-        by_prompt[int(r["id"])] = rewards[k : k + n]
-        k += n
+    by_prompt = {int(r["id"]): rw for r, rw in zip(rows, per_prompt(rewards, response_counts(rows)), strict=True)}
     smoothing, metrics = consistency_smoothing(pairs, by_prompt, cfg.robust.consistency)
     atomic_write_json(round_dir / CONSISTENCY, {str(k): v for k, v in smoothing.items()})
     return metrics | {"previous_judge": str(previous_judge), "seconds": round(time.perf_counter() - t0, 3)}

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from selfie_lite.config import RunConfig
-from selfie_lite.rundir import atomic_write_jsonl, read_jsonl, safe_point
+from selfie_lite.interrupt import safe_point
+from selfie_lite.rundir import atomic_write_jsonl, read_jsonl
 from selfie_lite.stage import NULL_PROGRESS, Round
 
 

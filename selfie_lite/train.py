@@ -1,25 +1,12 @@
-"""LoRA DPO for one round: a thin TRL DPOTrainer subclass whose loss is loss.py and refine.py.
+"""Stage 3 of a round (the only stage of round 0): LoRA DPO on the round's training set (train_stage), built on
+train_dpo, which sets up TRL's trainer (trainer.py) and runs it.
 
 Reads: a PeftModel (trainable LoRA adapter on the weights of pi_{i-1}), its tokenizer, and preference pairs
-{"pair_id", "prompt", "chosen", "rejected"} (round 0: the human seed pairs; round i: this round's
-self-labelled pairs). Returns metrics and per-pair statistics; the adapter is trained in place and nothing
-is saved here (merging and saving belong to merge.py and the loop).
-
-Implements docs/method.md (E4, E5) for round 0 (plain sigmoid DPO) and (E4-E9) for rounds i >= 1 (self-refinement):
-  - reference pi_ref = the same PeftModel with its adapter disabled (no second copy in memory), so the
-    caller must hand in a fresh adapter on top of merged pi_{i-1} weights; or, with robust.train_reference =
-    "sft", log-probs of pi_init precomputed per pair (training_sequences, reference_table); when nothing but
-    the margin needs the adapter-off model (lam == 0), it is scored once before training (reference_pass);
-  - replayed human pairs (robust.gold_replay) are never smoothed;
-  - z = the plain DPO margin, which the loss always uses;
-  - z_g = the margin of the extrapolated model h_g = (1+lam) h_theta - lam h_ref (full-vocabulary
-    normaliser), which only decides who is smoothed; lam == 0 picks by z itself;
-  - pairs in the bottom low_conf_frac of the last window_pairs values get smoothing alpha, 0 during the
-    first warmup_frac of the optimizer steps.
-
-What TRL still does for us: chat-template tokenisation of the conversational pairs (and the prompt/response
-boundary), padding and the [chosen rows; rejected rows] batch layout, the optimizer, scheduler, gradient
-accumulation, mixed precision and the step loop.
+{"pair_id", "prompt", "chosen", "rejected"} (round 0: the human seed pairs; round i: this round's self-labelled
+pairs, plus replayed human pairs with robust.gold_replay). The DPO reference is the same PeftModel with its adapter
+disabled (no second copy in memory: the adapter is fresh on merged pi_{i-1}), or with robust.train_reference = "sft"
+pi_init's log-probs, scored before training in a stage of their own (reference_stage). Who is smoothed is the
+round's smoother (smoothing.py). Writes round-<i>/adapter/ and round-<i>/pairs.jsonl.
 """
 
 from __future__ import annotations
@@ -34,19 +21,19 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-from transformers import PrinterCallback, TrainerCallback
-from trl import DPOConfig, DPOTrainer
-from trl.trainer.dpo_trainer import DataCollatorForPreference
+from transformers import PrinterCallback
+from trl import DPOConfig
 
 from selfie_lite import compat
 from selfie_lite.chat import end_of_turn_ids, through_end_of_turn
-from selfie_lite.config import RefineConfig, RunConfig, TrainConfig
-from selfie_lite.errors import RunError, UserError
-from selfie_lite.loss import dpo_losses, dpo_margin, last_hidden, sequence_logps
+from selfie_lite.config import RunConfig, TrainConfig
+from selfie_lite.errors import UserError
+from selfie_lite.loss import last_hidden, sequence_logps
 from selfie_lite.numerics import pick_device, pick_dtype
-from selfie_lite.refine import LowConfidencePicker, alpha_at, extrapolated_margin
 from selfie_lite.robust import round_learning_rate, training_pairs
+from selfie_lite.smoothing import Smoother, smoother_for
 from selfie_lite.stage import Round
+from selfie_lite.trainer import PairCollator, SPADPOTrainer, StepLog
 
 
 @dataclass
@@ -57,216 +44,6 @@ class TrainResult:
     # pair_id -> {"margin", "extrapolated_margin", "low_confidence", "smoothed", "smoothing",
     #             "chosen_reward", "rejected_reward", "loss", "step"}: the last time the pair was seen
     pair_stats: dict[int, dict] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches that remember which pair each row is
-
-
-@dataclass
-class PairCollator(DataCollatorForPreference):
-    """TRL's preference collator plus a `pair_id` [B] tensor, so the loss knows which pair each row is."""
-
-    def torch_call(self, examples: list[dict]) -> dict:
-        batch = super().torch_call(examples)
-        batch["pair_id"] = torch.tensor([ex["pair_id"] for ex in examples], dtype=torch.long)
-        return batch
-
-
-# ---------------------------------------------------------------------------------------------
-# The trainer
-
-
-class SPADPOTrainer(DPOTrainer):
-    """DPOTrainer whose loss is docs/method.md's per-pair smoothed DPO (E5) with decoupled noise detection."""
-
-    def __init__(self, *args, beta: float, refine: RefineConfig | None = None, lam: float = 0.0,
-                 max_prompt_length: int | None = None, gold_pair_ids: set[int] | frozenset[int] = frozenset(),
-                 ref_logps: dict[int, dict] | None = None, pair_smoothing: dict[int, float] | None = None,
-                 **kwargs):
-        self.refine = refine
-        self.lam = lam
-        self.max_prompt_length = max_prompt_length
-        # robust.gold_replay: human seed pairs in this round's set. Their labels are not noisy: never smoothed.
-        self.gold_pair_ids = frozenset(gold_pair_ids)
-        # robust.train_reference = "sft": pair_id -> {"chosen", "rejected" (log pi_init sums), "chosen_tokens",
-        # "rejected_tokens"}, used in the DPO margin instead of the adapter-off forward. None: the paper's reference.
-        self.ref_logps = ref_logps
-        # robust.consistency (CREAM): pair_id -> smoothing a, fixed before training from two judges' agreement. It
-        # replaces the low-confidence pick (no picker, no warm-up); pairs missing from it (replayed human pairs)
-        # get 0. None: the paper's smoothing below.
-        self.pair_smoothing = pair_smoothing
-        # Smoothing is on when there is a refine config with alpha > 0; then the picker runs from step 0 so
-        # that its window is full of recent pairs when the warm-up ends.
-        smoothing_on = refine is not None and refine.alpha > 0 and pair_smoothing is None
-        self.picker = LowConfidencePicker(refine.low_conf_frac, refine.window_pairs) if smoothing_on else None
-        self.pair_stats: dict[int, dict] = {}
-        self.seen_after_warmup = 0
-        self.smoothed_after_warmup = 0
-        super().__init__(*args, **kwargs)
-        # beta of (E2, E4) is ours, handed in: never read back from TRL's config (DPOTrainer sets self.beta from
-        # args.beta; train_dpo passes the same value to both, the loss uses this one).
-        self.beta = beta
-        # Our reference is the adapter-disabled model (docs/method.md, "The loop": the adapter is fresh on merged
-        # weights), so TRL's copy of the adapter as a reference goes: it would cost memory and end up in saved adapters.
-        compat.drop_trl_ref_adapter(self.accelerator.unwrap_model(self.model))
-
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        # TRL DROPS pairs whose prompt alone fills max_length. We cut every prompt to its last max_prompt_length
-        # tokens instead (the end keeps the turn markers next to the response), so TRL's filter is skipped while it
-        # tokenises. Without max_prompt_length, TRL's rule stands.
-        # Each response ends at its end of turn, as a sample does (chat.through_end_of_turn): TRL keeps what the
-        # template writes after it (ChatML's newline after <|im_end|>).
-        stops = end_of_turn_ids(processing_class)
-        cut = {"chosen_ids": lambda ex: through_end_of_turn(ex["chosen_ids"], stops),
-               "rejected_ids": lambda ex: through_end_of_turn(ex["rejected_ids"], stops)}
-        if not self.max_prompt_length:
-            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        else:
-            with compat.no_trl_prompt_filter(args):
-                dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            keep = self.max_prompt_length
-            cut["prompt_ids"] = lambda ex: ex["prompt_ids"][-keep:]
-        return dataset.map(lambda ex: {name: f(ex) for name, f in cut.items()})
-
-    def _set_signature_columns_if_needed(self):
-        # Trainer drops dataset columns that are not "signature" columns; keep pair_id for the collator.
-        super()._set_signature_columns_if_needed()
-        if "pair_id" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "pair_id"]
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # inputs: input_ids, attention_mask, completion_mask [2B,T] (rows 0..B-1 = prompt+chosen,
-        # rows B..2B-1 = prompt+rejected, right-padded), pair_id [B].
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        # Causal LM shift: position t predicts input_ids[:, t+1]; only response tokens count.
-        labels = input_ids[:, 1:]  # [2B,T-1]
-        mask = inputs["completion_mask"][:, 1:].bool()  # [2B,T-1]
-        peft_model = self.accelerator.unwrap_model(model)
-
-        # Policy: adapter on, with gradient. last_hidden gives the last hidden states [2B,T-1,H] and the output
-        # layer, not logits: sequence_logps computes the response positions' logits a chunk at a time, so no
-        # [2B,T,V] tensor exists (docs/performance.md, "Memory of the loss and the judge").
-        policy = last_hidden(model, input_ids, attention_mask)
-        policy_logps = sequence_logps(policy, labels, mask)  # [2B] sums over response tokens
-        # Noise detection (E6, E7) only feeds the low-confidence pick: no picker (no smoothing, or per-pair smoothing
-        # given by robust.consistency), no extrapolation.
-        detect = self.picker is not None and self.lam > 0
-        ref = None
-        if self.ref_logps is None or detect:
-            # The same weights with the adapter off (pi_{i-1}), no gradient: the paper's DPO reference, and h_ref
-            # of the extrapolation even when the margin's reference is pi_init (train_reference = "sft").
-            with torch.no_grad(), peft_model.disable_adapter():
-                ref = last_hidden(model, input_ids, attention_mask)
-        if self.ref_logps is None:
-            ref_logps = sequence_logps(ref, labels, mask)  # [2B]
-        else:  # [2B] precomputed: pi_init's (train_reference = "sft") or this round's reference pass (train_dpo)
-            ref_logps = self._given_ref_logps(inputs["pair_id"], mask, policy_logps)
-        policy_chosen, policy_rejected = policy_logps.chunk(2)  # [B] each
-        ref_chosen, ref_rejected = ref_logps.chunk(2)
-
-        # Plain margin z, without gradient, to pick by when lam == 0 (dpo_losses recomputes it with gradient).
-        z = dpo_margin(policy_chosen, ref_chosen, policy_rejected, ref_rejected, self.beta).detach()  # [B]
-        if detect:
-            z_g = extrapolated_margin(
-                policy.detach(), ref, labels, mask,
-                beta=self.beta, lam=self.lam, vocab_chunk=self.refine.vocab_chunk, ref_logps=ref_logps,
-            )  # [B]
-        else:
-            z_g = z
-
-        # Who gets smoothed, and how much, at this optimizer step.
-        step, total = self.state.global_step, max(self.state.max_steps, 1)
-        if self.pair_smoothing is not None:
-            given = [self.pair_smoothing.get(int(i), 0.0) for i in inputs["pair_id"].tolist()]
-            low_conf = torch.tensor([a > 0 for a in given], dtype=torch.bool, device=z.device)
-            alpha = max(given, default=0.0)
-        elif self.picker is not None:
-            gold = self._gold_mask(inputs["pair_id"]) if self.gold_pair_ids else None
-            low_conf = self.picker.pick(z_g, skip=gold).to(z.device)  # [B] bool, never a replayed human pair
-            alpha = alpha_at(step, total, self.refine.alpha, self.refine.warmup_frac)
-        else:
-            low_conf = torch.zeros_like(z, dtype=torch.bool)
-            alpha = 0.0
-        if self.pair_smoothing is not None:
-            smoothing = torch.tensor(given, dtype=z.dtype, device=z.device)  # [B]: each pair's own a
-        else:
-            smoothing = low_conf.to(z.dtype) * alpha  # [B]: alpha for low-confidence pairs, 0 otherwise
-
-        losses, chosen_rewards, rejected_rewards, margins = dpo_losses(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, smoothing
-        )
-        loss = losses.mean()
-        if not torch.isfinite(loss):
-            raise RunError(
-                f"the DPO loss became {loss.item()} at optimizer step {step} of {total}",
-                hint=f"lower train.learning_rate (now {self.args.learning_rate:g}), check the pairs for empty or "
-                "garbled responses, or train in fp32 (train.precision = 'fp32')",
-            )
-
-        if model.training:
-            per_pair = {
-                "margin": margins, "extrapolated_margin": z_g, "low_confidence": low_conf, "smoothed": smoothing > 0,
-                "smoothing": smoothing, "chosen_reward": chosen_rewards, "rejected_reward": rejected_rewards,
-                "loss": losses.detach(),
-            }  # each [B]
-            after_warmup = self.pair_smoothing is not None or (
-                self.refine is not None and step >= self.refine.warmup_frac * total)
-            self._record(inputs["pair_id"], per_pair, step, alpha, after_warmup)
-        return (loss, {}) if return_outputs else loss
-
-    def _gold_mask(self, pair_ids: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([int(i) in self.gold_pair_ids for i in pair_ids.tolist()], dtype=torch.bool)
-
-    def _given_ref_logps(self, pair_ids: torch.Tensor, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """[2B] (chosen rows, then rejected rows) reference log-probs from the precomputed table. Each entry also
-        holds the token counts it was scored on: a pair the trainer sees with other tokens (another tokenisation,
-        a different truncation) would get a wrong margin without a word, so it stops the run instead."""
-        ids = [int(i) for i in pair_ids.tolist()]
-        missing = [i for i in ids if i not in self.ref_logps]
-        if missing:
-            raise RunError(f"no precomputed reference log-probs for pair(s) {missing[:5]}",
-                           hint="delete the round's train_reference_logps.json and done/reference.json, then --resume")
-        counts = mask.sum(-1).tolist()  # [2B] response tokens the trainer scores
-        rows = [self.ref_logps[i] for i in ids]
-        want = [r["chosen_tokens"] for r in rows] + [r["rejected_tokens"] for r in rows]
-        if counts != want:
-            bad = next(ids[j % len(ids)] for j in range(len(want)) if counts[j] != want[j])
-            raise RunError(f"pair {bad}: the precomputed reference log-probs cover other response tokens than the "
-                           "trainer sees", hint="a tokenizer or train.max_length changed since they were computed")
-        values = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-        return torch.tensor(values, dtype=like.dtype, device=like.device)
-
-    def _record(self, pair_ids: torch.Tensor, per_pair: dict[str, torch.Tensor], step: int, alpha: float,
-                after_warmup: bool):
-        columns = {key: values.tolist() for key, values in per_pair.items()}
-        for i, pair_id in enumerate(pair_ids.tolist()):
-            self.pair_stats[pair_id] = {key: column[i] for key, column in columns.items()} | {"step": step}
-        smoothed = per_pair["smoothed"]
-        if after_warmup:
-            self.seen_after_warmup += len(smoothed)
-            self.smoothed_after_warmup += int(smoothed.sum())
-        # TRL's log() averages these lists over the micro-batches since the last log and adds them to the logs.
-        metrics = self._metrics["train"]
-        metrics["rewards/margins"].append(per_pair["margin"].mean().item())
-        metrics["rewards/extrapolated_margins"].append(per_pair["extrapolated_margin"].mean().item())
-        metrics["rewards/accuracies"].append((per_pair["margin"] > 0).float().mean().item())
-        metrics["smoothed_frac"].append(smoothed.float().mean().item())
-        metrics["alpha"].append(alpha)
-
-
-class _StepLog(TrainerCallback):
-    """Keeps every optimizer step's logs and forwards them to the CLI's progress bar."""
-
-    def __init__(self, on_step: Callable[[int, int, dict], None] | None):
-        self.on_step = on_step
-        self.history: list[dict] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:  # step logs; the end-of-training summary has "train_loss" instead
-            self.history.append({"step": state.global_step, **logs})
-            if self.on_step is not None:
-                self.on_step(state.global_step, state.max_steps, dict(logs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,8 +207,7 @@ def train_dpo(
     *,
     beta: float,
     train: TrainConfig,
-    refine: RefineConfig | None,
-    lam: float,
+    smoother: Smoother | None = None,
     epochs: int,
     out_dir: Path,
     seed: int,
@@ -442,15 +218,11 @@ def train_dpo(
 ) -> TrainResult:
     """Train the LoRA adapter of `model` (a peft.PeftModel) with DPO on `pairs`, in place.
 
-    refine=None or refine.alpha == 0: plain sigmoid DPO (round 0). Otherwise the low_conf_frac of pairs with
-    the lowest extrapolated margin (lam > 0) or plain margin (lam == 0) get label smoothing refine.alpha after
-    the warm-up; pairs with a true "gold" field (replayed human pairs, robust.gold_replay) are never smoothed.
+    smoother: who is smoothed and by how much (smoothing.smoother_for: the paper's low-confidence picker, CREAM's
+    given weights); None: plain sigmoid DPO (round 0).
     ref_logps (robust.train_reference = "sft"): pair_id -> precomputed reference log-probs (see
     reference_table), used in the DPO margin instead of the adapter-off model; None = the paper's reference.
-    Pairs with a "smoothing" field (robust.consistency, round >= 2) are smoothed by exactly that a throughout, and the
-    low-confidence pick is off; when no pair has one, the paper's smoothing applies.
-    precompute_reference: with the paper's reference (ref_logps None) and no noise detection (refine None or
-    lam == 0), score every pair with the adapter-off model once, before the first step (reference_pass), instead
+    precompute_reference: with the paper's reference (ref_logps None) and no noise detection (smoother.lam == 0), score every pair with the adapter-off model once, before the first step (reference_pass), instead
     of in every step of every epoch; False keeps the per-step reference forward (tests compare the two).
     out_dir is the Trainer's scratch folder: nothing is saved there (save_strategy="no").
     report_to: transformers' experiment trackers for the step logs (`--report-to`: "tensorboard", "wandb").
@@ -501,7 +273,7 @@ def train_dpo(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # Sequences longer than max_length lose the end of their response (TRL's "keep_start" truncation).
     collator = PairCollator(pad_token_id=pad_id, max_length=train.max_length)
-    step_log = _StepLog(on_step)
+    step_log = StepLog(on_step)
     with _no_dataset_progress_bars():
         trainer = SPADPOTrainer(
             model=model,
@@ -511,18 +283,15 @@ def train_dpo(
             processing_class=tokenizer,
             callbacks=[step_log],
             beta=beta,
-            refine=refine,
-            lam=lam,
+            smoother=smoother,
             max_prompt_length=train.max_prompt_length,
-            gold_pair_ids={int(p["pair_id"]) for p in pairs if p.get("gold")},
             ref_logps=ref_logps,
-            pair_smoothing=({int(p["pair_id"]): float(p.get("smoothing", 0.0)) for p in pairs}
-                            if any("smoothing" in p for p in pairs) else None),
         )
     trainer.remove_callback(PrinterCallback)  # disable_tqdm swaps the progress bar for print(logs)
 
     start = time.perf_counter()
-    detect = trainer.picker is not None and lam > 0  # noise detection feeds the low-confidence pick only
+    smoother = trainer.smoother
+    detect = smoother.lam > 0  # noise detection feeds the low-confidence pick only
     reference_seconds = None
     if ref_logps is None and not detect and precompute_reference:
         trainer.ref_logps = reference_pass(trainer, train.batch_size)
@@ -556,12 +325,11 @@ def train_dpo(
         "frac_smoothed": trainer.smoothed_after_warmup / trainer.seen_after_warmup
         if trainer.seen_after_warmup
         else 0.0,
-        "lam": lam,
-        "alpha": refine.alpha if refine is not None else 0.0,
-        "smoothing_source": "consistency" if trainer.pair_smoothing is not None
-        else "low-confidence" if trainer.picker is not None else "none",
+        "lam": smoother.lam,
+        "alpha": getattr(smoother, "alpha", 0.0),
+        "smoothing_source": smoother.name,
         "learning_rate": train.learning_rate,  # the round's peak rate (robust.lr_decay scales it per round)
-        "gold_pairs": len(trainer.gold_pair_ids),  # replayed human pairs (robust.gold_replay), never smoothed
+        "gold_pairs": sum(1 for p in pairs if p.get("gold")),  # replayed human pairs (robust.gold_replay), never smoothed
         "train_reference": "given" if ref_logps is not None else "adapter-off",
         # the adapter-off reference scored once before training (reference_pass): seconds, included in "seconds"
         "reference_pass_seconds": reference_seconds,
@@ -581,16 +349,9 @@ def train_stage(r: Round) -> dict:
     Writes round-<i>/adapter/ and round-<i>/pairs.jsonl (each training pair with its final-epoch statistics)."""
     import dataclasses
 
-    from selfie_lite.rundir import (
-        adapter_bytes,
-        atomic_write_jsonl,
-        check_free_space,
-        format_bytes,
-        fresh_tmp_dir,
-        merged_model_bytes,
-        replace_dir,
-        safe_point,
-    )
+    from selfie_lite.disk import adapter_bytes, check_free_space, format_bytes, merged_model_bytes
+    from selfie_lite.interrupt import safe_point
+    from selfie_lite.rundir import atomic_write_jsonl, fresh_tmp_dir, replace_dir
 
     cfg, backend, progress, i = r.cfg, r.backend, r.progress, r.index
     pairs = training_pairs(r)
@@ -612,12 +373,10 @@ def train_stage(r: Round) -> dict:
     lr = round_learning_rate(cfg.train.learning_rate, cfg.robust.lr_decay, i)
     train = cfg.train if lr == cfg.train.learning_rate else dataclasses.replace(cfg.train, learning_rate=lr)
     sft_ref = not seed_round and cfg.robust.train_reference == "sft"
+    smoother = smoother_for(None if seed_round else cfg.refine, 0.0 if seed_round else cfg.refine.lambdas[i - 1],
+                            pairs)
     result = train_dpo(
-        model, tok, [{k: p[k] for k in ("pair_id", "prompt", "chosen", "rejected", "gold", "smoothing")
-                      if k in p} for p in pairs],
-        beta=cfg.beta, train=train,
-        refine=None if seed_round else cfg.refine,
-        lam=0.0 if seed_round else cfg.refine.lambdas[i - 1],
+        model, tok, pairs, beta=cfg.beta, train=train, smoother=smoother,
         epochs=cfg.train.seed_epochs if seed_round else cfg.train.round_epochs,
         out_dir=r.dir / "trainer", seed=cfg.random_seed + i, on_step=on_step,
         ref_logps=read_reference_table(r.dir) if sft_ref else None,

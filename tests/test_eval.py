@@ -9,19 +9,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from selfie_lite.alpaca import alpaca_eval_rows, export_alpaca_eval
 from selfie_lite.cli import app
 from selfie_lite.errors import UserError
-from selfie_lite.evaluate import (
-    EvalSettings,
-    alpaca_eval_rows,
-    evaluate_models,
-    export_alpaca_eval,
-    load_prompts,
-    pair_accuracy,
-    self_label_agreement,
-    win_rate,
-)
+from selfie_lite.evaluate import EvalSettings, evaluate_models, load_prompts, self_label_agreement
 from selfie_lite.loss import implicit_rewards
+from selfie_lite.metrics import pair_accuracy, win_rate
 from selfie_lite.scorers import OracleScorer, RewardModelScorer, parse_scorer
 from selfie_lite.tiny import task
 

@@ -298,7 +298,7 @@ def test_a_read_only_folder_is_named(tmp_path, monkeypatch):
 
 
 def test_disk_need_is_estimated_from_the_model(tiny_preset):
-    from selfie_lite.rundir import format_bytes, merged_model_bytes, model_params
+    from selfie_lite.disk import format_bytes, merged_model_bytes, model_params
 
     params = tiny_preset.manifest["model"]["params"]
     assert model_params(tiny_preset.model_dir) == params  # from the safetensors headers
@@ -311,10 +311,10 @@ def test_disk_need_is_estimated_from_the_model(tiny_preset):
 def test_a_full_disk_stops_before_training_with_real_numbers(tiny_preset, tmp_path, monkeypatch):
     import shutil
 
-    from selfie_lite import rundir
+    from selfie_lite import disk
 
     real = shutil.disk_usage
-    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: real(p)._replace(free=500))
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: real(p)._replace(free=500))
     out = tmp_path / "run"
     r = invoke("run", *SMALL, "--out", out)
     assert_one_line_error(r, 1, "not enough disk space to train round 0 and merge it", "MB (adapter", "500 B free",
@@ -334,7 +334,7 @@ def _lock(run_dir, **info):
 
 def test_lock_takeover_as_documented(tmp_path):
     from selfie_lite.errors import UserError
-    from selfie_lite.rundir import RunLock
+    from selfie_lite.lock import RunLock
 
     said = []
     host = socket.gethostname()
@@ -367,10 +367,10 @@ def test_lock_takeover_as_documented(tmp_path):
 
 
 def test_the_lock_heartbeat_keeps_a_live_run_from_being_taken_over(tmp_path, monkeypatch):
-    from selfie_lite import rundir
+    from selfie_lite import lock as run_lock
 
-    monkeypatch.setattr(rundir, "HEARTBEAT_S", 0.05)
-    with rundir.RunLock(tmp_path) as lock:
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
+    with run_lock.RunLock(tmp_path) as lock:
         first = lock.info["beat"]
         time.sleep(0.3)
         beat = json.loads((tmp_path / ".lock").read_text())["beat"]

@@ -152,7 +152,7 @@ def test_disk_full_before_a_merge_names_the_space_and_resumes(tiny_preset, tmp_p
     merged model's estimated size, the adapter is already saved, and --resume merges it without training again."""
     import shutil
 
-    from selfie_lite import rundir
+    from selfie_lite import disk
 
     real = shutil.disk_usage
     calls = []
@@ -161,7 +161,7 @@ def test_disk_full_before_a_merge_names_the_space_and_resumes(tiny_preset, tmp_p
         calls.append(p)
         return real(p)._replace(free=500) if len(calls) > 1 else real(p)
 
-    monkeypatch.setattr(rundir.shutil, "disk_usage", filling_up)
+    monkeypatch.setattr(disk.shutil, "disk_usage", filling_up)
     out = tmp_path / "run"
     r = invoke("run", *SMALL, "--out", out)
     assert_one_line_error(r, 1, "not enough disk space to merge the adapter", "MB (the merged model)", "500 B free",
@@ -169,7 +169,7 @@ def test_disk_full_before_a_merge_names_the_space_and_resumes(tiny_preset, tmp_p
     assert (out / "round-0" / "done" / "train.json").exists() and not (out / "round-0" / "model").exists()
     assert (out / "round-0" / "adapter" / "adapter_model.safetensors").exists()
     trained = (out / "round-0" / "done" / "train.json").stat().st_mtime_ns
-    monkeypatch.setattr(rundir.shutil, "disk_usage", real)
+    monkeypatch.setattr(disk.shutil, "disk_usage", real)
     r = invoke("run", "--resume", out)
     assert r.exit_code == 0, r.output
     assert (out / "round-1" / "model" / "model.safetensors").exists()
@@ -239,7 +239,7 @@ def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tiny_preset, tmp_pat
 
 
 def test_a_swallowed_ctrl_c_still_stops_the_run_at_the_next_item():
-    from selfie_lite.rundir import ctrl_c_noted, safe_point
+    from selfie_lite.interrupt import ctrl_c_noted, safe_point
 
     # A terminal's Ctrl-C: SIGINT at its default disposition, whatever this test process inherited (a CI shell's
     # background job starts with SIGINT ignored, which ctrl_c_noted respects: see the next test).
@@ -262,7 +262,7 @@ def test_a_swallowed_ctrl_c_still_stops_the_run_at_the_next_item():
 def test_a_ctrl_c_inside_a_destructor_prints_no_traceback_and_still_stops(capsys):
     import gc
 
-    from selfie_lite.rundir import ctrl_c_noted, safe_point
+    from selfie_lite.interrupt import ctrl_c_noted, safe_point
 
     class Interrupted:
         def __del__(self):
@@ -279,7 +279,7 @@ def test_a_ctrl_c_inside_a_destructor_prints_no_traceback_and_still_stops(capsys
 
 
 def test_ctrl_c_noted_keeps_an_ignored_sigint_ignored():
-    from selfie_lite.rundir import ctrl_c_noted, safe_point
+    from selfie_lite.interrupt import ctrl_c_noted, safe_point
 
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in `nohup selfie-lite run &`
     try:
@@ -293,7 +293,7 @@ def test_ctrl_c_noted_keeps_an_ignored_sigint_ignored():
 
 
 def test_lock_left_by_a_dead_process_is_taken_over(tiny_preset, tmp_path):
-    from selfie_lite.rundir import RunLock
+    from selfie_lite.lock import RunLock
 
     (tmp_path / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename}))
     with RunLock(tmp_path):

@@ -97,7 +97,8 @@ def test_trainer_and_judge_score_the_rendered_conversation(smol, tmp_path):
     from trl import DPOConfig
 
     from selfie_lite.backends.hf import HFBackend
-    from selfie_lite.train import PairCollator, SPADPOTrainer, _to_conversation, training_sequences
+    from selfie_lite.train import _to_conversation, training_sequences
+    from selfie_lite.trainer import PairCollator, SPADPOTrainer
 
     _, model, tok = smol
     eos = tok.eos_token_id

@@ -15,7 +15,9 @@ from selfie_lite.judge import fit_length_penalty, judge_pairs, length_gap
 from selfie_lite.loss import dpo_losses
 from selfie_lite.refine import LowConfidencePicker, extrapolated_margin, sequence_logps
 from selfie_lite.robust import consistency_smoothing, gold_pair_id, gold_replay, kendall_tau, round_learning_rate
-from selfie_lite.train import PairCollator, SPADPOTrainer, _to_conversation, reference_table, training_sequences
+from selfie_lite.smoothing import Consistency, LowConfidence, smoother_for
+from selfie_lite.train import _to_conversation, reference_table, training_sequences
+from selfie_lite.trainer import PairCollator, SPADPOTrainer
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -114,7 +116,7 @@ def test_replayed_pairs_are_never_smoothed_in_the_trainer(tmp_path):
     gold_ids = {p["pair_id"] for p in pairs[:3]}
     # low_conf_frac 1 and no warm-up: every pair the picker sees is smoothed, unless it is a human pair.
     refine = RefineConfig(alpha=0.1, low_conf_frac=1.0, warmup_frac=0.0, window_pairs=50, vocab_chunk=100)
-    trainer = _trainer(tmp_path, model, tok, pairs, refine=refine, lam=0.5, gold_pair_ids=gold_ids)
+    trainer = _trainer(tmp_path, model, tok, pairs, smoother=LowConfidence(refine, 0.5, gold_ids))
     model.train()
     trainer.compute_loss(model, _batch(trainer, 8))
     stats = trainer.pair_stats
@@ -243,8 +245,9 @@ def test_given_reference_of_the_same_model_gives_the_papers_loss(tmp_path):
         logps = HFBackend(RunConfig()).sequence_logps(model, seqs, batch_size=3)
     table = reference_table(pairs, logps, seqs)
     refine = RefineConfig(alpha=0.1, low_conf_frac=0.25, warmup_frac=0.0, vocab_chunk=100)
-    paper = _trainer(tmp_path, model, tok, pairs, max_prompt_length=512, refine=refine, lam=0.5)
-    given = _trainer(tmp_path, model, tok, pairs, max_prompt_length=512, refine=refine, lam=0.5, ref_logps=table)
+    paper = _trainer(tmp_path, model, tok, pairs, max_prompt_length=512, smoother=LowConfidence(refine, 0.5))
+    given = _trainer(tmp_path, model, tok, pairs, max_prompt_length=512, smoother=LowConfidence(refine, 0.5),
+                     ref_logps=table)
     model.train()
     batch = _batch(paper, 8)
     assert paper.compute_loss(model, batch).item() == pytest.approx(given.compute_loss(model, batch).item(), abs=1e-5)
@@ -257,7 +260,7 @@ def test_given_reference_of_the_same_model_gives_the_papers_loss(tmp_path):
 def test_sft_reference_log_probs_are_the_ones_in_the_margin(tmp_path):
     tok, model = tiny_tokenizer(), _moved(tiny_model())
     pairs = tiny_pairs(4)
-    trainer = _trainer(tmp_path, model, tok, pairs, refine=None, lam=0.0)
+    trainer = _trainer(tmp_path, model, tok, pairs)
     batch = _batch(trainer, 4)
     counts = batch["completion_mask"][:, 1:].sum(-1).tolist()
     # Made-up pi_init log-probs, far from the model's own: the loss must follow them.
@@ -336,8 +339,9 @@ def test_given_pair_smoothing_replaces_the_low_confidence_pick(tmp_path):
     del given[pairs[6]["pair_id"]]  # a pair without a value (a replayed human pair): not smoothed
     # The paper's pick would smooth every pair (frac 1, no warm-up); the given values win.
     refine = RefineConfig(alpha=0.1, low_conf_frac=1.0, warmup_frac=0.5, window_pairs=50, vocab_chunk=100)
-    trainer = _trainer(tmp_path, model, tok, pairs, refine=refine, lam=0.0, pair_smoothing=given)
-    assert trainer.picker is None
+    with_given = [dict(p, smoothing=given[p["pair_id"]]) if p["pair_id"] in given else p for p in pairs]
+    trainer = _trainer(tmp_path, model, tok, pairs, smoother=smoother_for(refine, 0.0, with_given))
+    assert isinstance(trainer.smoother, Consistency)
     model.train()
     batch = _batch(trainer, 8)
     loss = trainer.compute_loss(model, batch)
