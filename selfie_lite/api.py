@@ -63,17 +63,18 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
     unique=True: run_dir is a default name (runs/<timestamp>) that the caller claims afresh (rundir.claim_run_dir)
     once this has passed, so an existing run there is not an error."""
     from selfie_lite.backends import get_backend
-    from selfie_lite.config import from_dict, migrate, resume_changes, to_dict, validate
+    from selfie_lite.config import from_dict, resume_changes, to_dict
     from selfie_lite.inputs import check_resume_sft, preflight, resolve_inputs
     from selfie_lite.rundir import read_json
     from selfie_lite.sampler_vllm import get_sampler
+    from selfie_lite.validate import validate
 
     run_dir = Path(run_dir)
     saved, changes = None, []
     if resume:
         if not (run_dir / "config.json").is_file():
             raise UserError(f"{run_dir} is not a selfie-lite run folder (no config.json)")
-        saved = migrate(read_json(run_dir / "config.json"))  # older runs call the labelled share data.seed
+        saved = read_json(run_dir / "config.json")
         changes = resume_changes(saved, to_dict(cfg)) if cfg is not None else []
         if changes and not force:
             raise UserError(
@@ -214,10 +215,10 @@ def judge(rows: list[dict] | str | Path, policy: str | Path, reference: str | Pa
     lowest rejected. Returns (pairs, counts of dropped rows). Both models are checked before either loads."""
     from selfie_lite.backends import get_backend
     from selfie_lite.backends.hf import check_model_source
-    from selfie_lite.config import check_range
     from selfie_lite.gguf import resolve_model
     from selfie_lite.judge import check_response_rows, judge_responses, load_response_rows
     from selfie_lite.stage import NULL_PROGRESS
+    from selfie_lite.validate import check_range
 
     check_range("beta", beta, "--beta")  # beta <= 0 would invert (or zero) every label and still exit 0
     check_range("judge.batch_size", batch_size, "--batch-size")

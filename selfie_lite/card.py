@@ -99,9 +99,9 @@ def dataset_id_of(source: str) -> str | None:
 def reproduce_command(cfg: dict) -> str:
     """`selfie-lite run ...` with the settings of config.json: the preset whose settings it is closest to (or none),
     then what differs from it as named flags (--model, --data, --seed, --rounds, --random-seed, --beta) and --set."""
-    from selfie_lite.config import EXAMPLES_DIR, PACKAGED_PRESETS, load_config, migrate, to_dict
+    from selfie_lite.config import EXAMPLES_DIR, PACKAGED_PRESETS, load_config, to_dict
 
-    cfg = migrate(dict(cfg))
+    cfg = dict(cfg)
     flat = _flat(cfg)
     presets = sorted({p.stem for d in (PACKAGED_PRESETS, EXAMPLES_DIR) if d.is_dir() for p in d.glob("*.toml")})
     best = None

@@ -5,19 +5,20 @@ scores what it generated."""
 
 from __future__ import annotations
 
-from selfie_lite.compat import token_ids
+
+def template_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
+    """The token ids of `messages` laid out by the tokenizer's chat template (a BatchEncoding in transformers 5)."""
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)["input_ids"])
 
 
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
     """The user turn and the generation prompt (e.g. `<s><|user|>...<|assistant|>`): where a response starts."""
-    return token_ids(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                   tokenize=True))
+    return template_ids(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
 
 
 def chat_conversation_ids(tokenizer, prompt: str, response: str) -> list[int]:
     """The whole conversation, the response closed as the template closes an assistant turn."""
-    return token_ids(tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=True))
+    return template_ids(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
 
 
 def chat_response_ids(tokenizer, prompt: str, response: str) -> list[int]:

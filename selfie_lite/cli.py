@@ -152,7 +152,7 @@ def run(
 
       selfie-lite run --resume runs/zephyr
     """
-    from selfie_lite.config import canonical_labelled_share, from_dict, migrate, to_dict
+    from selfie_lite.config import canonical_labelled_share, from_dict, to_dict
     from selfie_lite.rundir import check_writable, claim_run_dir, read_json
     from selfie_lite.tracking import check_available
 
@@ -173,7 +173,7 @@ def run(
         if not (run_dir / "config.json").is_file():
             raise UserError(f"{run_dir} is not a selfie-lite run folder (no config.json)")
         check_writable(run_dir, "--resume")
-        saved = migrate(read_json(run_dir / "config.json"))  # older runs call the labelled share data.seed
+        saved = read_json(run_dir / "config.json")
         cfg = None  # the saved settings; flags change them (api.prepare refuses a change without --force)
         if given:
             cfg, _ = build_config(preset, config_file, seed, model, data, rounds, random_seed, backend, load_in_4bit,

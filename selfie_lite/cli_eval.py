@@ -26,7 +26,7 @@ def _parse_rounds(text: str | None) -> list[int] | None:
 @friendly_errors
 def eval_cmd(
     targets: Annotated[list[Path], typer.Argument(help="A run folder (evaluates the SFT model and every round's model) or one or more model folders.")],
-    scorer: Annotated[str | None, typer.Option("--scorer", "--judge", help="What scores the responses: oracle (tiny preset), ifeval (smol preset: instructions met), reward-model:PATH (a local sequence-classification reward model) or python:MODULE:FUNCTION (your scorer f(prompt, response) -> float; MODULE: a dotted module or a .py file). Default: oracle on tiny-preset prompts, else none (no win rates). --judge is its old name.")] = None,
+    scorer: Annotated[str | None, typer.Option("--scorer", help="What scores the responses: oracle (tiny preset), ifeval (smol preset: instructions met), reward-model:PATH (a local sequence-classification reward model) or python:MODULE:FUNCTION (your scorer f(prompt, response) -> float; MODULE: a dotted module or a .py file). Default: oracle on tiny-preset prompts, else none (no win rates).")] = None,
     baseline: Annotated[Path | None, typer.Option("--baseline", help="Model folder to compare against. Default: the run's SFT model (the tiny preset's for model folders).")] = None,
     prompts: Annotated[Path | None, typer.Option("--prompts", help="Prompts (.jsonl or .json; a \"prompt\" or \"instruction\" field). Default: the tiny preset's held-out eval prompts, else the run's test-split prompts.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N prompts.")] = None,
@@ -55,8 +55,8 @@ def eval_cmd(
       selfie-lite eval runs/math --scorer python:./checks.py:score   # checks.py: def score(prompt, response) -> float
     """
     from selfie_lite import api
-    from selfie_lite.config import check_range
     from selfie_lite.progress import Reporter
+    from selfie_lite.validate import check_range
 
     if temperature is not None:  # inf passes plan_eval's "> 0" and would sample from a flat distribution
         check_range("sample.temperature", temperature, "--temperature")

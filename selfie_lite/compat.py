@@ -18,12 +18,6 @@ import contextlib
 # transformers
 
 
-def token_ids(encoded) -> list[int]:
-    """The ids of `tokenizer.apply_chat_template(..., tokenize=True)`: a BatchEncoding from transformers 5 on, a plain
-    list before (transformers 4.x, which the GPU stack's Unsloth may pin)."""
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
-
 def checkpointing_arg(args_class) -> str:
     """The name of TrainingArguments' checkpointing switch on `args_class` (a TrainingArguments subclass such as
     TRL's DPOConfig); its keyword arguments are the same name + "_kwargs".
@@ -33,14 +27,6 @@ def checkpointing_arg(args_class) -> str:
     only the old name."""
     return "activation_checkpointing" if "activation_checkpointing" in args_class.__dataclass_fields__ \
         else "gradient_checkpointing"
-
-
-def warmup_ratio_kwargs(ratio: float) -> dict:
-    """TrainingArguments' keyword for a warm-up given as a share of the optimizer steps.
-
-    transformers 5 takes it as warmup_steps: a float in [0, 1) is a ratio of the total steps, 1 and above a count
-    (warmup_ratio is gone). transformers 4.x read warmup_steps as a count and had warmup_ratio for the share."""
-    return {"warmup_steps": ratio}
 
 
 def dequantized_save_kwargs(model) -> dict:

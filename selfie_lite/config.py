@@ -1,22 +1,40 @@
-"""Every knob of the method as plain frozen dataclasses, with the paper's values as defaults.
+"""Every knob of the method as plain frozen dataclasses. The defaults are the paper's values (arXiv 2406.04412)
+where it gives one and a LoRA/CPU-sized value where it does not (each says which), except the loop's own additions
+(method, robust.*, guard.*): those default to what measured best (docs/results.md); method = paper turns them off.
 
 Layers, last wins: defaults < preset (examples/<name>.toml) < --config FILE < flags (--set KEY=VALUE).
-An unknown key or a value of the wrong type is named and stops the run before any weights load.
+An unknown key, a value of the wrong type or a choice outside its Literal is named and stops the run before any
+weights load; validate.py checks ranges and cross-field rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from selfie_lite.errors import UserError
+
+# The settings that take one of a few words: each list lives here only; the loader (_check_type), the CLI's help and
+# its choices read them with choices().
+Backend = Literal["auto", "hf", "unsloth"]
+Method = Literal["selfie", "paper"]
+Sampler = Literal["generate", "vllm", "auto"]
+JudgeReference = Literal["init", "previous"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+TrainReference = Literal["previous", "sft"]
+Consistency = Literal["off", "pair", "round"]
+
+
+def choices(tp) -> tuple[str, ...]:
+    """The words a Literal setting accepts, in order."""
+    return typing.get_args(tp)
+
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 PACKAGED_PRESETS = Path(__file__).resolve().parent / "presets"
@@ -27,7 +45,7 @@ class DataConfig:
     source: str = ""  # hub name, .jsonl/.parquet file or save_to_disk folder; "" = the tiny preset's gold set
     split: str = "train"  # split name when `source` is a hub dataset or a DatasetDict folder
     # The LABELLED share kept as human pairs (`--seed`, the paper's word): "3.3pct", "3.3%" or a count like "2000".
-    # Not a random seed (that is random_seed). Saved configs from before 2026-12-02 call it data.seed (migrate).
+    # Not a random seed (that is random_seed).
     labelled_share: str = "3.3pct"
     test_size: int = 1000  # held-out labelled pairs for evaluation (rows), taken before the pools
     pool_ratio: list[float] = field(default_factory=lambda: [8.0, 20.0, 30.0])  # paper: 8K:20K:30K
@@ -43,12 +61,12 @@ class SampleConfig:
     max_new_tokens: int = 300  # paper 300
     batch_size: int = 32  # prompts per generate() call
     chunk_size: int = 256  # prompts per resumable shard on disk
-    sampler: str = "generate"  # "generate" (the backend), "vllm" (GPU, if installed) or "auto"
+    sampler: Sampler = "generate"  # "generate" (the backend), "vllm" (GPU, if installed) or "auto"
 
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    reference: str = "init"  # "init" (pi_init, the paper's choice) or "previous" (ablation: pi_{i-1}'s own reference)
+    reference: JudgeReference = "init"  # "init" (pi_init, the paper's choice) or "previous" (ablation: pi_{i-1}'s own reference)
     batch_size: int = 32  # sequences per forward pass
     policy_from_sampling: bool = True  # reuse log pi_{i-1}(y|x) from the sampling pass: one forward pass saved
 
@@ -65,7 +83,7 @@ class TrainConfig:
     max_length: int = 1024  # prompt + response tokens (paper 2048)
     max_prompt_length: int = 512  # paper 1024
     gradient_checkpointing: bool = True
-    precision: str = "auto"  # "auto" (bf16 on a GPU that has it, else fp32), "bf16", "fp16", "fp32"
+    precision: Precision = "auto"  # "auto" (bf16 on a GPU that has it, else fp32), "bf16", "fp16", "fp32"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
 
@@ -108,11 +126,11 @@ class RobustConfig:
     length_debias: bool = False
     # DPO reference in rounds >= 1: "previous" = off (pi_{i-1}: the merged model, adapter disabled) or "sft"
     # (pi_init, a fixed anchor, as RLHFlow's iterative DPO), scored in a separate pass before training.
-    train_reference: str = "sft"
+    train_reference: TrainReference = "sft"
     # CREAM's consistency weighting in rounds >= 2: "off", "pair" (each pair smoothed by a = min(0.5, 1 - C), C the
     # rank agreement of this round's and the previous round's judge on its prompt's samples) or "round" (one a for
     # every pair, from the round's mean C). Replaces the paper's bottom-K smoothing in those rounds. Off = "off".
-    consistency: str = "pair"
+    consistency: Consistency = "pair"
 
 
 @dataclass(frozen=True)
@@ -134,7 +152,7 @@ class GuardConfig:
 @dataclass(frozen=True)
 class RunConfig:
     model: str = ""  # SFT model: local folder or hub id; "" = the tiny preset's SFT model
-    backend: str = "auto"  # "auto", "hf" or "unsloth"
+    backend: Backend = "auto"  # "auto", "hf" or "unsloth"
     load_in_4bit: bool = False  # QLoRA via bitsandbytes (merges still go to full precision)
     trust_remote_code: bool = False  # never on unless asked
     chat_template: str = ""  # Jinja file for models that ship without one
@@ -142,7 +160,7 @@ class RunConfig:
     beta: float = 0.1  # DPO temperature, for the judge and the loss (paper 0.1)
     # "selfie" (default): the measured-best loop, today the paper's plus the round guard (docs/results.md);
     # "paper": the paper's loop exactly (guard.select = last, every robust.* setting off, whatever else says).
-    method: str = "selfie"
+    method: Method = "selfie"
     random_seed: int = 42  # NOT the labelled share: that is data.labelled_share
     threads: int = 0  # torch CPU threads; 0 = auto (1 for a small model on a CPU, else torch's default): numerics.py
     data: DataConfig = field(default_factory=DataConfig)
@@ -190,6 +208,10 @@ def parse_labelled_share(text: str, n_rows: int | None = None) -> int | float:
 
 def _check_type(key: str, value, tp):
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        if isinstance(value, str) and value in choices(tp):
+            return value
+        raise UserError(f"{key} must be one of {', '.join(choices(tp))}, got {value!r}")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -299,19 +321,21 @@ def load_config(preset: str | None = None, config_file: Path | None = None, over
     merged first, a later layer's [data] table would replace an earlier layer's `data = 5` and hide it. Settings
     that the file and the overrides (what the user wrote; not the preset, not a resumed run's saved settings) give
     but that the chosen method would ignore are refused too (`check_ignored`)."""
-    layers = [migrate(dict(base or {}))]
+    layers = [dict(base or {})]
     if preset:
-        layers.append(migrate(read_toml(preset_path(preset))))
+        layers.append(read_toml(preset_path(preset)))
     explicit = []
     if config_file:
-        explicit.append(migrate(read_toml(config_file)))
-    explicit += [migrate(o) for o in overrides or []]
+        explicit.append(read_toml(config_file))
+    explicit += list(overrides or [])
     data: dict = {}
     for layer in layers + explicit:
         _build(RunConfig, layer)  # types and keys of this layer alone
         data = deep_merge(data, layer)
     if data.get("method") == "paper":
         data = _paper(data)
+    from selfie_lite.validate import check_ignored, validate  # validate.py reads this module's dataclasses
+
     cfg = _build(RunConfig, data)
     validate(cfg)
     given: dict = {}
@@ -342,55 +366,6 @@ def _paper(data: dict) -> dict:
     return out
 
 
-# Files that hold one table of rows: data.split (a split of a hub dataset or a save_to_disk DatasetDict) means nothing.
-SINGLE_FILE_DATA = (".jsonl", ".json", ".parquet")
-
-
-def check_ignored(cfg: RunConfig, given: dict) -> None:
-    """Refuse a setting that `given` (what the user wrote: a --config file and the flags, merged) sets to something
-    other than its default when cfg's method would ignore it, rather than save it and run without it. A value equal
-    to the default is let through: it changes nothing, and a settings file may restate every default."""
-    default = RunConfig()
-
-    def set_(key: str) -> bool:
-        node = given
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return False
-            node = node[part]
-        return _get(cfg, key) != _get(default, key)
-
-    def refuse(key: str, why: str, hint: str):
-        raise UserError(f"{key} = {json.dumps(_get(cfg, key))} would be ignored: {why}", hint=hint)
-
-    select = cfg.guard.select
-    if select == "last":
-        for key in ("guard.min_anchor_agreement", "guard.from_round"):
-            if set_(key):
-                if cfg.method == "paper":
-                    refuse(key, "method = paper ships the last round, with no round guard",
-                           f"drop {key}, or drop method = paper (the default method runs the guard)")
-                refuse(key, "guard.select = last ships the last round, with no round guard",
-                       f"drop {key}, or use guard.select = guard (--select-by guard)")
-    if select not in ("last", "guard"):
-        for key in ("guard.min_anchor_agreement", "guard.from_round"):
-            if set_(key):
-                refuse(key, f"guard.select = {select} picks the round with that scorer, with no round guard",
-                       f"drop {key}, or use guard.select = guard (--select-by guard)")
-    if select in ("last", "guard") and set_("guard.probe_prompts"):
-        why = "method = paper" if cfg.method == "paper" else f"guard.select = {select}"
-        refuse("guard.probe_prompts", f"{why} answers no probe prompts (only a scorer selection does: "
-               "guard.select = oracle, python:MODULE:FUNCTION or reward-model:PATH)",
-               "drop guard.probe_prompts, or pick the round with a scorer (--select-by ...)")
-    if set_("data.split"):
-        source = cfg.data.source
-        path = Path(source).expanduser() if source else None
-        if path is None or path.suffix.lower() in SINGLE_FILE_DATA or path.is_file():
-            what = f"{source} is one file with no splits" if source else "the tiny preset's data is one file"
-            refuse("data.split", f"{what} (data.split picks a split of a hub dataset or a save_to_disk folder)",
-                   "drop data.split, or pass the file that holds the rows you want with --data")
-
-
 def absolute_paths(cfg: RunConfig) -> RunConfig:
     """Local paths (model, data source, chat template) made absolute, as config.json must store them: a path kept
     as typed (./sft) means another folder when `--resume` runs from another working directory, and there it may
@@ -405,178 +380,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 
 def from_dict(data: dict) -> RunConfig:
-    return _build(RunConfig, migrate(data))
-
-
-def migrate(data: dict) -> dict:
-    """Settings in an older spelling, renamed: data.seed (before 2026-12-02) is data.labelled_share. A saved
-    config.json, a TOML file or a --set override may use either; the new name wins where both are given."""
-    section = data.get("data")
-    if not isinstance(section, dict) or "seed" not in section:
-        return data
-    section = dict(section)
-    old = section.pop("seed")
-    section.setdefault("labelled_share", old)
-    return {**data, "data": section}
-
-
-# ---------------------------------------------------------------------------------------------
-# Valid ranges: ONE table for every numeric setting
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric setting may take: lo/hi bounds (None = unbounded), open or closed on each side.
-
-    `says` replaces the generated wording where an older message is part of the interface (tests, docs)."""
-
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False  # True: the value must be > lo, not >= lo
-    hi_open: bool = False  # True: the value must be < hi, not <= hi
-    says: str = ""
-
-    def ok(self, v: float) -> bool:
-        if not math.isfinite(v):  # NaN passes no comparison below, and no setting means anything at infinity
-            return False
-        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
-            return False
-        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
-
-    def describe(self) -> str:
-        if self.says:
-            return self.says
-        if self.lo is not None and self.hi is not None:
-            return f"must be in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
-        if self.lo is not None:
-            return f"must be {'>' if self.lo_open else '>='} {_num(self.lo)}"
-        return f"must be {'<' if self.hi_open else '<='} {_num(self.hi)}"
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
-POSITIVE = Range(0, lo_open=True)
-AT_LEAST_1 = Range(1)
-NON_NEGATIVE = Range(0)
-FRACTION = Range(0, 1)
-# Seeds reach numpy (which wants < 2**32) after + round index and other small offsets; 2**31 - 1 leaves room.
-SEED = Range(0, 2**31 - 1)
-
-# Every int and float setting (list settings: each item), dotted as in --set. A field without an entry fails
-# tests/test_config.py::test_every_numeric_setting_has_a_range, so a new knob cannot skip its bounds.
-RANGES: dict[str, Range] = {
-    "rounds": NON_NEGATIVE,
-    "beta": POSITIVE,  # <= 0 inverts (or zeroes) every self-label and the DPO loss
-    "random_seed": SEED,
-    "threads": Range(0, 1024),  # 0 = auto
-    "data.test_size": NON_NEGATIVE,
-    "data.pool_ratio": POSITIVE,
-    "data.pool_sizes": AT_LEAST_1,
-    "data.max_bad_rows": FRACTION,
-    "sample.num_samples": Range(2, says="must be at least 2 to form a pair"),
-    "sample.temperature": Range(0, lo_open=True, says="must be > 0 (sampling needs it)"),
-    "sample.top_p": Range(0, 1, lo_open=True),
-    "sample.max_new_tokens": AT_LEAST_1,
-    "sample.batch_size": AT_LEAST_1,
-    "sample.chunk_size": AT_LEAST_1,
-    "judge.batch_size": AT_LEAST_1,
-    # Above 1 the adapter's weights blow up in the first steps and DPO's loss sits at log 2 = 0.693 (seen at 1e30).
-    "train.learning_rate": Range(0, 1, lo_open=True, says="must be in (0, 1] (LoRA DPO uses about 1e-6 to 1e-3)"),
-    "train.warmup_ratio": Range(0, 1, hi_open=True),  # 1 would warm up for the whole run: the LR never peaks
-    "train.batch_size": AT_LEAST_1,
-    "train.grad_accum": AT_LEAST_1,
-    "train.seed_epochs": AT_LEAST_1,
-    "train.round_epochs": AT_LEAST_1,
-    "train.max_length": AT_LEAST_1,
-    "train.max_prompt_length": AT_LEAST_1,
-    "train.weight_decay": NON_NEGATIVE,
-    "train.max_grad_norm": NON_NEGATIVE,  # 0 = no clipping (the Trainer's convention)
-    "refine.alpha": Range(0, 0.5, hi_open=True),  # 0.5 would make chosen and rejected equally likely targets
-    "refine.low_conf_frac": FRACTION,
-    "refine.warmup_frac": FRACTION,
-    "refine.lambdas": NON_NEGATIVE,
-    "refine.window_pairs": AT_LEAST_1,
-    "refine.vocab_chunk": AT_LEAST_1,
-    "lora.r": AT_LEAST_1,
-    "lora.alpha": POSITIVE,
-    "lora.dropout": Range(0, 1, hi_open=True),
-    # 1 would replace every self-label with a seed pair: no self-labelling round left to speak of.
-    "robust.gold_replay": Range(0, 1, hi_open=True),
-    "guard.min_anchor_agreement": FRACTION,
-    "guard.from_round": Range(2, says="must be at least 2 (round 1's labels are the seed-DPO judge's own)"),
-    "guard.probe_prompts": AT_LEAST_1,
-    # A decay: 0 would stop learning after round 1; > 1 would raise the rate round after round.
-    "robust.lr_decay": Range(0, 1, lo_open=True),
-}
-
-
-def check_range(key: str, value, name: str | None = None) -> None:
-    """Refuse a value outside RANGES[key]; `name` is how the user wrote it (a flag such as --beta), default the key."""
-    rng = RANGES[key]
-    values = value if isinstance(value, list) else [value]
-    for i, v in enumerate(values):
-        if not rng.ok(v):
-            where = (name or key) + (f"[{i}]" if isinstance(value, list) else "")
-            if math.isinf(v):
-                raise UserError(f"{where} must be a finite number, got {v}")
-            raise UserError(f"{where} {rng.describe()}, got {v}")
-
-
-def _get(cfg, key: str):
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
-def validate(cfg: RunConfig) -> None:
-    """Every numeric setting against RANGES first (one message per key), then the cross-field checks that the
-    types and ranges alone cannot express."""
-    parse_labelled_share(cfg.data.labelled_share)
-    for key in RANGES:
-        check_range(key, _get(cfg, key))
-    pools = cfg.data.pool_sizes or cfg.data.pool_ratio
-    if len(pools) < cfg.rounds:
-        raise UserError(
-            f"{cfg.rounds} rounds need {cfg.rounds} prompt pools but data.pool_{'sizes' if cfg.data.pool_sizes else 'ratio'} "
-            f"has {len(pools)}",
-            hint="give one pool per round, or lower --rounds",
-        )
-    if len(cfg.refine.lambdas) < cfg.rounds:
-        raise UserError(f"refine.lambdas needs one value per round ({cfg.rounds}), got {len(cfg.refine.lambdas)}")
-    if cfg.sample.sampler not in ("generate", "vllm", "auto"):
-        raise UserError(f"sample.sampler must be generate, vllm or auto, got {cfg.sample.sampler!r}")
-    if cfg.judge.reference not in ("init", "previous"):
-        raise UserError(f"judge.reference must be 'init' or 'previous', got {cfg.judge.reference!r}")
-    if cfg.method not in ("selfie", "paper"):
-        raise UserError(f"method must be 'selfie' or 'paper', got {cfg.method!r}")
-    if cfg.guard.select not in ("last", "guard", "oracle", "ifeval") and not cfg.guard.select.startswith(("python:", "reward-model:")):
-        raise UserError(f"guard.select must be last, guard, oracle, ifeval, python:MODULE:FUNCTION or reward-model:PATH, "
-                        f"got {cfg.guard.select!r}")
-    if cfg.robust.train_reference not in ("previous", "sft"):
-        raise UserError(f"robust.train_reference must be 'previous' or 'sft', got {cfg.robust.train_reference!r}")
-    if cfg.robust.consistency not in ("off", "pair", "round"):
-        raise UserError(f"robust.consistency must be 'off', 'pair' or 'round', got {cfg.robust.consistency!r}")
-    if cfg.backend not in ("auto", "hf", "unsloth"):
-        raise UserError(f"backend must be auto, hf or unsloth, got {cfg.backend!r}")
-    if cfg.train.precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise UserError(f"train.precision must be auto, bf16, fp16 or fp32, got {cfg.train.precision!r}")
-    if cfg.train.lr_scheduler not in lr_schedulers():
-        raise UserError(f"train.lr_scheduler must be one of {', '.join(lr_schedulers())}, got "
-                        f"{cfg.train.lr_scheduler!r}", hint="the paper uses cosine")
-    if cfg.train.max_prompt_length >= cfg.train.max_length:
-        raise UserError("train.max_prompt_length must be smaller than train.max_length")
-
-
-@functools.cache
-def lr_schedulers() -> tuple[str, ...]:
-    """The scheduler names the trainer accepts (transformers' SchedulerType), asked of transformers itself so that
-    the list follows the installed version. Imported here, not at the top: it costs seconds, and only a run (which
-    imports transformers anyway) validates a config."""
-    from transformers.trainer_utils import SchedulerType
-
-    return tuple(s.value for s in SchedulerType)
+    return _build(RunConfig, data)
 
 
 def canonical_labelled_share(text: str) -> str:
@@ -590,7 +394,6 @@ def resume_changes(saved: dict, new: dict) -> list[str]:
     """What a resume with the settings `new` would change in a run saved with `saved` (both as config.json holds
     them), as "key: old -> new" lines; the same labelled share spelt another way is no change (runs made before
     shares were stored canonically kept "3.3%")."""
-    saved = migrate(saved)
     old_share, new_share = saved.get("data", {}).get("labelled_share"), new.get("data", {}).get("labelled_share")
     try:
         same = old_share is not None and new_share is not None and \

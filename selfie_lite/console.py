@@ -113,7 +113,7 @@ def _map_library_error(e: Exception):
     if type(e).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text:
         from selfie_lite.backends.hf import oom_error
 
-        return oom_error(e, "this stage")
+        return oom_error("this stage")
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return RunError(f"the disk is full{f' (writing {e.filename})' if e.filename else ''}",
                         hint="free some space or point --out at a larger disk, then add --resume")

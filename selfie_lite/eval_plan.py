@@ -88,9 +88,10 @@ def plan_eval(
     follow the run: baseline and reference = its SFT model, prompts = the tiny (or smol) preset's held-out eval
     prompts (else the run's test split), scorer = the preset's oracle where the prompts are the preset's (tiny:
     oracle, smol: ifeval), sampling = the run's temperature and max_new_tokens. Model folders without a baseline compare against the tiny preset's SFT model."""
-    from selfie_lite.config import check_range, from_dict, load_config, migrate
+    from selfie_lite.config import from_dict, load_config
     from selfie_lite.rundir import check_writable, is_run_dir, read_json
     from selfie_lite.scorers import OracleScorer, parse_scorer
+    from selfie_lite.validate import check_range
 
     targets = [Path(t) for t in targets]
     if not targets:
@@ -135,7 +136,7 @@ def plan_eval(
     tiny = gold = None
     smol = False
     if run_dir is not None:
-        cfg = from_dict(migrate(read_json(run_dir / "config.json")))
+        cfg = from_dict(read_json(run_dir / "config.json"))
         smol = cfg.data.source == SMOL_SOURCE
         uses_tiny = (not cfg.model or not cfg.data.source) and not smol
     else:
@@ -294,7 +295,7 @@ def _previous_eval(path: Path, record: dict) -> dict | None:
     except (OSError, ValueError):
         raise UserError(f"{path} is not readable JSON, so a partial eval cannot merge into it",
                         hint="move it away, or evaluate every round (drop --rounds)") from None
-    was = eval_settings(old)
+    was = dict(old.get("settings", {}))
     differs = [f"{k}: {was[k]!r} -> {v!r}" for k, v in record.items() if k in was and was[k] != v]
     if differs:
         raise UserError(f"{path} holds an eval made with other settings ({'; '.join(differs)}); "
@@ -302,12 +303,3 @@ def _previous_eval(path: Path, record: dict) -> dict | None:
                         hint="evaluate every round again (drop --rounds), or write elsewhere with --out")
     return {**old, "settings": was}
 
-
-def eval_settings(ev: dict) -> dict:
-    """eval.json's settings, with the names of older files brought up to date (their scorer was called "judge")."""
-    s = dict(ev.get("settings", {}))
-    if "judge" in s and "scorer" not in s:
-        s["scorer"] = s.pop("judge")
-        if "judge_seconds" in s:
-            s["scorer_seconds"] = s.pop("judge_seconds")
-    return s

@@ -49,10 +49,7 @@ def collect(run_dir: Path) -> dict:
 
 
 def _eval_file(path: Path) -> dict:
-    from selfie_lite.eval_plan import eval_settings
-
-    ev = read_json(path)
-    return {**ev, "settings": eval_settings(ev)}
+    return read_json(path)
 
 
 def _f(v, spec=".3f"):

@@ -283,6 +283,16 @@ def _import_scorer_module(module: str, option: str = "--scorer"):
         raise UserError(f"{option} python:{module}:...: importing it failed: {describe(e)}") from None
 
 
+# The scorers `eval --scorer` and `run --select-by` (guard.select) accept, as written in help and messages: a name,
+# or a prefix and its argument. parse_scorer builds them; validate.is_selection checks guard.select against them.
+SCORERS = ("oracle", "ifeval", "python:MODULE:FUNCTION", "reward-model:PATH")
+
+
+def is_scorer(spec: str) -> bool:
+    """Whether `spec` names one of SCORERS (a prefixed one with a non-empty argument is checked when built)."""
+    return any(spec == s if ":" not in s else spec.startswith(s.split(":", 1)[0] + ":") for s in SCORERS)
+
+
 def parse_scorer(spec: str | None, batch_size: int = 8, option: str = "--scorer") -> Scorer | None:
     """"oracle" | "reward-model:PATH" | "python:MODULE:FUNCTION" | None/"none" (no win rates). Fails before any weights
     load. option: the flag the spec came from, for the messages (`eval --scorer`, `run --select-by`)."""

@@ -25,7 +25,7 @@ from transformers import PrinterCallback
 from trl import DPOConfig
 
 from selfie_lite import compat
-from selfie_lite.chat import end_of_turn_ids, through_end_of_turn
+from selfie_lite.chat import end_of_turn_ids, template_ids, through_end_of_turn
 from selfie_lite.config import RunConfig, TrainConfig
 from selfie_lite.errors import UserError
 from selfie_lite.loss import last_hidden, sequence_logps
@@ -100,7 +100,7 @@ def training_sequences(tokenizer, pairs: list[dict], train: TrainConfig) -> list
     """
 
     def ids(messages, **kw) -> list[int]:
-        return compat.token_ids(tokenizer.apply_chat_template(messages, tokenize=True, **kw))
+        return template_ids(tokenizer, messages, **kw)
 
     def prefix(a: list[int], b: list[int]) -> int:
         n = 0
@@ -242,7 +242,7 @@ def train_dpo(
         # Optimisation
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
-        **compat.warmup_ratio_kwargs(train.warmup_ratio),
+        warmup_steps=train.warmup_ratio,  # transformers 5: a float in [0, 1) is a share of the steps
         per_device_train_batch_size=train.batch_size,
         gradient_accumulation_steps=train.grad_accum,
         num_train_epochs=epochs,

@@ -111,7 +111,8 @@ def _numeric_keys(cls, prefix=""):
 
 def test_every_numeric_setting_has_a_range():
     """A new int/float knob cannot be added without its valid range in config.RANGES (and no stale entries)."""
-    from selfie_lite.config import RANGES, RunConfig
+    from selfie_lite.config import RunConfig
+    from selfie_lite.validate import RANGES
 
     keys = set(_numeric_keys(RunConfig))
     assert "sample.chunk_size" in keys and "refine.lambdas" in keys and "lora.alpha" in keys
@@ -156,11 +157,10 @@ def test_method_paper_is_the_papers_loop_exactly(tmp_path):
         load_config("tiny", None, [{"method": "fast"}])
 
 
-def test_the_labelled_share_has_its_own_name_and_old_configs_still_read():
-    from selfie_lite.config import from_dict, migrate
+def test_the_labelled_share_is_not_called_seed_in_the_config():
+    from selfie_lite.config import from_dict
 
-    cfg = from_dict({"data": {"seed": "48"}, "random_seed": 7})  # a config.json saved before the rename
+    cfg = from_dict({"data": {"labelled_share": "48"}, "random_seed": 7})
     assert cfg.data.labelled_share == "48" and cfg.random_seed == 7
-    assert "seed" not in to_dict(cfg)["data"]
-    assert migrate({"data": {"seed": "1%", "labelled_share": "2%"}})["data"] == {"labelled_share": "2%"}
-    assert migrate({"rounds": 2}) == {"rounds": 2}
+    with pytest.raises(UserError, match="unknown config key data.seed"):
+        from_dict({"data": {"seed": "48"}})

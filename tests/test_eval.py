@@ -419,10 +419,9 @@ def test_python_scorer_through_the_command(small_models, tmp_path):
     assert [x["scores"] for x in rows] == [[float(len(x["responses"][0].split()))] for x in rows]
     assert res["models"]["lm-b"]["mean_score"] == pytest.approx(statistics.mean(s for x in rows for s in x["scores"]))
 
-    # A dotted module name, found in the current folder (the test's tmp_path, see conftest) like `python -m` would;
-    # and the option's old name, --judge, still works.
+    # A dotted module name, found in the current folder (the test's tmp_path, see conftest) like `python -m` would.
     r = invoke("eval", small_models["lm-b"], "--baseline", small_models["lm-a"], "--prompts", _prompt_file(tmp_path),
-               "--judge", "python:myscorer:score", "--max-new-tokens", "6", "--temperature", "1.0", "--out", out)
+               "--scorer", "python:myscorer:score", "--max-new-tokens", "6", "--temperature", "1.0", "--out", out)
     assert r.exit_code == 0, r.output
 
 

@@ -236,7 +236,8 @@ def float_settings():
     """Every float (or list-of-float) setting in the range table, dotted."""
     import typing
 
-    from selfie_lite.config import RANGES, RunConfig
+    from selfie_lite.config import RunConfig
+    from selfie_lite.validate import RANGES
 
     out = []
     for key in RANGES:

@@ -272,9 +272,8 @@ class HFBackend:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UserError("--load-in-4bit needs bitsandbytes", hint="pip install 'selfie-lite[quant]'") from None
-        compute = self.dtype if self.dtype != torch.float32 else torch.float32
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=self.dtype
         )
 
     def add_lora(self, model, lora: LoraConfig, seed: int):
@@ -426,7 +425,7 @@ class _LogpRecorder:
         return torch.stack(self.steps, dim=1).cpu() if self.steps else torch.zeros((sequences.shape[0], 0))
 
 
-def oom_error(exc: BaseException, stage: str) -> RunError:
+def oom_error(stage: str) -> RunError:
     return RunError(
         f"out of GPU memory during {stage}",
         hint="lower sample.batch_size / judge.batch_size / train.batch_size (raise train.grad_accum to keep the "
