@@ -23,6 +23,7 @@ run stopped; finished stages are kept, resume continues them).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,29 +53,42 @@ class Prepared:
     config_rev: int | None = None  # set by execute when a forced resume saved the old settings as a revision
 
 
-def prepare(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False, force: bool = False,
-            console: Console | None = None, unique: bool = False) -> Prepared:
+def saved_settings(run_dir: str | Path) -> dict:
+    """A run folder's settings as its config.json holds them, for a resume: refused (UserError) when the folder is not
+    a run folder or cannot be written."""
+    from selfie_lite.rundir import check_writable, read_json
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir} is not a selfie-lite run folder (no config.json)")
+    check_writable(run_dir, "resume")
+    return read_json(run_dir / "config.json")
+
+
+def prepare(cfg: RunConfig | None, run_dir: str | Path | None = None, *, resume: bool = False, force: bool = False,
+            console: Console | None = None) -> Prepared:
     """Everything that can be wrong with the input, checked before a weight loads or a file is written: the
     settings, the model folder (or hub id while offline), its chat template, every data row, the split sizes; on
     resume, that the SFT model is the one the run started from and that the run's data split is whole and kept
     (check_saved_split). cfg None on resume: the run's saved settings; a cfg
     that differs from them is refused (UserError naming the keys) unless force=True, and then execute keeps the old
     settings as config.<rev>.json before the new ones replace them.
-    unique=True: run_dir is a default name (runs/<timestamp>) that the caller claims afresh (rundir.claim_run_dir)
-    once this has passed, so an existing run there is not an error."""
+    cfg None on a new run: the built-in tiny preset. run_dir None on a new run: runs/<timestamp> (or -2, -3 ... when
+    taken), made once every check has passed: the only thing prepare writes."""
     from selfie_lite.backends import get_backend
     from selfie_lite.config import from_dict, resume_changes, to_dict
     from selfie_lite.inputs import check_resume_sft, preflight, resolve_inputs
-    from selfie_lite.rundir import read_json
+    from selfie_lite.rundir import check_writable, claim_run_dir
     from selfie_lite.sampler_vllm import get_sampler
     from selfie_lite.validate import validate
 
-    run_dir = Path(run_dir)
+    if run_dir is None and resume:
+        raise UserError("resume needs the run folder to continue")
+    claim = Path("runs") / time.strftime("%Y%m%d-%H%M%S") if run_dir is None else None  # the default folder
+    run_dir = Path(run_dir) if run_dir is not None else claim
     saved, changes = None, []
     if resume:
-        if not (run_dir / "config.json").is_file():
-            raise UserError(f"{run_dir} is not a selfie-lite run folder (no config.json)")
-        saved = read_json(run_dir / "config.json")
+        saved = saved_settings(run_dir)
         changes = resume_changes(saved, to_dict(cfg)) if cfg is not None else []
         if changes and not force:
             raise UserError(
@@ -83,12 +97,15 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
             )
         cfg = cfg if changes else from_dict(saved)
         check_saved_split(run_dir, changes, cfg.rounds)
-    elif cfg is None:
-        from selfie_lite.config import load_config
+    else:
+        check_writable(run_dir.parent if claim else run_dir, "out")
+        if claim is None and (run_dir / "config.json").is_file():
+            raise UserError(f"{run_dir} already holds a run",
+                            hint=f"continue it (selfie-lite run --resume {run_dir}), or pick another folder")
+        if cfg is None:
+            from selfie_lite.config import load_config
 
-        cfg = load_config("tiny")
-    elif (run_dir / "config.json").is_file() and not unique:
-        raise UserError(f"{run_dir} already holds a run", hint=f"continue it with resume (--resume {run_dir})")
+            cfg = load_config()  # no model named: the tiny preset (config.preset_for)
     validate(cfg)
     backend, backend_why = get_backend(cfg)
     _, sampler_why = get_sampler(cfg.sample.sampler, backend, cfg)
@@ -104,6 +121,8 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool = False,
         from selfie_lite.rundir import read_jsonl
 
         check_selection(cfg, [r["prompt"] for r in read_jsonl(test)])
+    if claim is not None:
+        run_dir = claim_run_dir(claim)  # runs/<timestamp>, or -2 when another run took it
     return Prepared(cfg, run_dir, resume, backend, backend_why, sampler_why, inputs, split, saved, changes)
 
 
@@ -220,10 +239,10 @@ def judge(rows: list[dict] | str | Path, policy: str | Path, reference: str | Pa
     from selfie_lite.stage import NULL_PROGRESS
     from selfie_lite.validate import check_range
 
-    check_range("beta", beta, "--beta")  # beta <= 0 would invert (or zero) every label and still exit 0
-    check_range("judge.batch_size", batch_size, "--batch-size")
+    check_range("beta", beta)  # beta <= 0 would invert (or zero) every label and still exit 0
+    check_range("judge.batch_size", batch_size, "batch_size")
     if chat_template and not Path(chat_template).is_file():
-        raise UserError(f"--chat-template {chat_template}: no such file")
+        raise UserError(f"{chat_template}: no such file", key="chat_template")
     rows = load_response_rows(Path(rows)) if isinstance(rows, (str, Path)) else check_response_rows(list(rows))
     for model in (policy, reference):
         check_model_source(model)

@@ -99,7 +99,7 @@ def dataset_id_of(source: str) -> str | None:
 def reproduce_command(cfg: dict) -> str:
     """`selfie-lite run ...` with the settings of config.json: the preset whose settings it is closest to (or none),
     then what differs from it as named flags (--model, --data, --seed, --rounds, --random-seed, --beta) and --set."""
-    from selfie_lite.config import EXAMPLES_DIR, PACKAGED_PRESETS, load_config, to_dict
+    from selfie_lite.config import EXAMPLES_DIR, PACKAGED_PRESETS, RunConfig, load_config, to_dict
 
     cfg = dict(cfg)
     flat = _flat(cfg)
@@ -107,7 +107,7 @@ def reproduce_command(cfg: dict) -> str:
     best = None
     for preset in [None, *presets]:
         try:
-            base = _flat(to_dict(load_config(preset)))
+            base = _flat(to_dict(load_config(preset) if preset else RunConfig()))  # None: the plain defaults
         except Exception:  # a preset that does not load here: not a candidate
             continue
         if (preset is not None and base.get("model") != flat.get("model")) or (preset is None and not flat.get("model")):

@@ -17,8 +17,25 @@ import typer
 from typer.core import TyperGroup
 
 from selfie_lite import __version__, cli_eval, cli_export, compat, doctor
+from selfie_lite.config import Backend, Sampler, choices
 from selfie_lite.console import STATE, console, err_console, esc, friendly_errors, json_output, one_line_usage_errors
 from selfie_lite.errors import RunError, UserError
+from selfie_lite.tracking import KINDS
+
+# The only place that knows flags: an error about a setting (UserError.key, a config key or an api option) names the
+# flag that sets it. Settings without a flag of their own are named by their key (--set KEY=VALUE sets them).
+FLAGS = {
+    "data.labelled_share": "--seed", "model": "--model", "data.source": "--data", "rounds": "--rounds",
+    "random_seed": "--random-seed", "backend": "--backend", "sample.sampler": "--sampler", "guard.select": "--select-by",
+    "load_in_4bit": "--load-in-4bit", "beta": "--beta", "chat_template": "--chat-template",
+    "trust_remote_code": "--trust-remote-code",
+    # `eval` and `judge` (api.evaluate / api.judge options)
+    "scorer": "--scorer", "baseline": "--baseline", "prompts": "--prompts", "limit": "--limit",
+    "samples_per_prompt": "--samples-per-prompt", "temperature": "--temperature", "max_new_tokens": "--max-new-tokens",
+    "pairs": "--pairs", "export": "--export", "out": "--out", "batch_size": "--batch-size", "resume": "--resume",
+    "output": "--output", "gguf": "--gguf", "modelfile": "--modelfile", "png": "--png", "outtype": "--outtype", "repo": "--repo",
+}
+STATE["flags"] = FLAGS
 
 
 class _Commands(TyperGroup):
@@ -84,7 +101,7 @@ def build_config(preset, config_file, seed, model, data, rounds, random_seed, ba
                  chat_template, trust_remote_code, sets, sampler=None, base: dict | None = None):
     """The run's settings from the flags. base: the saved config.json of a resumed run, which the flags then change
     (so `--resume DIR --set k=v --force` changes k alone, not every setting that the flags do not repeat)."""
-    from selfie_lite.config import absolute_paths, load_config, parse_override
+    from selfie_lite.config import absolute_paths, load_config, parse_override, preset_for
 
     overrides = [parse_override(s) for s in sets or []]
     flat = {
@@ -105,17 +122,11 @@ def build_config(preset, config_file, seed, model, data, rounds, random_seed, ba
         raise UserError(f"--chat-template {chat_template} is a folder, expected a Jinja template file")
     if chat_template and not Path(chat_template).is_file():
         raise UserError(f"--chat-template {chat_template}: no such file")
-    # No model anywhere: the built-in tiny preset, whatever the machine.
-    if base is None and preset is None and config_file is None and model is None \
-            and not any("model" in o for o in overrides):
-        preset = "tiny"
-    return absolute_paths(load_config(preset, config_file, overrides + [direct], base=base)), preset
+    overrides.append(direct)
+    return absolute_paths(load_config(preset, config_file, overrides, base=base)), preset_for(preset, config_file, overrides, base)
 
 
-class ReportTo(StrEnum):
-    none = "none"
-    tensorboard = "tensorboard"
-    wandb = "wandb"
+ReportTo = StrEnum("ReportTo", {kind: kind for kind in KINDS})  # tracking.ReportTo's words, as Typer's choices
 
 
 @app.command()
@@ -131,8 +142,8 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="With --resume: accept settings that differ from the saved ones.")] = False,
     rounds: Annotated[int | None, typer.Option("--rounds", help="Self-labelling rounds T (paper 3).")] = None,
     random_seed: Annotated[int | None, typer.Option("--random-seed", help="Random seed for shuffling, sampling and training.")] = None,
-    backend: Annotated[str | None, typer.Option("--backend", help="auto, hf or unsloth.")] = None,
-    sampler: Annotated[str | None, typer.Option("--sampler", help="generate (default), vllm or auto.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help=f"{', '.join(choices(Backend))}.")] = None,
+    sampler: Annotated[str | None, typer.Option("--sampler", help=f"{', '.join(choices(Sampler))} (default generate).")] = None,
     select_by: Annotated[str | None, typer.Option("--select-by", help="Which round ships: guard (default), last (the paper), or an external scorer: oracle (tiny), ifeval (smol), python:MODULE:FUNCTION, reward-model:PATH (the round it scores best on held-out prompts). Same as --set guard.select=...")] = None,
     load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="QLoRA: load weights in 4-bit (bitsandbytes).")] = False,
     beta: Annotated[float | None, typer.Option("--beta", help="DPO temperature for judge and loss (paper 0.1).")] = None,
@@ -152,12 +163,17 @@ def run(
 
       selfie-lite run --resume runs/zephyr
     """
-    from selfie_lite.config import canonical_labelled_share, from_dict, to_dict
-    from selfie_lite.rundir import check_writable, claim_run_dir, read_json
-    from selfie_lite.tracking import check_available
+    # Flags -> settings (build_config), every check before anything is written (api.prepare), the run (api.execute);
+    # what this function adds is printing.
+    from selfie_lite import api
+    from selfie_lite.config import canonical_labelled_share, to_dict
+    from selfie_lite.progress import Reporter
+    from selfie_lite.tracking import Tracker, check_available
 
     t0 = time.perf_counter()
     check_available(report_to.value)
+    if resume is not None and out is not None:
+        raise UserError("--resume and --out both name a run folder; give one", hint="--resume DIR continues DIR")
     if select_by is not None:
         sets = [*(sets or []), f"guard.select={json.dumps(select_by)}"]
     if seed is not None:
@@ -165,53 +181,25 @@ def run(
     given = any(v is not None for v in (seed, preset, config_file, model, data, rounds, random_seed, backend, beta,
                                         chat_template, sampler)) \
         or load_in_4bit or trust_remote_code or bool(sets)
-    claim = None  # the default folder, runs/<timestamp>: made (unique) only once the input has passed every check
-    if resume is not None:
-        if out is not None:
-            raise UserError("--resume and --out both name a run folder; give one", hint="--resume DIR continues DIR")
-        run_dir = resume
-        if not (run_dir / "config.json").is_file():
-            raise UserError(f"{run_dir} is not a selfie-lite run folder (no config.json)")
-        check_writable(run_dir, "--resume")
-        saved = read_json(run_dir / "config.json")
-        cfg = None  # the saved settings; flags change them (api.prepare refuses a change without --force)
-        if given:
-            cfg, _ = build_config(preset, config_file, seed, model, data, rounds, random_seed, backend, load_in_4bit,
-                                  beta, chat_template, trust_remote_code, sets, sampler, base=saved)
-    else:
+    saved = api.saved_settings(resume) if resume is not None else None
+    cfg = None  # on resume without flags: the saved settings (a change needs --force: api.prepare)
+    if resume is None or given:
         cfg, preset = build_config(preset, config_file, seed, model, data, rounds, random_seed, backend, load_in_4bit,
-                                   beta, chat_template, trust_remote_code, sets, sampler)
-        if out is not None:
-            run_dir = out
-            check_writable(run_dir, "--out")
-            if (run_dir / "config.json").is_file():
-                raise UserError(f"{run_dir} already holds a run",
-                                hint=f"continue it with --resume {run_dir}, or pick another --out")
-        else:
-            claim = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-            check_writable(claim.parent, "--out (default runs/)")
-            run_dir = claim
-    from selfie_lite import api
-    from selfie_lite.progress import Reporter
-    from selfie_lite.tracking import Tracker
-
-    if not (cfg if cfg is not None else from_dict(saved)).model:
+                                   beta, chat_template, trust_remote_code, sets, sampler, base=saved)
+    if not (cfg.model if cfg is not None else saved.get("model")):
         err_console.print("[cyan]No --model given: using the built-in tiny preset (a small model, task and oracle "
                           "that run on a CPU).[/cyan]")
-    # Every check, before anything is written (api.prepare); the run itself is api.execute.
-    prepared = api.prepare(cfg, claim or run_dir, resume=resume is not None, force=force, console=err_console,
-                           unique=claim is not None)
-    cfg = prepared.cfg
+    prepared = api.prepare(cfg, resume if resume is not None else out, resume=resume is not None, force=force,
+                           console=err_console)
+    cfg, run_dir = prepared.cfg, prepared.run_dir  # run_dir: the default runs/<timestamp> once claimed
     if prepared.split is not None:
         _say_data(prepared.split, prepared.inputs.data_source)
-    if claim is not None:
-        run_dir = prepared.run_dir = claim_run_dir(claim)  # runs/<timestamp>, or -2 when another run took it
     tracker = None
 
     def start():
         if prepared.changes:
             _say_forced_settings(run_dir, prepared.changes, prepared.config_rev)
-        _print_start(cfg, run_dir, preset, resumed=resume is not None, split=prepared.split)
+        _print_start(cfg, prepared.run_dir, preset, resumed=resume is not None, split=prepared.split)
         err_console.print(f"backend: [bold]{prepared.backend.name}[/bold] ({esc(prepared.backend_why)}), device: "
                           f"{getattr(prepared.backend, 'device', '?')}; sampler: [bold]{cfg.sample.sampler}[/bold] "
                           f"({esc(prepared.sampler_why)})")
@@ -368,7 +356,7 @@ def judge(
     from selfie_lite.progress import Reporter
     from selfie_lite.rundir import atomic_write_jsonl, check_writable
 
-    check_writable(output, "--output", kind="file")
+    check_writable(output, "output", kind="file")
     with Reporter(err_console) as progress:
         pairs, drops = api.judge(input_file, policy, reference, beta=beta, batch_size=batch_size,
                                  chat_template=chat_template, progress=progress)

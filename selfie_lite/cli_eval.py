@@ -59,7 +59,7 @@ def eval_cmd(
     from selfie_lite.validate import check_range
 
     if temperature is not None:  # inf passes plan_eval's "> 0" and would sample from a flat distribution
-        check_range("sample.temperature", temperature, "--temperature")
+        check_range("sample.temperature", temperature, "temperature")
     with err_console.status("checking the inputs (and building the tiny preset if it is not cached: 1-2 minutes, once)"):
         plan = api.plan_evaluation(
             targets, scorer=scorer, baseline=baseline, prompts=prompts, limit=limit,
@@ -116,7 +116,7 @@ def report_cmd(
     if not no_plot:
         from selfie_lite.rundir import check_writable
 
-        check_writable(png or run_dir / "report.png", "--png" if png else "the figure (or pass --png)", kind="file")
+        check_writable(png or run_dir / "report.png", "png" if png else None, kind="file", what="" if png else "the figure (or pass --png)")
     data = collect(run_dir)
     if not data["rounds"]:
         raise UserError(f"{run_dir} has no round with metrics yet", hint=f"continue it: selfie-lite run --resume {run_dir}")

@@ -184,21 +184,20 @@ def parse_labelled_share(text: str, n_rows: int | None = None) -> int | float:
     if m:
         pct = float(m.group(1))
         if not 0 < pct <= 100:
-            raise UserError(f"--seed {raw}: the labelled share must be above 0% and at most 100%")
+            raise UserError(f"{raw}: the labelled share must be above 0% and at most 100%", key="data.labelled_share")
         value: int | float = pct / 100.0
     elif re.fullmatch(r"\d+", raw):
         value = int(raw)
         if value <= 0:
-            raise UserError(f"--seed {raw}: need at least one labelled pair", hint="try --seed 3.3pct")
+            raise UserError(f"{raw}: need at least one labelled pair", hint="try 3.3pct", key="data.labelled_share")
     else:
-        raise UserError(
-            f"--seed {raw!r} is not a labelled share", hint="write a percentage (3.3pct, 3.3%) or a pair count (2000)"
-        )
+        raise UserError(f"{raw!r} is not a labelled share", hint="write a percentage (3.3pct, 3.3%) or a pair count (2000)",
+                        key="data.labelled_share")
     if n_rows is None:
         return value
     count = max(1, round(value * n_rows)) if isinstance(value, float) else value
     if count > n_rows:
-        raise UserError(f"--seed {raw} asks for {count} labelled pairs but the data has {n_rows} valid rows")
+        raise UserError(f"{raw} asks for {count} labelled pairs but the data has {n_rows} valid rows", key="data.labelled_share")
     return count
 
 
@@ -312,6 +311,14 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def preset_for(preset: str | None, config_file: Path | None, overrides: list[dict], base: dict | None) -> str | None:
+    """The preset a run's settings start from: the one named, else the built-in tiny preset when nothing names a model
+    (no --config file, no model override, not a resumed run's saved settings), whatever the machine."""
+    if preset is None and base is None and config_file is None and not any("model" in o for o in overrides):
+        return "tiny"
+    return preset
+
+
 def load_config(preset: str | None = None, config_file: Path | None = None, overrides: list[dict] | None = None,
                 base: dict | None = None):
     """Defaults (or `base`, a saved config.json on --resume) < preset < file < overrides. Returns a validated
@@ -322,6 +329,7 @@ def load_config(preset: str | None = None, config_file: Path | None = None, over
     that the file and the overrides (what the user wrote; not the preset, not a resumed run's saved settings) give
     but that the chosen method would ignore are refused too (`check_ignored`)."""
     layers = [dict(base or {})]
+    preset = preset_for(preset, config_file, list(overrides or []), base)
     if preset:
         layers.append(read_toml(preset_path(preset)))
     explicit = []

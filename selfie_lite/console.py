@@ -42,7 +42,7 @@ class LogConsole(Console):
 
 console = LogConsole()
 err_console = LogConsole(stderr=True)
-STATE = {"debug": False}
+STATE = {"debug": False, "flags": {}}  # flags: set by cli.py
 
 
 def esc(value) -> str:
@@ -51,8 +51,11 @@ def esc(value) -> str:
 
 
 def print_error(e) -> None:
-    """`error: <message>` and, when the error has one, `hint: <hint>`; the message and the hint are escaped."""
-    err_console.print(f"[bold red]error:[/bold red] {esc(e)}" + (f"\n[dim]hint: {esc(e.hint)}[/dim]" if e.hint else ""),
+    """`error: <message>` and, when the error has one, `hint: <hint>`; the message and the hint are escaped. An error
+    about one setting names it by its flag where the CLI has one (STATE["flags"]: key -> flag), else by its key."""
+    key = getattr(e, "key", None)
+    text = f"{STATE['flags'].get(key, key)} {e.message}" if key else str(e)
+    err_console.print(f"[bold red]error:[/bold red] {esc(text)}" + (f"\n[dim]hint: {esc(e.hint)}[/dim]" if e.hint else ""),
                       highlight=False, soft_wrap=True)
 
 

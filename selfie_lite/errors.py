@@ -2,13 +2,15 @@
 
 
 class UserError(Exception):
-    """Bad input: a flag, a file, a config value. Exit code 2. Carries a hint on how to fix it."""
+    """Bad input: a setting, a file, an argument. Exit code 2. Carries a hint on how to fix it and, where one setting
+    is at fault, its key ("beta", "data.labelled_share", an api.evaluate option): the message then reads
+    "<key> <message>", and the CLI puts the flag's name where the key is (cli.FLAGS)."""
 
     exit_code = 2
 
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.hint = hint
+    def __init__(self, message: str, hint: str | None = None, key: str | None = None):
+        super().__init__(f"{key} {message}" if key else message)
+        self.message, self.hint, self.key = message, hint, key
 
 
 class RunError(Exception):

@@ -97,25 +97,25 @@ def plan_eval(
     if not targets:
         raise UserError("nothing to evaluate: give a run folder or model folders")
     if export not in (None, "alpaca-eval"):
-        raise UserError(f"--export {export!r}: the only export format is alpaca-eval")
+        raise UserError(f"{export!r}: the only export format is alpaca-eval", key="export")
     if samples_per_prompt < 1:
-        raise UserError("--samples-per-prompt must be at least 1")
+        raise UserError("must be at least 1", key="samples_per_prompt")
     if temperature is not None and temperature <= 0:
-        raise UserError(f"--temperature must be > 0 (evaluation samples), got {temperature}")
+        raise UserError(f"must be > 0 (evaluation samples), got {temperature}", key="temperature")
     if limit is not None and limit < 1:
-        raise UserError("--limit must be at least 1")
+        raise UserError("must be at least 1", key="limit")
     # 0 would silently fall back to the run's setting (`or` below); negative values reach the sampler.
     if max_new_tokens is not None:
-        check_range("sample.max_new_tokens", max_new_tokens, "--max-new-tokens")
+        check_range("sample.max_new_tokens", max_new_tokens, "max_new_tokens")
     if batch_size is not None:
-        check_range("sample.batch_size", batch_size, "--batch-size")
-    check_range("random_seed", random_seed, "--random-seed")
+        check_range("sample.batch_size", batch_size, "batch_size")
+    check_range("random_seed", random_seed)
     for t in targets:
         if not t.exists():
             raise UserError(f"{t} does not exist")
     if out is not None:
         out = Path(out)
-        check_writable(out, "--out")
+        check_writable(out, "out")
     run_dir = targets[0] if len(targets) == 1 and is_run_dir(targets[0]) else None
     if run_dir is None:
         for t in targets:
@@ -125,7 +125,7 @@ def plan_eval(
                 raise UserError(f"{t} is neither a run folder nor a model folder (no config.json)")
     if rounds is not None:
         if run_dir is None:
-            raise UserError("--rounds applies to a run folder only")
+            raise UserError("applies to a run folder only", key="rounds")
         rounds = sorted(set(rounds))
         _check_rounds_exist(run_dir, rounds)
 
@@ -161,7 +161,7 @@ def plan_eval(
             sft = Path(started_from)
     base = Path(baseline) if baseline is not None else sft
     if base is None:
-        raise UserError("no baseline to compare against", hint="pass --baseline MODEL_DIR (usually the SFT model)")
+        raise UserError("no baseline to compare against", hint="give a baseline model folder (usually the SFT model)")
 
     if prompts is not None:
         prompt_rows, prompts_from = load_prompts(Path(prompts)), str(prompts)
@@ -175,7 +175,7 @@ def plan_eval(
         prompt_rows = [{"prompt": r["prompt"]} for r in load_pairs(run_dir / "data" / "test.jsonl")]
         prompts_from = "test split"
     else:
-        raise UserError("no prompts to evaluate on", hint="pass --prompts FILE")
+        raise UserError("no prompts to evaluate on", hint="give a prompt file (.jsonl or .json)")
     prompt_rows = prompt_rows[:limit] if limit else prompt_rows
     prompt_texts = [r["prompt"] for r in prompt_rows]
 
@@ -213,7 +213,7 @@ def plan_eval(
     )
     out_dir = out or (run_dir if run_dir is not None else Path("eval"))
     if out is None:
-        check_writable(out_dir, "the run folder" if run_dir is not None else "--out (default eval/)")
+        check_writable(out_dir, None if run_dir is not None else "out", what="the run folder" if run_dir is not None else "")
     reference = sft if run_dir is not None and sft is not None else base
     record = settings_record(settings, scorer_obj, len(prompt_texts), base, reference, len(labelled or []))
     record["prompts_file"] = prompts_from
@@ -278,7 +278,7 @@ def _check_rounds_exist(run_dir: Path, rounds: list[int]) -> None:
     missing = [r for r in rounds if r not in finished]
     if missing:
         have = ", ".join(map(str, finished)) if finished else "none yet"
-        raise UserError(f"--rounds {','.join(map(str, rounds))}: {run_dir} has no finished round "
+        raise UserError(f"{','.join(map(str, rounds))}: {run_dir} has no finished round "
                         f"{', '.join(map(str, missing))} (finished rounds: {have})",
                         hint=f"pick from {have}" if finished else f"finish it first: selfie-lite run --resume {run_dir}")
 

@@ -125,9 +125,9 @@ def plan_export(target: str | Path, out: str | Path, outtype: str = "f16", *, mo
     from selfie_lite.rundir import check_writable
 
     if outtype not in OUTTYPES:
-        raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+        raise UserError(f"must be one of {', '.join(OUTTYPES)}, got {outtype!r}", key="outtype")
     out = Path(out).expanduser()
-    check_writable(out, "--gguf", kind="file")
+    check_writable(out, "gguf", kind="file")
     model_dir, run_dir, final = shipped_model(target)
     check_model_source(model_dir)
     if not converter_available():
@@ -141,7 +141,7 @@ def plan_export(target: str | Path, out: str | Path, outtype: str = "f16", *, mo
         check_free_space(probe, int(n * BYTES_PER_PARAM[outtype] * 1.05), f"write {out}", "the GGUF file")
     mf = out.with_name("Modelfile") if modelfile else None
     if mf is not None:
-        check_writable(mf, "--modelfile", kind="file")
+        check_writable(mf, "modelfile", kind="file")
     return ExportPlan(model_dir, out, outtype, run_dir, final, mf, _tensor_count(model_dir))
 
 

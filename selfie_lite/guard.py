@@ -102,7 +102,7 @@ def select_by_scorer(cfg: RunConfig, run_dir: Path, backend, init_dir: Path, las
     from selfie_lite.rundir import read_jsonl
     from selfie_lite.scorers import parse_scorer
 
-    scorer = parse_scorer(cfg.guard.select)
+    scorer = parse_scorer(cfg.guard.select, key="guard.select")
     prompts = [r["prompt"] for r in read_jsonl(run_dir / "data" / "test.jsonl")][: cfg.guard.probe_prompts]
     if not prompts:
         from selfie_lite.errors import UserError

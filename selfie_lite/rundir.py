@@ -374,12 +374,14 @@ def writable_problem(path: Path, kind: str = "folder") -> str | None:
     return None
 
 
-def check_writable(path: Path, flag: str, kind: str = "folder") -> None:
-    """Bad input, not a failed run: `path` cannot be written. Checked before any work, so `--out /read-only/x`
-    stops at once with the path named instead of failing after the first stage."""
+def check_writable(path: Path, key: str | None = None, kind: str = "folder", what: str = "") -> None:
+    """Bad input, not a failed run: `path` cannot be written. Checked before any work, so an out folder on a
+    read-only disk stops at once with the path named instead of failing after the first stage. key: the setting
+    that named the path (UserError.key); what: how to name a path that no setting gave."""
     problem = writable_problem(path, kind)
     if problem:
-        raise UserError(f"{flag} {path}: {problem}", hint="pick a place you can write to, or fix its permissions")
+        raise UserError(f"{what + ' ' if what else ''}{path}: {problem}",
+                        hint="pick a place you can write to, or fix its permissions", key=key)
 
 
 def claim_run_dir(base: Path) -> Path:

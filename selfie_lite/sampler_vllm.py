@@ -21,9 +21,10 @@ from __future__ import annotations
 import gc
 import importlib.util
 
+from selfie_lite.config import Sampler, choices
 from selfie_lite.errors import UserError
 
-SAMPLERS = ("generate", "vllm", "auto")
+SAMPLERS = choices(Sampler)
 
 
 def vllm_available() -> bool:

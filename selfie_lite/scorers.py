@@ -196,18 +196,18 @@ class PythonScorer:
     from sys.path or the current folder, or a path to a .py file. Every problem (bad spec, no such module or
     function, a scorer that raises or returns something that is not a number) is a one-line UserError."""
 
-    def __init__(self, target: str, option: str = "--scorer"):
+    def __init__(self, target: str, key: str = "scorer"):
         self.name = f"python:{target}"
         module, sep, func = target.rpartition(":")  # rpartition: a Windows path may hold a colon
         if not sep or not module or not func:
-            raise UserError(f"{option} python:{target}: expected python:MODULE:FUNCTION",
-                            hint=f"e.g. {option} python:checks.py:score or {option} python:mypkg.grading:score")
-        mod = _import_scorer_module(module, option)
+            raise UserError(f"python:{target}: expected python:MODULE:FUNCTION",
+                            hint="e.g. python:checks.py:score or python:mypkg.grading:score", key=key)
+        mod = _import_scorer_module(module, key)
         fn = getattr(mod, func, None)
         if fn is None:
-            raise UserError(f"{option} {self.name}: {module} has no function {func!r}")
+            raise UserError(f"{self.name}: {module} has no function {func!r}", key=key)
         if not callable(fn):
-            raise UserError(f"{option} {self.name}: {module}.{func} is not callable (a {type(fn).__name__})")
+            raise UserError(f"{self.name}: {module}.{func} is not callable (a {type(fn).__name__})", key=key)
         self._fn = fn
 
     def check(self, prompts: list[str]) -> None:
@@ -241,7 +241,7 @@ class PythonScorer:
         pass
 
 
-def _import_scorer_module(module: str, option: str = "--scorer"):
+def _import_scorer_module(module: str, key: str = "scorer"):
     """A .py path (or anything with a path separator) is loaded from that file; else a dotted module name, looked
     up on sys.path with the current folder first (as `python -m` would), so a checks.py next to the run is found."""
     import importlib
@@ -254,9 +254,9 @@ def _import_scorer_module(module: str, option: str = "--scorer"):
         if is_path:
             path = Path(module).expanduser()
             if path.is_dir():
-                raise UserError(f"{option} python:{module}:...: {module} is a folder, expected a .py file")
+                raise UserError(f"python:{module}:...: {module} is a folder, expected a .py file", key=key)
             if not path.is_file():
-                raise UserError(f"{option} python:{module}:...: scorer file {module} does not exist")
+                raise UserError(f"python:{module}:...: scorer file {module} does not exist", key=key)
             spec = importlib.util.spec_from_file_location(f"selfie_lite_scorer_{path.stem}", path)
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
@@ -273,14 +273,14 @@ def _import_scorer_module(module: str, option: str = "--scorer"):
         raise
     except ModuleNotFoundError as e:
         if e.name and module.startswith(e.name) and not is_path:
-            raise UserError(f"{option} python:{module}:...: module {module!r} not found on sys.path or in the "
-                            "current folder", hint="pass a path to the .py file instead, e.g. python:./checks.py:score") from None
-        raise UserError(f"{option} python:{module}:...: importing it failed: {describe(e)}") from None
+            raise UserError(f"python:{module}:...: module {module!r} not found on sys.path or in the current folder",
+                            hint="pass a path to the .py file instead, e.g. python:./checks.py:score", key=key) from None
+        raise UserError(f"python:{module}:...: importing it failed: {describe(e)}", key=key) from None
     except SystemExit as e:  # sys.exit() at import time would end the whole command
         code = "" if e.code is None else repr(e.code)
-        raise UserError(f"{option} python:{module}:...: importing it called sys.exit({code})") from None
+        raise UserError(f"python:{module}:...: importing it called sys.exit({code})", key=key) from None
     except Exception as e:  # a syntax error or an exception at import time, in user code
-        raise UserError(f"{option} python:{module}:...: importing it failed: {describe(e)}") from None
+        raise UserError(f"python:{module}:...: importing it failed: {describe(e)}", key=key) from None
 
 
 # The scorers `eval --scorer` and `run --select-by` (guard.select) accept, as written in help and messages: a name,
@@ -293,9 +293,9 @@ def is_scorer(spec: str) -> bool:
     return any(spec == s if ":" not in s else spec.startswith(s.split(":", 1)[0] + ":") for s in SCORERS)
 
 
-def parse_scorer(spec: str | None, batch_size: int = 8, option: str = "--scorer") -> Scorer | None:
+def parse_scorer(spec: str | None, batch_size: int = 8, key: str = "scorer") -> Scorer | None:
     """"oracle" | "reward-model:PATH" | "python:MODULE:FUNCTION" | None/"none" (no win rates). Fails before any weights
-    load. option: the flag the spec came from, for the messages (`eval --scorer`, `run --select-by`)."""
+    load. key: the setting the spec came from, for the messages (eval's scorer, a run's guard.select)."""
     if spec is None or spec == "none":
         return None
     if spec == "oracle":
@@ -307,8 +307,8 @@ def parse_scorer(spec: str | None, batch_size: int = 8, option: str = "--scorer"
     if spec.startswith("reward-model:"):
         path = spec.split(":", 1)[1]
         if not path:
-            raise UserError(f"{option} reward-model: needs a folder, e.g. {option} reward-model:./Skywork-Reward-V2")
+            raise UserError("reward-model: needs a folder, e.g. reward-model:./Skywork-Reward-V2", key=key)
         return RewardModelScorer(path, batch_size=batch_size)
     if spec.startswith("python:"):
-        return PythonScorer(spec.split(":", 1)[1], option)
+        return PythonScorer(spec.split(":", 1)[1], key)
     raise UserError(f"unknown scorer {spec!r}", hint="use oracle (tiny preset), ifeval (smol preset), reward-model:PATH or python:MODULE:FUNCTION")

@@ -16,11 +16,14 @@ import hashlib
 import importlib.util
 import math
 import os
+import typing
 from pathlib import Path
+from typing import Literal
 
 from selfie_lite.errors import UserError
 
-KINDS = ("none", "tensorboard", "wandb")
+ReportTo = Literal["none", "tensorboard", "wandb"]  # `run --report-to`
+KINDS = typing.get_args(ReportTo)
 _PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 

@@ -102,16 +102,18 @@ RANGES: dict[str, Range] = {
 }
 
 
-def check_range(key: str, value, name: str | None = None) -> None:
-    """Refuse a value outside RANGES[key]; `name` is how the user wrote it (a flag such as --beta), default the key."""
-    rng = RANGES[key]
+def check_range(range_key: str, value, key: str | None = None) -> None:
+    """Refuse a value outside RANGES[range_key]; `key` is the setting the error names (an api option such as
+    "batch_size" that takes its range from a config key), default range_key."""
+    rng = RANGES[range_key]
     values = value if isinstance(value, list) else [value]
     for i, v in enumerate(values):
         if not rng.ok(v):
-            where = (name or key) + (f"[{i}]" if isinstance(value, list) else "")
+            where = key or range_key
+            at = f"[{i}]" if isinstance(value, list) else ""
             if math.isinf(v):
-                raise UserError(f"{where} must be a finite number, got {v}")
-            raise UserError(f"{where} {rng.describe()}, got {v}")
+                raise UserError(f"must be a finite number, got {v}", key=where + at)
+            raise UserError(f"{rng.describe()}, got {v}", key=where + at)
 
 
 def _get(cfg, key: str):

@@ -41,7 +41,7 @@ BAD = [
     (["run", "--backend", "unsloth"], "--backend unsloth is not available"),
     (["run", "--chat-template", "nope.jinja"], "no such file"),
     (["run", "--sampler", "vllm"], "--sampler vllm"),
-    (["run", "--sampler", "fast"], "sample.sampler must be generate, vllm or auto"),
+    (["run", "--sampler", "fast"], "sample.sampler must be one of generate, vllm, auto"),
     (["run", "--rounds", "4"], "4 rounds need 4 prompt pools"),
     (["judge", "missing.jsonl", "--policy", "a", "--reference", "b"], "missing.jsonl does not exist"),
     (["tiny", "info", "--prompts", "0"], "--prompts must be at least 1, got 0"),

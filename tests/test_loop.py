@@ -306,5 +306,5 @@ def test_select_by_a_scorer_through_the_cli(reference_run, tmp_path):
 def test_select_by_a_bad_judge_stops_before_anything_is_written(tiny_preset, tmp_path):
     out = tmp_path / "run"
     r = CliRunner().invoke(app, ["run", *SIZES, "--select-by", "magic", "--out", str(out)])
-    assert r.exit_code == 2 and "guard.select must be last, guard, oracle" in r.output
+    assert r.exit_code == 2 and "guard.select must be one of last, guard, oracle" in r.output
     assert not out.exists()

@@ -46,9 +46,9 @@ def test_defaults_are_the_measured_best_and_method_paper_turns_every_one_off():
     ("robust.gold_replay=-0.1", "robust.gold_replay must be in [0, 1), got -0.1"),
     ("robust.lr_decay=0", "robust.lr_decay must be in (0, 1], got 0"),
     ("robust.lr_decay=1.5", "robust.lr_decay must be in (0, 1], got 1.5"),
-    ("robust.train_reference='init'", "robust.train_reference must be 'previous' or 'sft', got 'init'"),
+    ("robust.train_reference='init'", "robust.train_reference must be one of previous, sft, got 'init'"),
     ("robust.length_debias=1", "robust.length_debias: expected bool"),
-    ("robust.consistency='cream'", "robust.consistency must be 'off', 'pair' or 'round', got 'cream'"),
+    ("robust.consistency='cream'", "robust.consistency must be one of off, pair, round, got 'cream'"),
 ])
 def test_bad_values_are_refused(override, message):
     with pytest.raises(UserError) as e:

@@ -36,7 +36,8 @@ def get_backend(cfg: RunConfig):
                 from selfie_lite.backends.hf import HFBackend
 
                 return HFBackend(cfg), f"auto: unsloth failed to import ({first_line(e)[:120]})"
-            raise UserError(f"--backend unsloth is not available: {e}", hint="pip install 'selfie-lite[gpu]' on a CUDA machine") from None
+            raise UserError(f"unsloth is not available: {e}", hint="pip install 'selfie-lite[gpu]' on a CUDA machine",
+                            key="backend") from None
         return UnslothBackend(cfg), why
     from selfie_lite.backends.hf import HFBackend
 

@@ -197,13 +197,13 @@ def check_chat_template(tok, where: str) -> None:
 
 
 def read_chat_template(path: str) -> str:
-    """A --chat-template file's text: a Jinja template, UTF-8 (as Jinja reads it)."""
+    """A chat_template file's text: a Jinja template, UTF-8 (as Jinja reads it)."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise UserError(f"--chat-template {path} is not UTF-8 text", hint="save the template as UTF-8") from None
+        raise UserError(f"{path} is not UTF-8 text", hint="save the template as UTF-8", key="chat_template") from None
     except OSError as e:
-        raise UserError(f"--chat-template {path}: cannot read it ({e.strerror})") from None
+        raise UserError(f"{path}: cannot read it ({e.strerror})", key="chat_template") from None
 
 
 class HFBackend:
@@ -271,7 +271,7 @@ class HFBackend:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise UserError("--load-in-4bit needs bitsandbytes", hint="pip install 'selfie-lite[quant]'") from None
+            raise UserError("needs bitsandbytes", hint="pip install 'selfie-lite[quant]'", key="load_in_4bit") from None
         return BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=self.dtype
         )
