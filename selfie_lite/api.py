@@ -103,9 +103,9 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path | None = None, *, resume:
             raise UserError(f"{run_dir} already holds a run",
                             hint=f"continue it (selfie-lite run --resume {run_dir}), or pick another folder")
         if cfg is None:
-            from selfie_lite.config import load_config
+            from selfie_lite.config import load_config, preset_for
 
-            cfg = load_config()  # no model named: the tiny preset (config.preset_for)
+            cfg = load_config(preset_for(None, None, [], None))  # no model named: the tiny preset
     validate(cfg)
     backend, backend_why = get_backend(cfg)
     _, sampler_why = get_sampler(cfg.sample.sampler, backend, cfg)

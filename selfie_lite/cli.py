@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from selfie_lite import __version__, cli_eval, cli_export, compat, doctor
+from selfie_lite import __version__, cli_eval, cli_export, cli_tiny, compat, doctor
 from selfie_lite.config import Backend, Sampler, choices
 from selfie_lite.console import STATE, console, err_console, esc, friendly_errors, json_output, one_line_usage_errors
 from selfie_lite.errors import RunError, UserError
@@ -75,8 +75,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-tiny_app = typer.Typer(help="The built-in tiny preset: a small model, task and oracle that run on a CPU.", no_args_is_help=True)
-app.add_typer(tiny_app, name="tiny")
 
 def _version(value: bool):
     if value:
@@ -123,13 +121,13 @@ def build_config(preset, config_file, seed, model, data, rounds, random_seed, ba
     if chat_template and not Path(chat_template).is_file():
         raise UserError(f"--chat-template {chat_template}: no such file")
     overrides.append(direct)
-    return absolute_paths(load_config(preset, config_file, overrides, base=base)), preset_for(preset, config_file, overrides, base)
+    preset = preset_for(preset, config_file, overrides, base)
+    return absolute_paths(load_config(preset, config_file, overrides, base=base)), preset
 
 
 ReportTo = StrEnum("ReportTo", {kind: kind for kind in KINDS})  # tracking.ReportTo's words, as Typer's choices
 
 
-@app.command()
 @friendly_errors
 def run(
     seed: Annotated[str | None, typer.Option("--seed", help="Labelled share of the preference set kept as human pairs: 3.3pct, 3.3% or a count (2000).")] = None,
@@ -330,150 +328,17 @@ def _say_forced_settings(run_dir: Path, changes: list[str], rev: int) -> None:
 
 
 
-# -------------------------------------------------------------------------------------------------
-# judge
-
-
-@app.command()
-@friendly_errors
-def judge(
-    input_file: Annotated[Path, typer.Argument(help="JSONL: {\"prompt\": str, \"responses\": [str, str, ...]} per line.")],
-    policy: Annotated[str, typer.Option("--policy", help="Policy model folder (the model that judges).")],
-    reference: Annotated[str, typer.Option("--reference", help="Reference model folder (the SFT model in SPA).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the labelled pairs (JSONL).")] = Path("pairs.jsonl"),
-    beta: Annotated[float, typer.Option("--beta", help="DPO temperature (paper 0.1).")] = 0.1,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 32,
-    chat_template: Annotated[str | None, typer.Option("--chat-template", help="Jinja chat template file.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the counts and the output path as JSON to stdout.")] = False,
-):
-    """Label responses with a model's implicit DPO reward against a reference: r = beta * (log pi - log ref).
-
-    Example:
-
-      selfie-lite judge responses.jsonl --policy runs/x/round-1/model --reference my-sft-model -o pairs.jsonl
-    """
-    from selfie_lite import api
-    from selfie_lite.progress import Reporter
-    from selfie_lite.rundir import atomic_write_jsonl, check_writable
-
-    check_writable(output, "output", kind="file")
-    with Reporter(err_console) as progress:
-        pairs, drops = api.judge(input_file, policy, reference, beta=beta, batch_size=batch_size,
-                                 chat_template=chat_template, progress=progress)
-    atomic_write_jsonl(output, pairs)
-    with json_output(as_json) as emit:
-        console.print(f"wrote {len(pairs)} pairs to {esc(output)} (dropped {drops['dropped_identical']} identical or "
-                      f"tied, {drops['dropped_empty_chosen']} with an empty chosen response)", highlight=False)
-        emit({"output": str(output.resolve()), "pairs": len(pairs), **drops})
-
-
-# -------------------------------------------------------------------------------------------------
-# tiny
-
-
-@tiny_app.command("build")
-@friendly_errors
-def tiny_build(
-    force: Annotated[bool, typer.Option("--force", help="Rebuild even if a build is cached.")] = False,
-    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Where to build (default: $SELFIE_LITE_CACHE/tiny-v2, else ~/.cache/selfie-lite/tiny-v2, honouring $XDG_CACHE_HOME).")] = None,
-):
-    """Build the tiny preset (tokenizer, SFT model, gold preference set) into the cache. Runs once, offline.
-
-    Example:
-
-      selfie-lite tiny build
-    """
-    from selfie_lite.tiny.build import build_tiny
-
-    t0 = time.perf_counter()
-    with err_console.status("building the tiny preset") as status:
-        preset = build_tiny(cache_dir, force=force, progress=lambda stage, frac: status.update(f"building: {stage} ({frac:.0%})"))
-    console.print(f"tiny preset ready in {esc(preset.root)} ({time.perf_counter() - t0:.1f} s)", highlight=False)
-
-
-@tiny_app.command("info")
-@friendly_errors
-def tiny_info(
-    prompts: Annotated[int, typer.Option("--prompts", help="Held-out prompts to sample for the SFT figures.")] = 200,
-    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="The preset's folder.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest, the SFT figures and the calibration as JSON to stdout.")] = False,
-):
-    """What the tiny preset holds, and how its SFT model scores under the oracle on held-out prompts.
-
-    Example:
-
-      selfie-lite tiny info
-    """
-    from rich.table import Table
-
-    from selfie_lite.disk import format_bytes
-    from selfie_lite.tiny.build import build_tiny, sft_report
-
-    if prompts < 1:
-        raise UserError(f"--prompts must be at least 1, got {prompts}")
-    preset = build_tiny(cache_dir)
-    m = preset.manifest
-    t = Table(title=f"tiny preset: {esc(preset.root)}", title_justify="left", show_header=False)
-    t.add_column(style="dim")
-    t.add_column()
-    files = m.get("files", {})
-    for name in ("preferences.jsonl", "eval_prompts.jsonl", "val_prompts.jsonl", "sft.jsonl"):
-        if name in files:
-            t.add_row(name, f"{files[name]['rows']:,} rows")
-    model = m.get("model", {})
-    if model:
-        c = model.get("config", {})
-        t.add_row("SFT model", f"Llama, {model['params']:,} parameters ({format_bytes(model['bytes'])}), "
-                  f"{c.get('num_hidden_layers')} layers x {c.get('hidden_size')}, vocabulary {model.get('vocab_size')}")
-    if "oracle" in m:
-        w = m["oracle"]["weights"]
-        t.add_row("oracle", " + ".join(f"{v} {k}" for k, v in w.items()) + f"; good = score >= {m['oracle']['good_score']}")
-    t.add_row("data sha256", str(m.get("data_sha256", m.get("data_hash", "?")))[:16] + "...")
-    if "build_seconds" in m:
-        t.add_row("build time", f"{m['build_seconds']['total']:.0f} s")
-    rep = sft_report(preset, n_prompts=prompts)
-    t.add_row("", "")
-    t.add_row(f"SFT on {rep.get('n_prompts', prompts)} held-out prompts", "(temperature 0.7, one sample each)")
-    for k in ("mean_score", "frac_good", "frac_correct", "frac_formatted", "frac_concise", "mean_length_tokens"):
-        if k in rep:
-            t.add_row(f"  {k}", f"{rep[k]:.3f}")
-    by_kind = rep.get("frac_good_by_kind", {})
-    if by_kind:
-        t.add_row("  frac_good by task", ", ".join(f"{k} {v:.2f}" for k, v in sorted(by_kind.items())))
-    with json_output(as_json) as emit:
-        console.print(t)
-        calib = _print_calibration()
-        emit({"root": str(preset.root), "manifest": m, "sft": rep, "calibration": calib})
-
-
-def _print_calibration():
-    """The bench's calibration against the paper's baselines, as benchmarks/results.py last measured it."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    from selfie_lite.tiny import calibration
-
-    calib = calibration.load()
-    if calib is None:
-        console.print("[dim]no calibration figures shipped: run python benchmarks/results.py[/dim]")
-        return None
-    t = Table(title=f"calibration against the paper's baselines ({len(calib['seeds'])} random seeds; "
-              f"{escape(calib['source'])})", title_justify="left")
-    for col in ("figure", "target", "mean ± sd", "holds"):
-        t.add_column(col)
-    for f in calib["figures"].values():
-        t.add_row(f["what"], calibration.target_text(*f["target"]), f"{f['mean']:.3f} ± {f['sd']:.3f}",
-                  "yes" if f["holds"] else "[red]no[/red]")
-    console.print(t)
-    return calib
-
-
-# Registered here, after run and judge, so --help lists the commands in the order a user reaches for them.
-app.command("eval")(cli_eval.eval_cmd)
-app.command("report")(cli_eval.report_cmd)
-app.command("export")(cli_export.export_cmd)
-app.command("push")(cli_export.push_cmd)
-app.command("doctor")(doctor.doctor_cmd)
+# Every command is a Typer function decorated with @friendly_errors, in cli.py (run) or a cli_<topic>.py module, and
+# registered in this table, in the order --help lists them (docs: README, "Adding a command"). `tiny` is a group of
+# its own (cli_tiny.app). Adding a command: write its function, add its line here, add a test driving it with
+# CliRunner (tests/conftest.py: invoke).
+COMMANDS = [
+    ("run", run), ("judge", cli_eval.judge_cmd), ("eval", cli_eval.eval_cmd), ("report", cli_eval.report_cmd),
+    ("export", cli_export.export_cmd), ("push", cli_export.push_cmd), ("doctor", doctor.doctor_cmd),
+]
+for _name, _fn in COMMANDS:
+    app.command(_name)(_fn)
+app.add_typer(cli_tiny.app, name="tiny")
 
 
 def main():

@@ -1,6 +1,5 @@
-"""`selfie-lite eval` and `selfie-lite report`: Typer command functions, registered by cli.py as
-app.command("eval")(cli_eval.eval_cmd) and app.command("report")(cli_eval.report_cmd). torch loads inside the
-commands, so `selfie-lite --help` stays instant.
+"""`selfie-lite judge`, `eval` and `report`: Typer command functions, registered in cli.COMMANDS. torch loads inside
+the commands, so `selfie-lite --help` stays instant.
 """
 
 from __future__ import annotations
@@ -146,3 +145,36 @@ def _plot(data: dict, png: Path | None, run_dir: Path) -> Path | None:
     path = plot_report(data, png or run_dir / "report.png")
     console.print(f"wrote {esc(path)}", highlight=False, soft_wrap=True)
     return path
+
+
+
+@friendly_errors
+def judge_cmd(
+    input_file: Annotated[Path, typer.Argument(help="JSONL: {\"prompt\": str, \"responses\": [str, str, ...]} per line.")],
+    policy: Annotated[str, typer.Option("--policy", help="Policy model folder (the model that judges).")],
+    reference: Annotated[str, typer.Option("--reference", help="Reference model folder (the SFT model in SPA).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the labelled pairs (JSONL).")] = Path("pairs.jsonl"),
+    beta: Annotated[float, typer.Option("--beta", help="DPO temperature (paper 0.1).")] = 0.1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 32,
+    chat_template: Annotated[str | None, typer.Option("--chat-template", help="Jinja chat template file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the counts and the output path as JSON to stdout.")] = False,
+):
+    """Label responses with a model's implicit DPO reward against a reference: r = beta * (log pi - log ref).
+
+    Example:
+
+      selfie-lite judge responses.jsonl --policy runs/x/round-1/model --reference my-sft-model -o pairs.jsonl
+    """
+    from selfie_lite import api
+    from selfie_lite.progress import Reporter
+    from selfie_lite.rundir import atomic_write_jsonl, check_writable
+
+    check_writable(output, "output", kind="file")
+    with Reporter(err_console) as progress:
+        pairs, drops = api.judge(input_file, policy, reference, beta=beta, batch_size=batch_size,
+                                 chat_template=chat_template, progress=progress)
+    atomic_write_jsonl(output, pairs)
+    with json_output(as_json) as emit:
+        console.print(f"wrote {len(pairs)} pairs to {esc(output)} (dropped {drops['dropped_identical']} identical or "
+                      f"tied, {drops['dropped_empty_chosen']} with an empty chosen response)", highlight=False)
+        emit({"output": str(output.resolve()), "pairs": len(pairs), **drops})

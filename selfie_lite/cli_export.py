@@ -1,5 +1,4 @@
-"""`selfie-lite export` and `selfie-lite push`: Typer command functions, registered by cli.py as
-app.command("export")(cli_export.export_cmd) and app.command("push")(cli_export.push_cmd). torch loads inside the
+"""`selfie-lite export` and `selfie-lite push`: Typer command functions, registered in cli.COMMANDS. torch loads inside the
 commands, so `selfie-lite --help` stays instant.
 """
 

@@ -329,7 +329,6 @@ def load_config(preset: str | None = None, config_file: Path | None = None, over
     that the file and the overrides (what the user wrote; not the preset, not a resumed run's saved settings) give
     but that the chosen method would ignore are refused too (`check_ignored`)."""
     layers = [dict(base or {})]
-    preset = preset_for(preset, config_file, list(overrides or []), base)
     if preset:
         layers.append(read_toml(preset_path(preset)))
     explicit = []

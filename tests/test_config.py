@@ -44,12 +44,12 @@ def test_defaults_are_the_papers():
 def test_layers_preset_then_file_then_flags(tmp_path):
     f = tmp_path / "my.toml"
     f.write_text("beta = 0.05\n[train]\nlearning_rate = 1e-4\nbatch_size = 4\n")
-    cfg = load_config("tiny", f, [parse_override("train.batch_size=2"), parse_override("data.seed='5%'")])
+    cfg = load_config("tiny", f, [parse_override("train.batch_size=2"), parse_override("data.labelled_share='5%'")])
     assert cfg.beta == 0.05  # file over default
     assert cfg.train.learning_rate == 1e-4  # file over preset (tiny sets 1e-3)
     assert cfg.train.batch_size == 2  # flag over file
     assert cfg.data.pool_sizes == [400, 1000, 1500]  # from the preset
-    assert cfg.data.labelled_share == "5%"  # data.seed: the old name, still read
+    assert cfg.data.labelled_share == "5%"
 
 
 def test_unknown_key_is_named(tmp_path):

@@ -179,7 +179,7 @@ def test_disk_full_before_a_merge_names_the_space_and_resumes(tiny_preset, tmp_p
 def test_nan_loss_stops_the_round_and_keeps_the_last_good_model(tiny_preset, tmp_path, monkeypatch):
     import torch
 
-    from selfie_lite import train
+    from selfie_lite import trainer as train
 
     out = tmp_path / "run"
     real = train.dpo_losses
