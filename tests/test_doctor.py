@@ -20,7 +20,7 @@ from packaging.requirements import Requirement as PackagingRequirement
 from packaging.specifiers import SpecifierSet
 from typer.testing import CliRunner
 
-from selfie_lite import doctor
+from selfie_lite import doctor, versions
 from selfie_lite.doctor import FAIL, OK, WARN, Check, GpuInfo
 
 Usage = namedtuple("Usage", "total used free")
@@ -29,7 +29,7 @@ H100 = GpuInfo(cuda_build="12.8", available=True, count=1, name="NVIDIA H100 80G
                free_bytes=84 * GB, bf16=True)
 NO_GPU = GpuInfo(cuda_build=None, available=False)
 REAL_PROBE = doctor.probe_hub  # the autouse fixture fakes doctor.probe_hub; the loopback tests use this
-MATRIX = doctor.supported_matrix().libraries  # this checkout's pyproject.toml
+MATRIX = versions.supported_matrix().libraries  # this checkout's pyproject.toml
 GOOD = {"torch": "2.13.0+cpu", "transformers": "5.24.0", "trl": "1.16.0", "peft": "0.21.2", "datasets": "5.2.0",
         "accelerate": "1.15.0", "bitsandbytes": "0.50.2", "unsloth": None, "kernels": None}
 
@@ -139,7 +139,7 @@ FAKE_REQUIRES = ["torch>=2.4", "transformers<7,>=5.30", "trl<3,>=1.15", "peft>=0
 
 
 def test_ranges_follow_the_requirements():
-    matrix = doctor.matrix_from_requirements(FAKE_REQUIRES, ">=3.12", "fake metadata")
+    matrix = versions.matrix_from_requirements(FAKE_REQUIRES, ">=3.12", "fake metadata")
     checks = by_name(doctor.run_checks(versions=GOOD, gpu=NO_GPU, disk_usage=plenty, matrix=matrix))
     c = checks["transformers"]
     assert (c.status, c.detail, c.fix) == (FAIL, "5.24.0: too old (need >=5.30,<7)",
@@ -154,7 +154,7 @@ def test_ranges_follow_the_requirements():
 
 
 def test_newer_than_the_range_warns_and_other_exclusions_too():
-    matrix = doctor.matrix_from_requirements(["transformers>=5.0,<5.20", "peft>=0.17,!=0.21.2"], ">=3.11", "fake")
+    matrix = versions.matrix_from_requirements(["transformers>=5.0,<5.20", "peft>=0.17,!=0.21.2"], ">=3.11", "fake")
     c = doctor.check_version(matrix.libraries["transformers"], "5.24.0")
     assert (c.status, c.detail) == (WARN, "5.24.0: newer than the tested range >=5.0,<5.20")
     c = doctor.check_version(matrix.libraries["peft"], "0.21.2")
@@ -163,7 +163,7 @@ def test_newer_than_the_range_warns_and_other_exclusions_too():
 
 
 def test_markers_pick_the_lines_that_apply_here():
-    matrix = doctor.matrix_from_requirements(
+    matrix = versions.matrix_from_requirements(
         ["torch>=2.4", 'torch<3; python_version >= "3"', 'peft>=9; python_version < "3"', "peft>=0.17"], None, "fake")
     assert matrix.libraries["torch"].spec == ">=2.4,<3"  # both lines apply: their ranges combine
     assert matrix.libraries["peft"].spec == ">=0.17"  # the Python 2 line does not apply
@@ -171,10 +171,10 @@ def test_markers_pick_the_lines_that_apply_here():
 
 
 def test_a_library_the_requirements_do_not_name_warns():
-    matrix = doctor.matrix_from_requirements(["torch>=2.4"], ">=3.11", "fake metadata")
+    matrix = versions.matrix_from_requirements(["torch>=2.4"], ">=3.11", "fake metadata")
     c = doctor.check_version(matrix.libraries["peft"], "0.21.2")
     assert (c.status, c.detail, c.fix) == (WARN, "0.21.2: supported range unknown (fake metadata does not name peft)",
-                                           doctor.UNKNOWN_FIX)
+                                           versions.UNKNOWN_FIX)
     c = doctor.check_version(matrix.libraries["peft"], None)
     assert (c.status, c.detail) == (FAIL, "not installed")  # missing is missing, range or not
 
@@ -184,10 +184,10 @@ def test_the_ranges_are_this_checkouts_pyproject_toml():
     project = tomllib.loads(path.read_text())["project"]
     required = {r.name: r.specifier for r in map(PackagingRequirement, project["dependencies"])}
     quant = {r.name: r.specifier for r in map(PackagingRequirement, project["optional-dependencies"]["quant"])}
-    matrix = doctor.supported_matrix()
+    matrix = versions.supported_matrix()
     assert matrix.source == str(path)
     assert {d: r.specifier for d, r in matrix.libraries.items()} == {
-        **{d: required[d] for d in doctor.CHECKED}, "bitsandbytes": quant["bitsandbytes"]}
+        **{d: required[d] for d in versions.CHECKED}, "bitsandbytes": quant["bitsandbytes"]}
     assert matrix.python == SpecifierSet(project["requires-python"])
     assert all(not r.unknown for r in matrix.libraries.values())
 
@@ -196,7 +196,7 @@ def test_pyproject_lines_read_like_metadata_lines():
     project = {"dependencies": ["trl>=1.15,<2"],
                "optional-dependencies": {"quant": ["bitsandbytes>=0.45"],
                                          "gpu": ['bitsandbytes>=0.46; sys_platform == "linux"']}}
-    assert doctor.pyproject_requires(project) == [
+    assert versions.pyproject_requires(project) == [
         "trl>=1.15,<2", 'bitsandbytes>=0.45; extra == "quant"',
         'bitsandbytes>=0.46; sys_platform == "linux" and extra == "gpu"']
 
@@ -206,8 +206,8 @@ def test_installed_metadata_without_a_source_tree(monkeypatch):
         dist = importlib.metadata.distribution("selfie-lite")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("selfie-lite is not installed")
-    monkeypatch.setattr(doctor, "source_tree_project", lambda: None)  # as in a wheel install
-    matrix = doctor.supported_matrix()
+    monkeypatch.setattr(versions, "source_tree_project", lambda: None)  # as in a wheel install
+    matrix = versions.supported_matrix()
     assert matrix.source == f"the metadata of the installed selfie-lite {dist.version}"
     lines = list(map(PackagingRequirement, dist.requires))
     assert matrix.libraries["trl"].specifier == next(r.specifier for r in lines if r.name == "trl" and not r.marker)
@@ -220,18 +220,18 @@ def test_without_metadata_or_pyproject_every_range_is_unknown(monkeypatch):
     def not_installed(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(doctor, "source_tree_project", lambda: None)
-    monkeypatch.setattr(doctor.importlib.metadata, "distribution", not_installed)
+    monkeypatch.setattr(versions, "source_tree_project", lambda: None)
+    monkeypatch.setattr(versions.importlib.metadata, "distribution", not_installed)
     checks = by_name(doctor.run_checks(versions={**GOOD, "transformers": None}, gpu=NO_GPU, disk_usage=plenty))
     why = "supported range unknown (selfie-lite is not installed and its pyproject.toml is not beside the package)"
     for name in ("python", "torch", "trl", "peft", "datasets", "accelerate", "bitsandbytes"):
         assert checks[name].status == WARN and why in checks[name].detail, checks[name]
-        assert checks[name].fix == doctor.UNKNOWN_FIX
+        assert checks[name].fix == versions.UNKNOWN_FIX
     assert (checks["transformers"].status, checks["transformers"].detail) == (FAIL, "not installed")
 
 
 def test_source_tree_project_is_this_checkout():
-    path, project = doctor.source_tree_project()
+    path, project = versions.source_tree_project()
     assert path == Path(doctor.__file__).resolve().parent.parent / "pyproject.toml"
     assert project["name"] == "selfie-lite"
 
@@ -288,8 +288,8 @@ def test_run_checks_never_imports_unsloth(monkeypatch):
 
 
 def test_installed_version_reads_metadata():
-    assert doctor.installed_version("torch").startswith("2.")
-    assert doctor.installed_version("no-such-dist-selfie-lite") is None
+    assert versions.installed_version("torch").startswith("2.")
+    assert versions.installed_version("no-such-dist-selfie-lite") is None
 
 
 def test_kernels():
