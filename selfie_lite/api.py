@@ -233,9 +233,9 @@ def judge(rows: list[dict] | str | Path, policy: str | Path, reference: str | Pa
     {"prompt", "responses": [>= 2]} row (a list, or a JSONL file), the highest-reward response is chosen and the
     lowest rejected. Returns (pairs, counts of dropped rows). Both models are checked before either loads."""
     from selfie_lite.backends import get_backend
-    from selfie_lite.backends.hf import check_model_source
     from selfie_lite.gguf import resolve_model
     from selfie_lite.judge import check_response_rows, judge_responses, load_response_rows
+    from selfie_lite.model_files import check_model_source
     from selfie_lite.stage import NULL_PROGRESS
     from selfie_lite.validate import check_range
 

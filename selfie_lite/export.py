@@ -120,8 +120,8 @@ def converter_available() -> bool:
 def plan_export(target: str | Path, out: str | Path, outtype: str = "f16", *, modelfile: bool = False) -> ExportPlan:
     """Every check before a byte is written: the outtype, the converter installed, the model (a run's shipped model
     or a model folder, its config and safetensors whole), the output writable, the disk's room."""
-    from selfie_lite.backends.hf import check_model_source
     from selfie_lite.disk import check_free_space, model_params
+    from selfie_lite.model_files import check_model_source
     from selfie_lite.rundir import check_writable
 
     if outtype not in OUTTYPES:

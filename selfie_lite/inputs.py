@@ -34,8 +34,8 @@ def resolve_inputs(cfg: RunConfig, console: Console | None = None) -> Inputs:
     (gguf.resolve_model), and the run uses that folder; config.json keeps the model as the user gave it.
     data.source = "builtin:smol": the smol preset's gold preference set and checker (selfie_lite/smol), on
     builtin:smollm2 unless a model is given."""
-    from selfie_lite.backends.hf import check_model_source
     from selfie_lite.gguf import resolve_model
+    from selfie_lite.model_files import check_model_source
 
     model_dir, source, gold, tiny = cfg.model, cfg.data.source, None, False
     if source == SMOL_SOURCE and not model_dir:
@@ -86,7 +86,7 @@ def preflight(cfg: RunConfig, backend, inputs: Inputs):
     the model folder (or hub id while offline: its files are checked, its weights sampled for NaN, never loaded),
     its tokenizer and chat template, settings this machine cannot run, every data row, the split sizes, and the
     scorer that picks the shipped round (guard.select)."""
-    from selfie_lite.backends.hf import check_chat_template, check_model_files, check_model_source
+    from selfie_lite.model_files import check_chat_template, check_model_files, check_model_source
 
     check_model_source(inputs.model_dir)
     if cfg.train.precision == "fp16" and getattr(backend, "device", "cpu") != "cuda":

@@ -135,7 +135,8 @@ class VLLMSampler:
     def load(self, model_dir, *, trainable: bool = False):
         from vllm import LLM
 
-        from selfie_lite.backends.hf import HFBackend, check_model_source
+        from selfie_lite.backends.hf import HFBackend
+        from selfie_lite.model_files import check_model_source
 
         if trainable:
             raise UserError("the vLLM sampler only samples; training loads through the backend")

@@ -114,7 +114,7 @@ def conversions(monkeypatch):
 def test_a_gguf_file_converts_once_into_a_plain_model_folder(tiny_gguf, conversions, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from selfie_lite.backends.hf import check_model_source
+    from selfie_lite.model_files import check_model_source
 
     path, source_model = tiny_gguf
     cache = tmp_path / "cache"
@@ -169,7 +169,7 @@ def _one_line(err) -> str:
 
 
 def test_a_file_that_is_not_gguf_is_refused_in_one_line_before_anything_is_written(tiny_gguf, tmp_path):
-    from selfie_lite.backends.hf import check_model_source
+    from selfie_lite.model_files import check_model_source
 
     cache = tmp_path / "cache"
     not_gguf = tmp_path / "weights.gguf"
@@ -194,7 +194,7 @@ def test_a_file_that_is_not_gguf_is_refused_in_one_line_before_anything_is_writt
 
 
 def test_a_folder_with_two_gguf_files_names_them(tiny_gguf, tmp_path):
-    from selfie_lite.backends.hf import check_model_source
+    from selfie_lite.model_files import check_model_source
 
     for name in ("a.gguf", "b.gguf"):
         shutil.copy(tiny_gguf[0], tmp_path / name)
@@ -205,7 +205,7 @@ def test_a_folder_with_two_gguf_files_names_them(tiny_gguf, tmp_path):
 
 
 def test_without_the_gguf_package_the_error_says_what_to_install(tiny_gguf, monkeypatch, tmp_path):
-    from selfie_lite.backends.hf import check_model_source
+    from selfie_lite.model_files import check_model_source
 
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
     for call in (lambda: check_model_source(tiny_gguf[0]), lambda: gguf_mod.materialize(tiny_gguf[0], cache=tmp_path)):
@@ -216,7 +216,7 @@ def test_without_the_gguf_package_the_error_says_what_to_install(tiny_gguf, monk
 
 
 def test_builtin_models(monkeypatch):
-    from selfie_lite.backends.hf import check_model_source
+    from selfie_lite.model_files import check_model_source
 
     with pytest.raises(UserError) as err:
         check_model_source("builtin:nope")

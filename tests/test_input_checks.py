@@ -373,7 +373,7 @@ def test_nan_in_a_big_file_is_found_by_sampling_each_tensor(toy, monkeypatch):
     NaN (a diverged fine-tune leaves whole tensors NaN) is found; bf16 too, by its exponent bits."""
     import torch
 
-    from selfie_lite.backends import hf
+    from selfie_lite import model_files as hf
 
     model, _ = toy
     monkeypatch.setattr(hf, "FULL_CHECK_BYTES", 0)
@@ -399,7 +399,7 @@ def test_safetensors_headers_read_only_the_header(toy):
     """The header check reads 8 bytes and the JSON header, and agrees with the safetensors library."""
     from safetensors import safe_open
 
-    from selfie_lite.backends.hf import safetensors_headers
+    from selfie_lite.model_files import safetensors_headers
 
     model, _ = toy
     weights = model / "model.safetensors"

@@ -44,13 +44,13 @@ import torch  # noqa: E402
 from selfie_lite.backends.hf import (  # noqa: E402
     HFBackend,
     _drop_quantization_config,
-    check_model_source,
     lora_targets,
     merge_peft_16bit,
     merged_folder_problem,
 )
 from selfie_lite.config import LoraConfig, RunConfig  # noqa: E402
 from selfie_lite.errors import RunError, UserError  # noqa: E402
+from selfie_lite.model_files import check_model_source  # noqa: E402
 from selfie_lite.numerics import pick_dtype  # noqa: E402
 
 
