@@ -76,7 +76,7 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path | None = None, *, resume:
     cfg None on a new run: the built-in tiny preset. run_dir None on a new run: runs/<timestamp> (or -2, -3 ... when
     taken), made once every check has passed: the only thing prepare writes."""
     from selfie_lite.backends import get_backend
-    from selfie_lite.config import from_dict, resume_changes, to_dict
+    from selfie_lite.config import from_dict, to_dict
     from selfie_lite.inputs import check_resume_sft, preflight, resolve_inputs
     from selfie_lite.rundir import check_writable, claim_run_dir
     from selfie_lite.sampler_vllm import get_sampler
@@ -130,6 +130,24 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path | None = None, *, resume:
 # it, so a forced resume may not change them: config.json would name data that the run does not use.
 SPLIT_KEYS = ("data.source", "data.split", "data.labelled_share", "data.test_size", "data.pool_ratio",
               "data.pool_sizes", "random_seed")
+
+
+def resume_changes(saved: dict, new: dict) -> list[str]:
+    """What a resume with the settings `new` would change in a run saved with `saved` (both as config.json holds
+    them), as "key: old -> new" lines; the same labelled share spelt another way (3.3% in a settings file, 3.3pct
+    saved) is no change."""
+    from selfie_lite.config import diff_configs
+    from selfie_lite.data import canonical_labelled_share
+
+    old_share, new_share = saved.get("data", {}).get("labelled_share"), new.get("data", {}).get("labelled_share")
+    try:
+        same = old_share is not None and new_share is not None and \
+            canonical_labelled_share(old_share) == canonical_labelled_share(new_share)
+    except UserError:
+        same = False
+    if same and old_share != new_share:
+        saved = {**saved, "data": {**saved["data"], "labelled_share": new_share}}
+    return diff_configs(saved, new)
 
 
 def check_saved_split(run_dir: Path, changes: list[str], rounds: int) -> None:

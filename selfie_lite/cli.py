@@ -164,7 +164,8 @@ def run(
     # Flags -> settings (build_config), every check before anything is written (api.prepare), the run (api.execute);
     # what this function adds is printing.
     from selfie_lite import api
-    from selfie_lite.config import canonical_labelled_share, to_dict
+    from selfie_lite.config import to_dict
+    from selfie_lite.data import canonical_labelled_share
     from selfie_lite.progress import Reporter
     from selfie_lite.tracking import Tracker, check_available
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -171,34 +170,6 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
-
-
-# ---------------------------------------------------------------------------------------------
-# Labelled share: "3.3pct" | "3.3%" | "2000"
-
-
-def parse_labelled_share(text: str, n_rows: int | None = None) -> int | float:
-    """Return a fraction (0 < f <= 1) for percentages or an int count; with n_rows, always the count."""
-    raw = str(text).strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(pct|%)", raw, flags=re.IGNORECASE)
-    if m:
-        pct = float(m.group(1))
-        if not 0 < pct <= 100:
-            raise UserError(f"{raw}: the labelled share must be above 0% and at most 100%", key="data.labelled_share")
-        value: int | float = pct / 100.0
-    elif re.fullmatch(r"\d+", raw):
-        value = int(raw)
-        if value <= 0:
-            raise UserError(f"{raw}: need at least one labelled pair", hint="try 3.3pct", key="data.labelled_share")
-    else:
-        raise UserError(f"{raw!r} is not a labelled share", hint="write a percentage (3.3pct, 3.3%) or a pair count (2000)",
-                        key="data.labelled_share")
-    if n_rows is None:
-        return value
-    count = max(1, round(value * n_rows)) if isinstance(value, float) else value
-    if count > n_rows:
-        raise UserError(f"{raw} asks for {count} labelled pairs but the data has {n_rows} valid rows", key="data.labelled_share")
-    return count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,28 +359,6 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 def from_dict(data: dict) -> RunConfig:
     return _build(RunConfig, data)
-
-
-def canonical_labelled_share(text: str) -> str:
-    """The labelled share as config.json stores it: 3.3% and 3.3 pct -> "3.3pct", 0042 -> "42", so that a resume
-    with another spelling of the same share is not a change of settings."""
-    value = parse_labelled_share(text)
-    return f"{value * 100:.10g}pct" if isinstance(value, float) else str(value)
-
-
-def resume_changes(saved: dict, new: dict) -> list[str]:
-    """What a resume with the settings `new` would change in a run saved with `saved` (both as config.json holds
-    them), as "key: old -> new" lines; the same labelled share spelt another way is no change (runs made before
-    shares were stored canonically kept "3.3%")."""
-    old_share, new_share = saved.get("data", {}).get("labelled_share"), new.get("data", {}).get("labelled_share")
-    try:
-        same = old_share is not None and new_share is not None and \
-            canonical_labelled_share(old_share) == canonical_labelled_share(new_share)
-    except UserError:
-        same = False
-    if same and old_share != new_share:
-        saved = {**saved, "data": {**saved["data"], "labelled_share": new_share}}
-    return diff_configs(saved, new)
 
 
 def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:

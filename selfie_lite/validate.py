@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfie_lite.config import RunConfig, parse_labelled_share
+from selfie_lite.config import RunConfig
+from selfie_lite.data import parse_labelled_share
 from selfie_lite.errors import UserError
 from selfie_lite.scorers import SCORERS, is_scorer
 
