@@ -200,7 +200,7 @@ def run(
             _say_forced_settings(run_dir, prepared.changes, prepared.config_rev)
         _print_start(cfg, prepared.run_dir, preset, resumed=resume is not None, split=prepared.split)
         err_console.print(f"backend: [bold]{prepared.backend.name}[/bold] ({esc(prepared.backend_why)}), device: "
-                          f"{getattr(prepared.backend, 'device', '?')}; sampler: [bold]{cfg.sample.sampler}[/bold] "
+                          f"{prepared.backend.device}; sampler: [bold]{cfg.sample.sampler}[/bold] "
                           f"({esc(prepared.sampler_why)})")
 
     def reporter():

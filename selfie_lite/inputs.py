@@ -89,7 +89,7 @@ def preflight(cfg: RunConfig, backend, inputs: Inputs):
     from selfie_lite.model_files import check_chat_template, check_model_files, check_model_source
 
     check_model_source(inputs.model_dir)
-    if cfg.train.precision == "fp16" and getattr(backend, "device", "cpu") != "cuda":
+    if cfg.train.precision == "fp16" and backend.device != "cuda":
         raise UserError("train.precision = fp16 needs a CUDA GPU, and this machine has none",
                         hint="use train.precision = fp32 (or auto) on a CPU")
     if Path(inputs.model_dir).exists():

@@ -57,7 +57,7 @@ from selfie_lite.train import reference_stage, train_stage
 
 def run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console: Console, progress=None,
                split=None) -> dict:
-    threads = resolve_threads(cfg.threads, inputs.model_dir, getattr(backend, "device", "cpu"))
+    threads = resolve_threads(cfg.threads, inputs.model_dir, backend.device)
     with torch_threads(threads) as n_threads:
         return _run_rounds(cfg, run_dir, backend, inputs, console, progress, split, n_threads)
 

@@ -25,7 +25,7 @@ def merge_stage(r: Round) -> dict:
 def merge_round(backend, base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
     # Every parameter at the merge's precision (fp32 on a CPU, 16 bit on a GPU), from the base's safetensors
     # headers (a hub id: its cached snapshot); unknown: not checked.
-    need = merged_model_bytes(base_dir, getattr(backend, "device", "cpu"))
+    need = merged_model_bytes(base_dir, backend.device)
     check_free_space(out_dir.parent, need, f"merge the adapter into {out_dir}", "the merged model")
     t0 = time.perf_counter()
     tmp = fresh_tmp_dir(out_dir)

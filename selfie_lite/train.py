@@ -359,7 +359,7 @@ def train_stage(r: Round) -> dict:
     model = backend.add_lora(model, cfg.lora, seed=cfg.random_seed + i)
     # Room for what this round writes after training (its adapter, then the merged model), checked before the
     # training that a full disk would otherwise throw away.
-    adapter, merged = adapter_bytes(model), merged_model_bytes(r.prev_dir, getattr(backend, "device", "cpu"))
+    adapter, merged = adapter_bytes(model), merged_model_bytes(r.prev_dir, backend.device)
     check_free_space(r.dir, adapter + (merged or 0), f"train round {i} and merge it",
                      f"adapter {format_bytes(adapter)} + merged model {format_bytes(merged or 0)}")
     seed_round = i == 0

@@ -187,3 +187,184 @@ def toy(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # default run folders (runs/<timestamp>) land in the test's temp folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers the test modules share (imported as `from conftest import ...`; test modules never import each other)
+
+import functools  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+
+from typer.testing import CliRunner  # noqa: E402
+
+
+def invoke(*args):
+    """Run the real `selfie-lite` app in-process with these arguments (CliRunner), as a user would type them."""
+    from selfie_lite.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(r, code, *fragments):
+    """The command failed with `code`, its output holds every fragment, and no traceback."""
+    assert r.exit_code == code, r.output
+    for f in fragments:
+        assert f in r.output, (f, r.output)
+    assert "Traceback" not in r.output
+
+
+def one_line(r) -> str:
+    """The output with its line breaks (Rich's wrapping) folded into single spaces."""
+    return " ".join(r.output.split())
+
+
+# The tiny preset's smallest run: one round on 24 prompts (the CLI fault and input tests)
+ONE_ROUND = ["--seed", "24", "--rounds", "1", "--set", "data.pool_sizes=[24]", "--set", "data.test_size=50",
+             "--set", "sample.max_new_tokens=24", "--set", "train.seed_epochs=1", "--set", "train.batch_size=4",
+             "--set", "train.grad_accum=1"]
+# Two rounds on 40 prompts each (the loop, resume and guard tests)
+TWO_ROUNDS = [
+    "--seed", "48", "--rounds", "2",
+    "--set", "data.pool_sizes=[40, 40]", "--set", "data.test_size=100",
+    "--set", "sample.chunk_size=16", "--set", "sample.max_new_tokens=32",
+    "--set", "train.seed_epochs=1", "--set", "train.batch_size=4", "--set", "train.grad_accum=2",
+]
+
+
+def write_prefs(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def gold_rows(tiny_preset):
+    return [json.loads(line) for line in tiny_preset.preferences.read_text().splitlines()]
+
+
+@pytest.fixture
+def stub_rounds(monkeypatch):
+    """run_rounds that writes the data split (as the real one does first), marks `stages` of round 0 done in
+    order, one per call, and trains nothing."""
+    from selfie_lite import inputs as inputs_mod
+    from selfie_lite import loop
+    from selfie_lite.rundir import is_done, mark_done
+
+    def fake(cfg, run_dir, backend, inputs, console, progress=None, split=None):
+        inputs_mod.prepare_data(cfg, run_dir, inputs, split)
+        rd = run_dir / "round-0"
+        todo = [s for s in fake.stages if not is_done(rd, s)]
+        if todo:
+            mark_done(rd, todo[0], {"learning_rate": cfg.train.learning_rate})
+        return {"final_model": str(rd / "model")}
+
+    fake.stages = []
+    monkeypatch.setattr(loop, "run_rounds", fake)
+    return fake
+
+
+# A run folder as the loop leaves it, written by hand (report and card tests)
+
+
+def _write_json(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def make_run(root, rounds=3, with_eval=True):
+    """A run folder as the loop leaves it: config, per-stage done markers, pairs.jsonl with pair stats."""
+    rng = random.Random(0)
+    _write_json(root / "config.json", {"rounds": rounds, "refine": {"low_conf_frac": 0.1}})
+    (root / "data").mkdir(parents=True)
+    for i in range(rounds + 1):
+        d = root / f"round-{i}"
+        if i > 0:
+            _write_json(d / "done" / "sample.json", {"prompts": 100, "mean_response_tokens": 10.0 + i})
+            _write_json(d / "done" / "judge.json", {"pairs": 90, "dropped_identical": 10, "gold_agreement": 0.6 + 0.05 * i,
+                                                    "mean_p_chosen": 0.55, "distinct_samples": 1.0 - 0.1 * i})
+        if i >= 2:
+            _write_json(d / "done" / "guard.json", {"anchor_agreement": 1.0 - 0.02 * i, "threshold": 0.93})
+        _write_json(d / "done" / "train.json", {"pairs": 90, "loss_start": 0.693, "loss_end": 0.5 - 0.05 * i,
+                                                "mean_margin": 0.3 * (i + 1), "reward_accuracy": 0.8,
+                                                "frac_smoothed": 0.0 if i == 0 else 0.1, "lam": 0.5 / 2 ** max(i - 1, 0)})
+        _write_json(d / "done" / "merge.json", {"seconds": 0.1, "model_bytes": 1000})
+        rows = []
+        for k in range(90):
+            z = rng.gauss(0.5, 0.4)
+            rows.append({"pair_id": k, "prompt": "p", "chosen": "c", "rejected": "r", "margin": z,
+                         "extrapolated_margin": 1.3 * z, "smoothed": i > 0 and z < 0.0, "low_confidence": z < 0.0})
+        (d / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if rounds == 3:
+        _write_json(root / "summary.json", {"final_round": 2, "final_why": "round 3's self-labels [disagree]"})
+    if with_eval:
+        models = {"sft": {"win_rate": 0.5, "wins": 0, "ties": 300, "losses": 0, "mean_score": 0.6,
+                          "seed_pair_accuracy": 0.5, "mean_response_tokens": 9.0, "mean_response_words": 6.0}}
+        for i in range(rounds + 1):
+            models[f"round-{i}"] = {"win_rate": 0.55 + 0.05 * i, "wins": 100, "ties": 100, "losses": 100,
+                                    "mean_score": 0.65 + 0.05 * i, "seed_pair_accuracy": 0.6 + 0.02 * i,
+                                    "mean_response_tokens": 9.0 + i, "mean_response_words": 6.0}
+        _write_json(root / "eval.json", {"settings": {"scorer": "oracle", "prompts": 300, "baseline": "/x/sft-model",
+                                                      "labelled_pairs": 500}, "models": models})
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# An in-memory LoRA model, tokenizer and pairs for the trainer tests (no files, no downloads)
+
+WORDS = "the a cat dog sat ran on under mat log red blue big small why how what is are you we good bad".split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@functools.cache
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with a chat template, trained in well under a second on generated text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<|end|>", "<|user|>", "<|assistant|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_sentence(rng, 8) for _ in range(300)], trainer)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|end|>")
+    out.chat_template = CHAT_TEMPLATE
+    return out
+
+
+def tiny_model(seed: int = 0):
+    """A fresh LoRA adapter on a random 2-layer Llama (hidden 64); same seed -> same weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    return get_peft_model(LlamaForCausalLM(config), lora)
+
+
+def tiny_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Pairs whose chosen response starts with "yes" and rejected with "no": something to learn."""
+    rng = random.Random(seed)
+    return [
+        {"pair_id": 100 + i, "prompt": _sentence(rng, 5), "chosen": "yes " + _sentence(rng, 4),
+         "rejected": "no " + _sentence(rng, 4)}
+        for i in range(n)
+    ]

@@ -1,4 +1,4 @@
-"""Issue 22, item 3: the model card (README.md with the Hub's front matter) in the model folder a run ships, on the
+"""The model card (README.md with the Hub's front matter) in the model folder a run ships, on the
 toy model with FakeBackend (selfie_lite/testing.py): a guard-stopped run, a resume that goes on, eval's figures,
 and the command that makes the run again."""
 

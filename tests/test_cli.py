@@ -3,15 +3,7 @@
 import os
 
 import pytest
-from typer.testing import CliRunner
-
-from selfie_lite.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from conftest import invoke
 
 
 def test_help_and_version_are_instant_and_show_examples():

@@ -7,23 +7,15 @@ import statistics
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from conftest import invoke
 
 from selfie_lite.alpaca import alpaca_eval_rows, export_alpaca_eval
-from selfie_lite.cli import app
 from selfie_lite.errors import UserError
 from selfie_lite.evaluate import EvalSettings, evaluate_models, load_prompts, self_label_agreement
 from selfie_lite.loss import implicit_rewards
 from selfie_lite.metrics import pair_accuracy, win_rate
 from selfie_lite.scorers import OracleScorer, RewardModelScorer, parse_scorer
 from selfie_lite.tiny import task
-
-runner = CliRunner()  # drives the real `selfie-lite` app, as a user would
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
 
 # ---------------------------------------------------------------------------------------------
 # Arithmetic
@@ -53,7 +45,7 @@ def test_seed_pair_accuracy_by_hand():
     assert pair_accuracy(z, z) == 0.5
 
 
-class FakeBackend:
+class CannedBackend:
     """Canned samples and log-probs: model 'good' answers right and prefers chosen responses."""
 
     def __init__(self, answers: dict[str, dict[str, str]], logps: dict[str, dict[str, float]]):
@@ -94,7 +86,7 @@ def test_evaluate_models_on_canned_outputs(monkeypatch):
         "sft": {"c1": -5.0, "r1": -5.0, "c2": -4.0, "r2": -4.0},
         "good": {"c1": -4.0, "r1": -6.0, "c2": -4.5, "r2": -3.0},  # pair 1 right, pair 2 wrong
     }
-    be = FakeBackend(answers, logps)
+    be = CannedBackend(answers, logps)
     res = evaluate_models(be, {"sft": Path("sft"), "good": Path("good")}, Path("sft"), prompts, OracleScorer(),
                           EvalSettings(), pairs=pairs)
     assert be.loaded == ["sft", "good"]  # the baseline is the SFT row: sampled once

@@ -1,4 +1,4 @@
-"""Issue 22, items 1, 2 and 5: `selfie-lite export` with llama.cpp's converter (convert-hf-to-gguf). The round trip on
+"""`selfie-lite export` with llama.cpp's converter (convert-hf-to-gguf). The round trip on
 SmolLM2-135M-Instruct (the smol_model fixture): the GGUF file read back with transformers gives the source's
 next-token log-probs within export.TOLERANCE (measured: docs/export.md); bad inputs are one line and exit 2 before
 anything is written; a model the converter refuses (a hand-built tokenizer) is one line too."""
@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_hardening import assert_one_line_error, invoke
+from conftest import assert_one_line_error, invoke
 
 from selfie_lite import export
 from selfie_lite.testing import build_toy_model

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_hardening import invoke  # the CLI runner the other CLI tests use
+from conftest import invoke
 
 from selfie_lite import gguf as gguf_mod
 from selfie_lite.errors import UserError

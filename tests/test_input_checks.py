@@ -1,4 +1,4 @@
-"""Issue 19, item 2 (part A): bad input and settings refused cleanly BEFORE any file is written: exit 2, one
+"""Bad input and settings refused cleanly BEFORE any file is written: exit 2, one
 `error:` line naming the key or file (and a `hint:`), no run folder and no data/ split. Driven through the CLI as a
 user would, on a toy model folder (selfie_lite.testing, built in a second) rather than the tiny preset, except
 where the preset's own data is the point.
@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from test_hardening import invoke  # the same CliRunner helper as the other CLI tests
+from conftest import invoke
 
 
 @pytest.fixture(scope="module")

@@ -12,21 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TWO_ROUNDS
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from selfie_lite.cli import app
 from selfie_lite.judge import judge_pairs
 
-SIZES = [
-    "--seed", "48", "--rounds", "2",
-    "--set", "data.pool_sizes=[40, 40]", "--set", "data.test_size=100",
-    "--set", "sample.chunk_size=16", "--set", "sample.max_new_tokens=32",
-    "--set", "train.seed_epochs=1", "--set", "train.batch_size=4", "--set", "train.grad_accum=2",
-]
 # The paper's loop (every round trains, no counter-measure): the guard's and the counter-measures' own tests below
 # and in test_robust.py switch theirs on.
-SMALL = [*SIZES, "--set", "method='paper'"]
+PAPER = [*TWO_ROUNDS, "--set", "method='paper'"]
 STAGE_FILES = ["done/sample.json", "done/judge.json", "done/train.json", "done/merge.json", "samples", "judged.jsonl",
                "pairs.jsonl", "metrics.json", "model/model.safetensors", "model/config.json", "model/tokenizer.json",
                "adapter/adapter_model.safetensors"]
@@ -53,7 +48,7 @@ def pairs_of(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def reference_run(tiny_preset, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    r = CliRunner().invoke(app, ["run", *SMALL, "--out", str(out)])
+    r = CliRunner().invoke(app, ["run", *PAPER, "--out", str(out)])
     assert r.exit_code == 0, r.output
     return out, r.output
 
@@ -132,7 +127,7 @@ def test_resume_of_a_finished_run_redoes_nothing(reference_run):
 
 def test_resume_with_other_settings_refuses_and_names_them(reference_run):
     out, _ = reference_run
-    r = CliRunner().invoke(app, ["run", "--resume", str(out), *SMALL, "--set", "train.learning_rate=0.5"])
+    r = CliRunner().invoke(app, ["run", "--resume", str(out), *PAPER, "--set", "train.learning_rate=0.5"])
     assert r.exit_code == 2
     lr = json.loads((out / "config.json").read_text())["train"]["learning_rate"]
     assert f"train.learning_rate: {lr} -> 0.5" in r.output and "--force" in r.output
@@ -154,7 +149,7 @@ def test_kill_at_every_stage_then_resume_gives_the_same_result(reference_run, tm
     out = tmp_path / "killed"
     # One run, killed (SIGKILL) inside each stage in turn, resumed each time.
     kills = ["train:2", "sample:16", "judge:1", "merge:1"]
-    r = cli("run", *SMALL, "--out", out, env={"SELFIE_LITE_KILL_AT": kills[0]}, check=False)
+    r = cli("run", *PAPER, "--out", out, env={"SELFIE_LITE_KILL_AT": kills[0]}, check=False)
     assert r.returncode == -9, r.stderr
     for spec in kills[1:]:
         r = cli("run", "--resume", out, env={"SELFIE_LITE_KILL_AT": spec}, check=False)
@@ -305,6 +300,6 @@ def test_select_by_a_scorer_through_the_cli(reference_run, tmp_path):
 
 def test_select_by_a_bad_judge_stops_before_anything_is_written(tiny_preset, tmp_path):
     out = tmp_path / "run"
-    r = CliRunner().invoke(app, ["run", *SIZES, "--select-by", "magic", "--out", str(out)])
+    r = CliRunner().invoke(app, ["run", *TWO_ROUNDS, "--select-by", "magic", "--out", str(out)])
     assert r.exit_code == 2 and "guard.select must be one of last, guard, oracle" in r.output
     assert not out.exists()

@@ -1,4 +1,4 @@
-"""Issue 22, item 4: `selfie-lite push`, without a network: a stand-in for the Hub client records the repo, the
+"""`selfie-lite push`, without a network: a stand-in for the Hub client records the repo, the
 private flag and every file of the one commit; refusals (Hub off, no token, bad repo id) come before any request."""
 
 import json
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import assert_one_line_error, invoke
 from rich.console import Console
-from test_hardening import assert_one_line_error, invoke
 
 from selfie_lite import card, publish
 from selfie_lite.config import load_config, to_dict

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from test_train import tiny_model, tiny_pairs, tiny_tokenizer
+from conftest import TWO_ROUNDS, tiny_model, tiny_pairs, tiny_tokenizer
 
 from selfie_lite.config import RefineConfig, RobustConfig, load_config, parse_override, to_dict
 from selfie_lite.errors import RunError, UserError
@@ -385,7 +385,6 @@ def test_every_counter_measure_off_trains_on_the_judged_pairs_as_they_are(tmp_pa
 def test_a_tiny_run_with_every_counter_measure_on(tiny_preset, tmp_path):
     import json
 
-    from test_loop import SIZES
     from typer.testing import CliRunner
 
     from selfie_lite.cli import app
@@ -393,7 +392,7 @@ def test_a_tiny_run_with_every_counter_measure_on(tiny_preset, tmp_path):
     out = tmp_path / "run"
     on = ["--set", "robust.gold_replay=0.5", "--set", "robust.lr_decay=0.5", "--set", "robust.length_debias=true",
           "--set", "robust.train_reference='sft'", "--set", "robust.consistency='pair'"]
-    r = CliRunner().invoke(app, ["run", *SIZES, "--set", "guard.select='last'", *on, "--out", str(out)])
+    r = CliRunner().invoke(app, ["run", *TWO_ROUNDS, "--set", "guard.select='last'", *on, "--out", str(out)])
     assert r.exit_code == 0, r.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["robust"] == {"gold_replay": 0.5, "lr_decay": 0.5, "length_debias": True, "train_reference": "sft",

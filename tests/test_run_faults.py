@@ -1,4 +1,4 @@
-"""Faults in a run folder, resume and output (issue 19, item 2): a resume checks each finished stage's outputs and
+"""Faults in a run folder, resume and output: a resume checks each finished stage's outputs and
 redoes the stage whose outputs are gone or damaged (saying so) to the same result; run files that cannot be rebuilt
 are refused in one line naming them; a forced resume cannot change the data split; a full disk names its file and
 leaves no temp file; weights follow the umask; a log keeps every column; the guard's verdict is printed once.
@@ -17,11 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import invoke, one_line
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 import selfie_lite.backends
-from selfie_lite.cli import app
 from selfie_lite.testing import FakeBackend, reversing_judge, toy_preferences
 
 FLAGS = ["--seed", "24", "--rounds", "2", "--set", "data.pool_sizes=[16, 16]", "--set", "data.test_size=20",
@@ -42,12 +41,6 @@ def _fake(monkeypatch):
 
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line(r) -> str:
-    return " ".join(r.output.split())
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,11 @@ text; a 2-layer LlamaForCausalLM (hidden 64) with a LoRA adapter; pairs whose ch
 "yes" and rejected with "no", so there is something to learn.
 """
 
-import functools
-import random
 
 import pytest
 import torch
+from conftest import tiny_model, tiny_pairs, tiny_tokenizer
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import DPOConfig, DPOTrainer
 
 from selfie_lite.config import RefineConfig, TrainConfig
@@ -21,56 +17,6 @@ from selfie_lite.errors import RunError
 from selfie_lite.smoothing import smoother_for
 from selfie_lite.train import TrainResult, _to_conversation, train_dpo
 from selfie_lite.trainer import PairCollator, SPADPOTrainer
-
-WORDS = "the a cat dog sat ran on under mat log red blue big small why how what is are you we good bad".split()
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def _sentence(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n))
-
-
-@functools.cache
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    rng = random.Random(0)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<|end|>", "<|user|>", "<|assistant|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([_sentence(rng, 8) for _ in range(300)], trainer)
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|end|>")
-    out.chat_template = CHAT_TEMPLATE
-    return out
-
-
-def tiny_model(seed: int = 0):
-    """A fresh LoRA adapter on a random 2-layer Llama; same seed -> same weights."""
-    tok = tiny_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, bos_token_id=None,
-    )
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    return get_peft_model(LlamaForCausalLM(config), lora)
-
-
-def tiny_pairs(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    return [
-        {"pair_id": 100 + i, "prompt": _sentence(rng, 5), "chosen": "yes " + _sentence(rng, 4),
-         "rejected": "no " + _sentence(rng, 4)}
-        for i in range(n)
-    ]
-
 
 TRAIN = TrainConfig(
     learning_rate=5e-3, batch_size=4, grad_accum=2, max_length=64, max_prompt_length=32,

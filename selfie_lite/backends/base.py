@@ -2,7 +2,9 @@
 
 A backend loads a model folder (optionally 4-bit), attaches LoRA, generates, scores sequence log-probs,
 saves an adapter and merges it into full-precision weights. `hf` (transformers + PEFT + bitsandbytes) runs
-anywhere; `unsloth` is the fast GPU path behind the same methods.
+anywhere; `unsloth` is the fast GPU path behind the same methods; testing.FakeBackend scripts sampling and scoring.
+A backend written from scratch implements every member below: the judge loads a tokenizer alone (load_tokenizer),
+and the trainer, the merge and the disk estimates read `device`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ from selfie_lite.config import LoraConfig
 
 
 class Backend(Protocol):
-    name: str
+    name: str  # "hf", "unsloth": printed at the start of a run and recorded in summary.json
+    device: str  # "cuda" or "cpu": where models load; the merge's precision and the disk estimates follow it
+
+    def load_tokenizer(self, model_dir: str | Path) -> Any:
+        """The model folder's tokenizer with a chat template (the run's chat_template file when given), a pad token
+        set; a UserError when it has no chat template."""
 
     def load(self, model_dir: str | Path, *, trainable: bool = False) -> tuple[Any, Any]:
         """(model, tokenizer). trainable=True prepares the model for LoRA training (4-bit: k-bit prep)."""

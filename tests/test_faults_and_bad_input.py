@@ -1,4 +1,4 @@
-"""Issue 6: bad input, faults and safety, each driven through the CLI as a user would."""
+"""Bad input, faults and safety, each driven through the CLI as a user would."""
 
 import json
 import os
@@ -9,25 +9,7 @@ import sys
 import time
 
 import pytest
-from typer.testing import CliRunner
-
-from selfie_lite.cli import app
-
-runner = CliRunner()
-SMALL = ["--seed", "24", "--rounds", "1", "--set", "data.pool_sizes=[24]", "--set", "data.test_size=50",
-         "--set", "sample.max_new_tokens=24", "--set", "train.seed_epochs=1", "--set", "train.batch_size=4",
-         "--set", "train.grad_accum=1"]
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(r, code, *fragments):
-    assert r.exit_code == code, r.output
-    for f in fragments:
-        assert f in r.output, (f, r.output)
-    assert "Traceback" not in r.output
+from conftest import ONE_ROUND, assert_one_line_error, invoke
 
 
 @pytest.fixture
@@ -51,7 +33,7 @@ def test_malformed_rows_refuse_with_their_index(prefs, tmp_path):
     rows = [dict(r) for r in prefs.rows]
     for i in range(0, 1200, 10):  # 120 of 6000 rows: 2%, over the 1% limit
         rows[i]["chosen"] = 42 if i % 20 else ""
-    r = invoke("run", "--data", prefs(rows), *SMALL)
+    r = invoke("run", "--data", prefs(rows), *ONE_ROUND)
     assert_one_line_error(r, 2, "rows in", "are invalid", "row 0: empty text", "data.max_bad_rows")
     assert not (tmp_path / "runs").exists()
 
@@ -70,13 +52,13 @@ def test_mixed_shapes_are_fine_when_each_row_is_valid(prefs):
 
 def test_wrong_column_name_suggests_the_close_one(prefs):
     rows = [{"prompt": r["prompt"], "chosen_response": r["chosen"], "rejected": r["rejected"]} for r in prefs.rows[:300]]
-    r = invoke("run", "--data", prefs(rows), *SMALL)
+    r = invoke("run", "--data", prefs(rows), *ONE_ROUND)
     assert_one_line_error(r, 2, "has no column 'chosen'", "did you mean 'chosen_response'")
 
 
 def test_empty_file(tmp_path, tiny_preset):
     (tmp_path / "empty.jsonl").write_text("")
-    r = invoke("run", "--data", tmp_path / "empty.jsonl", *SMALL)
+    r = invoke("run", "--data", tmp_path / "empty.jsonl", *ONE_ROUND)
     assert_one_line_error(r, 2, "is empty")
 
 
@@ -101,7 +83,7 @@ def test_model_without_chat_template_offers_the_flag(tiny_preset, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     for f in model.glob("chat_template.*"):
         f.unlink()
-    r = invoke("run", "--model", model, *SMALL)
+    r = invoke("run", "--model", model, *ONE_ROUND)
     assert_one_line_error(r, 2, "has no chat template", "--chat-template FILE")
     # ... and the flag fixes it.
     from selfie_lite.tiny.build import CHAT_TEMPLATE
@@ -120,7 +102,7 @@ def test_pickled_weights_are_refused(tiny_preset, tmp_path):
     for f in model.glob("*.safetensors"):
         f.unlink()
     (model / "pytorch_model.bin").write_bytes(b"not even a pickle")
-    r = invoke("run", "--model", model, *SMALL)
+    r = invoke("run", "--model", model, *ONE_ROUND)
     assert_one_line_error(r, 2, "only pickled weights", "safetensors only")
 
 
@@ -163,7 +145,7 @@ def test_disk_full_before_a_merge_names_the_space_and_resumes(tiny_preset, tmp_p
 
     monkeypatch.setattr(disk.shutil, "disk_usage", filling_up)
     out = tmp_path / "run"
-    r = invoke("run", *SMALL, "--out", out)
+    r = invoke("run", *ONE_ROUND, "--out", out)
     assert_one_line_error(r, 1, "not enough disk space to merge the adapter", "MB (the merged model)", "500 B free",
                           f"--resume {out}")
     assert (out / "round-0" / "done" / "train.json").exists() and not (out / "round-0" / "model").exists()
@@ -193,7 +175,7 @@ def test_nan_loss_stops_the_round_and_keeps_the_last_good_model(tiny_preset, tmp
         return (losses, *rest)
 
     monkeypatch.setattr(train, "dpo_losses", nan_in_round_1)
-    r = invoke("run", *SMALL, "--out", out)
+    r = invoke("run", *ONE_ROUND, "--out", out)
     assert_one_line_error(r, 1, "the DPO loss became nan", "lower train.learning_rate", f"--resume {out}")
     assert (out / "round-0" / "model" / "model.safetensors").exists()  # the last good model is kept
     assert not (out / "round-1" / "model").exists() and not (out / "round-1" / "done" / "train.json").exists()
@@ -213,7 +195,7 @@ def test_out_of_memory_names_the_flags(monkeypatch, tiny_preset, tmp_path):
 
     monkeypatch.setattr(HFBackend, "generate", oom)
     out = tmp_path / "run"
-    r = invoke("run", *SMALL, "--out", out)
+    r = invoke("run", *ONE_ROUND, "--out", out)
     assert_one_line_error(r, 1, "out of GPU memory", "sample.batch_size", "--load-in-4bit", "gradient_checkpointing")
 
 
@@ -221,7 +203,7 @@ def test_out_of_memory_names_the_flags(monkeypatch, tiny_preset, tmp_path):
 def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tiny_preset, tmp_path):
     out = tmp_path / "run"
     # A shell's background jobs (CI) start with SIGINT ignored; a user's terminal does not: restore the default.
-    p = subprocess.Popen([sys.executable, "-m", "selfie_lite", "run", *SMALL, "--out", str(out)],
+    p = subprocess.Popen([sys.executable, "-m", "selfie_lite", "run", *ONE_ROUND, "--out", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120

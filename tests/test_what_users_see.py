@@ -1,6 +1,6 @@
-"""Issue 13, "what the user sees" (items 6-16): the screen in a terminal and in a log, brackets in paths and values,
+"""What the user sees: the screen in a terminal and in a log, brackets in paths and values,
 --json, --report-to, --debug anywhere, unwritable outputs, disk estimates, locks, the labelled-seed line, resume and
-final lines. Driven through the CLI; the end-to-end runs use the tiny preset at its smallest (test_hardening.SMALL).
+final lines. Driven through the CLI; the end-to-end runs use the tiny preset at its smallest (conftest.ONE_ROUND).
 """
 
 import io
@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_hardening import SMALL, assert_one_line_error, invoke
-from test_wrong_results import gold_rows, stub_rounds, write_prefs  # noqa: F401  (fixtures)
+from conftest import ONE_ROUND, assert_one_line_error, invoke, make_run, write_prefs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,7 +136,7 @@ def test_a_run_in_a_terminal(tiny_preset, tmp_path):
 
     master, slave = pty.openpty()
     env = dict(os.environ, TERM="xterm", COLUMNS="120", PYTHONPATH=str(REPO), PYTHONWARNINGS="default")
-    p = subprocess.Popen([sys.executable, "-m", "selfie_lite", "run", *SMALL, "--out", "out", "--report-to", "tensorboard"],
+    p = subprocess.Popen([sys.executable, "-m", "selfie_lite", "run", *ONE_ROUND, "--out", "out", "--report-to", "tensorboard"],
                          cwd=tmp_path,
                          stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env, close_fds=True)
     os.close(slave)
@@ -178,23 +177,22 @@ def test_a_run_in_a_terminal(tiny_preset, tmp_path):
 # -- item 7: what users type is shown as typed ------------------------------------------------------------------
 
 
-def test_brackets_in_paths_and_values_are_shown_as_typed(tiny_preset, tmp_path, stub_rounds):  # noqa: F811
-    r = invoke("run", "--data", "prefs[old].jsonl", *SMALL)
+def test_brackets_in_paths_and_values_are_shown_as_typed(tiny_preset, tmp_path, stub_rounds):
+    r = invoke("run", "--data", "prefs[old].jsonl", *ONE_ROUND)
     assert_one_line_error(r, 2, "prefs[old].jsonl")
     r = invoke("run", "--set", "guard.select=[/bold]x")  # was a MarkupError traceback
     assert_one_line_error(r, 2, "got '[/bold]x'")
     r = invoke("run", "--backend", "unsloth")
     assert_one_line_error(r, 2, "pip install 'selfie-lite[gpu]'")
     out = tmp_path / "out" / "[exp1]"
-    r = invoke("run", *SMALL, "--out", out)
+    r = invoke("run", *ONE_ROUND, "--out", out)
     assert r.exit_code == 0, r.output
     assert f"run {out}" in r.output and f"selfie-lite eval {out}" in r.output
-    r = invoke("run", *SMALL, "--out", out)
+    r = invoke("run", *ONE_ROUND, "--out", out)
     assert_one_line_error(r, 2, f"{out} already holds a run", f"--resume {out}")
 
 
 def test_report_shows_a_bracketed_run_folder_and_model_names(tmp_path):
-    from test_report import make_run
 
     run = make_run(tmp_path / "[exp1]")
     ev = json.loads((run / "eval.json").read_text())
@@ -209,7 +207,6 @@ def test_report_shows_a_bracketed_run_folder_and_model_names(tmp_path):
 
 
 def test_json_output_is_the_only_thing_on_stdout(tmp_path):
-    from test_report import make_run
 
     run = make_run(tmp_path / "run")
     r = invoke("report", run, "--no-plot", "--json")
@@ -224,9 +221,9 @@ def test_json_output_is_the_only_thing_on_stdout(tmp_path):
     assert checks["write: runs"]["status"] == "OK" and "python" in checks
 
 
-def test_run_json_is_the_summary_on_stdout(tiny_preset, tmp_path, stub_rounds):  # noqa: F811
+def test_run_json_is_the_summary_on_stdout(tiny_preset, tmp_path, stub_rounds):
     out = tmp_path / "run"
-    r = invoke("run", *SMALL, "--out", out, "--json")
+    r = invoke("run", *ONE_ROUND, "--out", out, "--json")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)  # summary.json as run_rounds returned it, plus the run folder and the time
     assert summary["final_model"] == str(out / "round-0" / "model")
@@ -263,11 +260,10 @@ def test_debug_works_after_the_command_too():
 
 
 def test_unwritable_outputs_are_exit_2_naming_the_path(tmp_path, tiny_preset):
-    from test_report import make_run
 
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    r = invoke("run", *SMALL, "--out", blocker / "run")
+    r = invoke("run", *ONE_ROUND, "--out", blocker / "run")
     assert_one_line_error(r, 2, f"--out {blocker / 'run'}", "is a file, not a folder")
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "p", "responses": ["a", "b"]}) + "\n")
     r = invoke("judge", tmp_path / "in.jsonl", "--policy", "a", "--reference", "b", "-o", tmp_path)
@@ -316,7 +312,7 @@ def test_a_full_disk_stops_before_training_with_real_numbers(tiny_preset, tmp_pa
     real = shutil.disk_usage
     monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: real(p)._replace(free=500))
     out = tmp_path / "run"
-    r = invoke("run", *SMALL, "--out", out)
+    r = invoke("run", *ONE_ROUND, "--out", out)
     assert_one_line_error(r, 1, "not enough disk space to train round 0 and merge it", "MB (adapter", "500 B free",
                           f"--resume {out}")
     assert "0.00 GB" not in r.output
@@ -378,21 +374,21 @@ def test_the_lock_heartbeat_keeps_a_live_run_from_being_taken_over(tmp_path, mon
     assert not (tmp_path / ".lock").exists()
 
 
-def test_resume_takes_over_a_lost_vms_lock_with_one_line(tiny_preset, tmp_path, stub_rounds):  # noqa: F811
+def test_resume_takes_over_a_lost_vms_lock_with_one_line(tiny_preset, tmp_path, stub_rounds):
     out = tmp_path / "run"
-    assert invoke("run", *SMALL, "--out", out).exit_code == 0
+    assert invoke("run", *ONE_ROUND, "--out", out).exit_code == 0
     _lock(out, pid=777, host="lost-colab-vm", beat=time.time() - 600)
     r = invoke("run", "--resume", out)
     assert r.exit_code == 0, r.output
     assert "lock: taking over the lock of pid 777 on lost-colab-vm: no sign of life from lost-colab-vm for 10 min" in r.output
 
 
-def test_default_run_folders_are_unique_within_a_second(tiny_preset, tmp_path, stub_rounds, monkeypatch):  # noqa: F811
+def test_default_run_folders_are_unique_within_a_second(tiny_preset, tmp_path, stub_rounds, monkeypatch):
     from selfie_lite.rundir import claim_run_dir
 
     monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261202-120000" if fmt == "%Y%m%d-%H%M%S" else "t")
     for _ in range(2):
-        r = invoke("run", *SMALL)
+        r = invoke("run", *ONE_ROUND)
         assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["20261202-120000", "20261202-120000-2"]
     assert (tmp_path / "runs" / "20261202-120000-2" / "config.json").is_file()
@@ -402,9 +398,9 @@ def test_default_run_folders_are_unique_within_a_second(tiny_preset, tmp_path, s
 # -- items 15 and 16 ------------------------------------------------------------------------------------------
 
 
-def test_seed_spellings_are_one_share_and_the_seed_line_says_what_it_is(tiny_preset, tmp_path, stub_rounds):  # noqa: F811
+def test_seed_spellings_are_one_share_and_the_seed_line_says_what_it_is(tiny_preset, tmp_path, stub_rounds):
     out = tmp_path / "run"
-    small = [a for a in SMALL if a not in ("--seed", "24")]
+    small = [a for a in ONE_ROUND if a not in ("--seed", "24")]
     r = invoke("run", *small, "--seed", "3.3%", "--out", out)
     assert r.exit_code == 0, r.output
     assert "labelled seed: 198 pairs (3.3% of 6,000, --seed 3.3pct); the random seed is --random-seed 42" in r.output
@@ -416,10 +412,10 @@ def test_seed_spellings_are_one_share_and_the_seed_line_says_what_it_is(tiny_pre
     assert_one_line_error(r, 2, 'data.labelled_share: "3.3pct" -> "198"')
 
 
-def test_resume_says_what_it_reuses(tiny_preset, tmp_path, stub_rounds):  # noqa: F811
+def test_resume_says_what_it_reuses(tiny_preset, tmp_path, stub_rounds):
     out = tmp_path / "run"
     stub_rounds.stages = ["train"]
-    assert invoke("run", *SMALL, "--out", out).exit_code == 0
+    assert invoke("run", *ONE_ROUND, "--out", out).exit_code == 0
     (out / "round-1" / "samples").mkdir(parents=True)
     for c in range(2):
         (out / "round-1" / "samples" / f"chunk-{c:05d}.jsonl").write_text("")
@@ -430,11 +426,11 @@ def test_resume_says_what_it_reuses(tiny_preset, tmp_path, stub_rounds):  # noqa
     assert "labelled seed: 24 pairs (0.4% of 6,000)" in r.output  # from data/split.json on a resume
 
 
-def test_skipped_bad_rows_are_said_on_screen(tiny_preset, gold_rows, tmp_path, stub_rounds):  # noqa: F811
+def test_skipped_bad_rows_are_said_on_screen(tiny_preset, gold_rows, tmp_path, stub_rounds):
     rows = [dict(r) for r in gold_rows]
     for i in range(0, 30, 3):
         rows[i]["chosen"] = ""
-    r = invoke("run", "--data", write_prefs(tmp_path / "p[1].jsonl", rows), *SMALL, "--out", tmp_path / "run")
+    r = invoke("run", "--data", write_prefs(tmp_path / "p[1].jsonl", rows), *ONE_ROUND, "--out", tmp_path / "run")
     assert r.exit_code == 0, r.output
     assert f"warning: skipped 10 invalid row(s) of 6,000 in {tmp_path / 'p[1].jsonl'}" in r.output
 
@@ -444,7 +440,6 @@ def test_skipped_bad_rows_are_said_on_screen(tiny_preset, gold_rows, tmp_path, s
 
 def test_report_figure_has_a_loss_panel_and_a_length_axis_not_from_zero(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
-    from test_report import make_run
 
     run = make_run(tmp_path / "run", rounds=2)
     curves = {0: [0.693, 0.68, 0.66], 1: [0.65, 0.6], 2: [0.64, 0.61, 0.58, 0.55]}

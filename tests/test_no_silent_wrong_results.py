@@ -1,4 +1,4 @@
-"""Issue 13, "wrong results without a word": inputs that used to give a silently wrong run now stop with exit 2 and
+"""No wrong result without a word: inputs that used to give a silently wrong run now stop with exit 2 and
 one line before anything is written, or warn and record what they changed. Driven through the CLI as a user would.
 
 The run tests replace loop.run_rounds with a stub that only splits the data (and marks stages done where a test
@@ -9,39 +9,7 @@ import json
 import shutil
 
 import pytest
-from test_hardening import SMALL, assert_one_line_error, invoke  # the same small run and CLI helpers
-
-
-@pytest.fixture
-def stub_rounds(monkeypatch):
-    """run_rounds that writes the data split (as the real one does first), marks `stages` of round 0 done in
-    order, one per call, and trains nothing."""
-    from selfie_lite import inputs as inputs_mod
-    from selfie_lite import loop
-    from selfie_lite.rundir import is_done, mark_done
-
-    def fake(cfg, run_dir, backend, inputs, console, progress=None, split=None):
-        inputs_mod.prepare_data(cfg, run_dir, inputs, split)
-        rd = run_dir / "round-0"
-        todo = [s for s in fake.stages if not is_done(rd, s)]
-        if todo:
-            mark_done(rd, todo[0], {"learning_rate": cfg.train.learning_rate})
-        return {"final_model": str(rd / "model")}
-
-    fake.stages = []
-    monkeypatch.setattr(loop, "run_rounds", fake)
-    return fake
-
-
-def write_prefs(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture
-def gold_rows(tiny_preset):
-    return [json.loads(line) for line in tiny_preset.preferences.read_text().splitlines()]
-
+from conftest import ONE_ROUND, assert_one_line_error, invoke, write_prefs
 
 # -- 1. relative paths and the SFT model a resume uses --------------------------------------------------------
 
@@ -53,7 +21,7 @@ def test_relative_model_and_data_are_stored_absolute(tiny_preset, gold_rows, stu
     shutil.copytree(tiny_preset.model_dir, work / "sft")
     write_prefs(work / "prefs.jsonl", gold_rows)
     monkeypatch.chdir(work)
-    r = invoke("run", "--model", "sft", "--data", "prefs.jsonl", *SMALL, "--out", "run")
+    r = invoke("run", "--model", "sft", "--data", "prefs.jsonl", *ONE_ROUND, "--out", "run")
     assert r.exit_code == 0, r.output
     cfg = json.loads((work / "run" / "config.json").read_text())
     assert cfg["model"] == str((work / "sft").resolve())
@@ -98,7 +66,7 @@ def test_resume_refuses_a_different_sft_model(tiny_preset, stub_rounds, tmp_path
     shutil.copytree(tiny_preset.model_dir, other / "sft")
     _flip_last_byte(other / "sft" / "model.safetensors")  # another model that happens to sit at ./sft
     monkeypatch.chdir(work)
-    r = invoke("run", "--model", "sft", *SMALL, "--out", "run")
+    r = invoke("run", "--model", "sft", *ONE_ROUND, "--out", "run")
     assert r.exit_code == 0, r.output
     # A run folder made before paths were stored absolute: config.json says "sft", as typed.
     cfg_path = work / "run" / "config.json"
@@ -115,7 +83,7 @@ def test_resume_refuses_a_different_sft_model(tiny_preset, stub_rounds, tmp_path
 
 def test_resume_refuses_when_the_recorded_sft_model_is_gone(tiny_preset, stub_rounds, tmp_path, monkeypatch):
     shutil.copytree(tiny_preset.model_dir, tmp_path / "sft")
-    r = invoke("run", "--model", tmp_path / "sft", *SMALL, "--out", "run")
+    r = invoke("run", "--model", tmp_path / "sft", *ONE_ROUND, "--out", "run")
     assert r.exit_code == 0, r.output
     (tmp_path / "sft").rename(tmp_path / "sft-moved")
     before = (tmp_path / "run" / "config.json").read_text()
@@ -124,7 +92,7 @@ def test_resume_refuses_when_the_recorded_sft_model_is_gone(tiny_preset, stub_ro
                           "put that model back")
     assert (tmp_path / "run" / "config.json").read_text() == before
     # The same weights in their new place are accepted (the content hash matches), with --force for the new path.
-    r = invoke("run", "--resume", "run", "--model", tmp_path / "sft-moved", *SMALL, "--force")
+    r = invoke("run", "--resume", "run", "--model", tmp_path / "sft-moved", *ONE_ROUND, "--force")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == str((tmp_path / "sft-moved").resolve())
 
@@ -178,7 +146,7 @@ def test_identical_pairs_are_dropped_with_a_warning(gold_rows, stub_rounds, tmp_
     rows = [dict(r) for r in gold_rows]
     for r in rows[:10]:
         r["rejected"] = r["chosen"] + "  "  # the same text (surrounding space does not make a preference)
-    r = invoke("run", "--data", write_prefs(tmp_path / "prefs.jsonl", rows), *SMALL, "--out", "run")
+    r = invoke("run", "--data", write_prefs(tmp_path / "prefs.jsonl", rows), *ONE_ROUND, "--out", "run")
     assert r.exit_code == 0, r.output
     assert "warning: 10 of 6000 rows have chosen identical to rejected (no preference): dropped" in r.output
     split = json.loads((tmp_path / "run" / "data" / "split.json").read_text())
@@ -190,7 +158,7 @@ def test_identical_pairs_are_dropped_with_a_warning(gold_rows, stub_rounds, tmp_
 
 def test_mostly_identical_pairs_are_refused(gold_rows, tmp_path):
     rows = [dict(r, rejected=r["chosen"]) if i % 5 < 3 else r for i, r in enumerate(gold_rows)]  # 60%
-    r = invoke("run", "--data", write_prefs(tmp_path / "prefs.jsonl", rows), *SMALL, "--out", "run")
+    r = invoke("run", "--data", write_prefs(tmp_path / "prefs.jsonl", rows), *ONE_ROUND, "--out", "run")
     assert_one_line_error(r, 2, "3600 of 6000 rows in", "have chosen identical to rejected: nothing to learn from",
                           "same field")
     assert not (tmp_path / "run").exists()
@@ -202,18 +170,18 @@ def test_mostly_identical_pairs_are_refused(gold_rows, tmp_path):
 def test_forced_resume_keeps_the_old_settings_and_names_them(tiny_preset, stub_rounds, tmp_path):
     stub_rounds.stages = ["train", "merge"]
     out = tmp_path / "run"
-    r = invoke("run", *SMALL, "--out", out)
+    r = invoke("run", *ONE_ROUND, "--out", out)
     assert r.exit_code == 0, r.output
     old = json.loads((out / "config.json").read_text())
     assert json.loads((out / "round-0" / "done" / "train.json").read_text())["config_rev"] == 0
 
     lr0 = old["train"]["learning_rate"]  # the preset's, as saved
     change = f"train.learning_rate: {json.dumps(lr0)} -> 0.0001"
-    r = invoke("run", "--resume", out, *SMALL, "--set", "train.learning_rate=1e-4")
+    r = invoke("run", "--resume", out, *ONE_ROUND, "--set", "train.learning_rate=1e-4")
     assert_one_line_error(r, 2, "was made with other settings", change, "--force")
     assert not (out / "config.0.json").exists()
 
-    r = invoke("run", "--resume", out, *SMALL, "--set", "train.learning_rate=1e-4", "--force")
+    r = invoke("run", "--resume", out, *ONE_ROUND, "--set", "train.learning_rate=1e-4", "--force")
     assert r.exit_code == 0, r.output
     for line in (f"settings changed (--force): config rev 0 -> 1: {change}",
                  f"The old settings are kept in {out / 'config.0.json'}",
