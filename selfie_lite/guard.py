@@ -3,14 +3,11 @@
 Why: on every bench we measured, the last round is not the best; a self-labelling loop can train on labels that
 drifted from what the humans taught the seed judge, and the paper's loop ships that round anyway.
 
-Signal (guard.select = "guard"): anchor agreement. Before round i >= guard.from_round (3) trains, its self-labels (chosen/rejected as
-judged by pi_{i-1}) are compared with the labels of the seed-DPO judge pi_0 on the same pairs:
-    r_0(x, y) = beta * (log pi_0(y|x) - log pi_init(y|x))          the judge's reward, pi_0 as the policy
-    agreement = share of pairs with r_0(chosen) > r_0(rejected)  (ties count 1/2)
-pi_0 is the judge a user can trust most (it learnt from the human pairs only; round 1's labels are its own, so
-round 1 always agrees; from_round is 3 because every stop before round 2 we measured was a false alarm). When the
-agreement falls below guard.min_anchor_agreement the round is not trained and the
-run ships pi_{i-1}. benchmarks/guard_signals.py measured which cheap signals predict a drop of oracle quality;
+Signal (guard.select = "guard"): anchor agreement (docs/method.md (E10)). Before round i >= guard.from_round (3)
+trains, its self-labels are compared with those of the seed-DPO judge pi_0 on the same pairs: pi_0 is the judge a
+user can trust most (it learnt from the human pairs only). from_round is 3 because every stop before round 2 we
+measured was a false alarm. When the agreement falls below guard.min_anchor_agreement the round is not trained and
+the run ships pi_{i-1}. benchmarks/guard_signals.py measured which cheap signals predict a drop of oracle quality;
 this one was the only one that did (docs/results.md, "The round guard").
 
 Reads: round-<i>/samples/ (token ids as sampled), judged.jsonl, reference_logps.json (pi_init's log-probs from the

@@ -1,10 +1,8 @@
-"""Stage 2 of a round: direct preference judgment from logits (docs/method.md (E2, E3); arXiv 2406.04412, Sec. 3.1).
-
-    r(x, y) = beta * (log pi_{i-1}(y|x) - log pi_ref(y|x))      sequence sums, no length normalisation
-    p(y1 > y2 | x) = sigmoid(r1 - r2); chosen = highest reward, rejected = lowest (any K >= 2)
+"""Stage 2 of a round: direct preference judgment from logits (docs/method.md (E2, E3); arXiv 2406.04412, Sec. 3.1):
+each sample's implicit reward under pi_{i-1}; chosen = highest reward, rejected = lowest (any K >= 2).
 
 pi_ref is pi_init (the SFT model) by default, the paper's choice; judge.reference = "previous" is the ablation.
-robust.length_debias (off by default) picks by reward - a * length instead, a fitted per round (fit_length_penalty).
+robust.length_debias picks by reward - a * length instead, a fitted per round (fit_length_penalty).
 The two models are scored one after the other, each loaded alone, so judging needs the memory of ONE model
 (not two): the price is a second load from disk, seconds against the minutes of scoring.
 

@@ -1,22 +1,14 @@
-"""Sequence log-probs and the per-pair smoothed DPO loss (docs/method.md; the paper: arXiv 2406.04412). No trainer
+"""The formulas every stage shares, each in one place (docs/method.md; the paper: arXiv 2406.04412). No trainer
 imports.
 
-1. Sequence log-probs, the one place they are computed (training, the judge, eval scoring and both backends call
-   `sequence_logps`, usually through `last_hidden`):
+1. Sequence log-probs (E1), the one place they are computed: training, the judge, eval scoring and both backends call
+   `sequence_logps`, usually through `last_hidden` (the last hidden states and the output layer, not logits). Every
+   other formula builds on them: the judge's reward, the DPO margin and, with extrapolated logits, the noise detector
+   (refine.py).
 
-       log pi(y | x) = sum over response tokens t of log_softmax(h_t)[y_t]       a SUM, no length normalisation
-
-   where h_t = W s_t (+ b) are the logits of position t, s_t the model's last hidden state and W its output layer.
-   This is the quantity every row of docs/method.md's table builds on: the judge's reward, the DPO margin and,
-   with extrapolated logits, the noise detector (refine.py).
-
-2. The loss. Reads four sequence log-probs per pair (policy/reference x chosen/rejected) and a per-pair smoothing
-   strength; returns per-pair losses and rewards. The caller reduces (mean over pairs).
-
-       z    = beta * [ (log pi_theta(yw) - log pi_ref(yw)) - (log pi_theta(yl) - log pi_ref(yl)) ]
-       loss = -(1 - a) * log sigmoid(z) - a * log sigmoid(-z)
-
-   a = 0 is plain sigmoid DPO (a confident pair, or round 0); a = alpha for a low-confidence pair.
+2. The implicit reward (E2), the DPO margin (E4) and the per-pair smoothed loss (E5): four sequence log-probs per
+   pair (policy/reference x chosen/rejected) and a per-pair smoothing a (smoothing.py) in, per-pair losses and
+   rewards out. The caller reduces (mean over pairs).
 
 Memory (docs/performance.md, "Memory of the loss and the judge"). The logits of a micro-batch are
 [rows, T, V]: with a 152K vocabulary and 1K-token pairs that is 1.2 GB per pair (2 rows) in fp32, several times
@@ -96,7 +88,7 @@ def chunk_tokens_for(vocab: int, chunk_tokens: int | None = None) -> int:
 
 def sequence_logps(source: Logits, labels: torch.Tensor, mask: torch.Tensor, *,
                    chunk_tokens: int | None = None) -> torch.Tensor:
-    """log pi(y | x) = sum over masked t of log_softmax(logits_t)[labels_t]. -> [rows] fp32, with gradient.
+    """docs/method.md (E1): log pi(y | x), a SUM over the masked (response) positions. -> [rows] fp32, with gradient.
 
     source: a LastHidden (hidden [rows,T,H] and the output layer) or full logits [rows,T,V], already shifted
     (source[:, t] predicts labels[:, t]). labels, mask: [rows,T]; where mask is False the label is ignored (it may
@@ -261,7 +253,7 @@ def dpo_losses(
     beta: float,
     smoothing: torch.Tensor | float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair DPO losses with per-pair label smoothing.
+    """docs/method.md (E5): per-pair DPO losses with per-pair label smoothing a.
 
     All log-prob tensors are [B] (one value per pair). `smoothing` is a float or a [B] tensor in [0, 0.5).
     Returns (losses[B], chosen_rewards[B], rejected_rewards[B], margins[B]); only `losses` carries gradient,
@@ -274,5 +266,5 @@ def dpo_losses(
 
     a = torch.as_tensor(smoothing, dtype=z.dtype, device=z.device)  # scalar or [B]
     # logsigmoid is stable for large |z|, unlike log(sigmoid(z)).
-    losses = -(1 - a) * F.logsigmoid(z) - a * F.logsigmoid(-z)  # [B]
+    losses = -(1 - a) * F.logsigmoid(z) - a * F.logsigmoid(-z)  # [B] (E5)
     return losses, chosen_rewards.detach(), rejected_rewards.detach(), z.detach()

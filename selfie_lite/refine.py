@@ -1,14 +1,7 @@
-"""Self-refinement: decoupled noise detection and the smoothing schedule (docs/method.md, rows "extrapolated
-margin", "low-confidence set" and "alpha warm-up"; the paper: arXiv 2406.04412, section 4.2).
+"""Self-refinement: decoupled noise detection (docs/method.md (E6, E7)) and the low-confidence pick with its warm-up
+(E8); the paper: arXiv 2406.04412, section 4.2. smoothing.LowConfidence puts them together for the trainer.
 
-Pure tensor functions, no model or trainer: train.py feeds them what one forward pass gave (loss.last_hidden).
-
-    h_g        = (1 + lam) * h_theta - lam * h_ref        per position, over the FULL vocabulary
-    log pi_g   = sum_t log_softmax(h_g,t)[y_t]             no gradient
-    z_g        = beta * [ (log pi_g(yw) - log pi_ref(yw)) - (log pi_g(yl) - log pi_ref(yl)) ]
-
-A pair is low-confidence when its z_g is in the bottom `frac` of a running window of recent per-pair values;
-those pairs get label smoothing alpha (0 during the first `warmup_frac` of the optimizer steps).
+Pure tensor functions, no model or trainer: trainer.py feeds them what one forward pass gave (loss.last_hidden).
 
 Why the full vocabulary: log pi_g(y) - log pi_ref(y) = (1+lam) * (log pi_theta(y) - log pi_ref(y)) plus a
 per-position difference of log-normalisers. Without that normaliser term z_g would be (1+lam) * z, a pure
@@ -46,7 +39,7 @@ def extrapolated_logps(
     *,
     chunk_tokens: int | None = None,
 ) -> torch.Tensor:
-    """log pi_g(y) = sum over masked t of log_softmax((1+lam) h_theta - lam h_ref)_t[y_t]. -> [rows], no gradient.
+    """docs/method.md (E6): log pi_g(y), the sequence log-prob (E1) of the extrapolated logits. -> [rows], no gradient.
 
     policy, ref: loss.LastHidden (hidden [rows,T,H] and the output layer) or full logits [rows,T,V], already
     shifted. labels, mask: [rows,T]; positions where mask is False are ignored (their label may be -100).
@@ -71,8 +64,8 @@ def extrapolated_logps(
         label_h = torch.zeros(end - start, dtype=torch.float32, device=y.device)  # [c] h_g at the label
         for v0 in range(0, vocab, vocab_chunk):
             v1 = min(v0 + vocab_chunk, vocab)
-            h_g = _logits(policy, x_theta[start:end], v0, v1).float().mul_(1 + lam)  # [c, C]
-            h_g.sub_(_logits(ref, x_ref[start:end], v0, v1).float(), alpha=lam)
+            h_g = _logits(policy, x_theta[start:end], v0, v1).float().mul_(1 + lam)  # [c, C] (E6): (1 + lam) h_theta
+            h_g.sub_(_logits(ref, x_ref[start:end], v0, v1).float(), alpha=lam)  # - lam h_ref
             # The label's entry, from the same numbers as the normaliser (so log pi_g <= 0 holds exactly).
             here = (y_c >= v0) & (y_c < v1)  # [c, 1]
             at_label = h_g.gather(-1, (y_c - v0).clamp(0, v1 - v0 - 1)).squeeze(-1)
@@ -105,7 +98,8 @@ def extrapolated_margin(
     ref_logps: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
 ) -> torch.Tensor:
-    """z_g = beta * ((g_c - ref_c) - (g_r - ref_r)) per pair. -> [B], no gradient.
+    """docs/method.md (E7): the extrapolated margin z_g per pair, (E4) with pi_g in place of pi_theta. -> [B], no
+    gradient.
 
     Rows come as TRL's preference collator stacks them: the first B rows are the chosen sequences, the
     last B the rejected ones (so the inputs have 2B rows). Shapes: policy/ref [2B,T,H] (LastHidden) or
@@ -122,7 +116,7 @@ def extrapolated_margin(
 
 
 class LowConfidencePicker:
-    """Marks the pairs whose confidence is in the bottom `frac` of the last `window` pairs seen.
+    """docs/method.md (E8): marks the pairs whose confidence is in the bottom `frac` of the last `window` pairs seen.
 
     The window holds per-PAIR values (the public code used micro-batch means, which is a bug: a batch
     mean says nothing about which pair in it is noisy).
@@ -151,7 +145,8 @@ class LowConfidencePicker:
 
 
 def alpha_at(step: int, total_steps: int, alpha: float, warmup_frac: float) -> float:
-    """Smoothing strength at optimizer step `step` (0-based, counting completed steps) of `total_steps`.
+    """docs/method.md (E8): the smoothing strength at optimizer step `step` (0-based, counting completed steps) of
+    `total_steps`.
 
     0 during the first warmup_frac of the steps: at the start pi_theta == pi_ref, every margin is 0 and
     confidence carries no information. alpha afterwards.

@@ -1,5 +1,6 @@
 """Counter-measures against late-round drift (config section `robust`; docs/method.md, "Counter-measures against
-drift"). Each is off by default, and off is exactly the paper's loop (arXiv 2406.04412); loop.py wires them in.
+drift"). Each has an off value that is exactly the paper's loop (arXiv 2406.04412; method = "paper" sets them all);
+the defaults are what measured best (config.RobustConfig, docs/results.md). loop.py orders their stages.
 
 - gold replay (DICE's gamma): human seed pairs mixed into every self-labelled round's training set;
 - learning-rate decay: round i >= 1 trains at train.learning_rate * lr_decay ** (i - 1);
