@@ -190,11 +190,11 @@ def stand_in_trainer(model, lam: float, ref_table: dict | None, exs: list[dict])
     """An object with what SPADPOTrainer.compute_loss and train.reference_pass read, and their methods bound to it:
     the measured code is the package's, without building a TRL trainer (dataset tokenisation, accelerate)."""
     from selfie_lite.config import RefineConfig
-    from selfie_lite.smoothing import smoother_for
+    from selfie_lite.smoothing import smoothing_of
     from selfie_lite.trainer import PairCollator, SPADPOTrainer
 
     t = types.SimpleNamespace(
-        model=model, smoother=smoother_for(RefineConfig() if lam > 0 else None, lam, []), ref_logps=ref_table, beta=BETA,
+        model=model, smoother=smoothing_of(RefineConfig() if lam > 0 else None, lam, []), ref_logps=ref_table, beta=BETA,
         state=types.SimpleNamespace(global_step=0, max_steps=10), args=types.SimpleNamespace(learning_rate=1e-5),
         accelerator=types.SimpleNamespace(unwrap_model=lambda m: m), pair_stats={}, seen_after_warmup=0,
         smoothed_after_warmup=0, _metrics={"train": __import__("collections").defaultdict(list)},

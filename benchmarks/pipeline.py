@@ -84,7 +84,7 @@ def bare_train(model, tok, pairs, cfg, out_dir):
 
 def train_rows(be, cfg, model_dir, pairs, out: Path) -> dict:
     """pairs/s: ours (round 0; with noise detection) and bare TRL, each on a fresh LoRA adapter of the same model."""
-    from selfie_lite.smoothing import smoother_for
+    from selfie_lite.smoothing import smoothing_of
     from selfie_lite.train import train_dpo
 
     def fresh():
@@ -94,7 +94,7 @@ def train_rows(be, cfg, model_dir, pairs, out: Path) -> dict:
     figures = {}
     for name, refine, lam in (("train_ours_pairs_s", None, 0.0), ("train_detect_pairs_s", cfg.refine, 0.5)):
         model, tok = fresh()
-        res = train_dpo(model, tok, pairs, beta=cfg.beta, train=cfg.train, smoother=smoother_for(refine, lam, []), epochs=1,
+        res = train_dpo(model, tok, pairs, beta=cfg.beta, train=cfg.train, smoother=smoothing_of(refine, lam, []), epochs=1,
                         out_dir=out / name, seed=0)
         figures[name] = res.metrics["pairs_per_s"]
         be.free(model)

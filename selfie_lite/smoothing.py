@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from selfie_lite.config import RefineConfig
+from selfie_lite.config import RefineConfig, RunConfig
 from selfie_lite.refine import LowConfidencePicker, alpha_at
 
 
@@ -95,10 +95,17 @@ class Consistency:
         return Smoothing(a, low_conf, max(given, default=0.0), True)
 
 
-def smoother_for(refine: RefineConfig | None, lam: float, pairs: list[dict]) -> Smoother:
-    """The round's smoothing, chosen once. refine None: the seed round (no smoothing). Pairs that carry a "smoothing"
-    field (robust.training_pairs adds it where the consistency stage ran): Consistency. Else the paper's picker when
-    refine.alpha > 0, and none when it is 0."""
+def smoother_for(cfg: RunConfig, round_index: int, pairs: list[dict]) -> Smoother:
+    """Round i's smoothing, chosen once from the settings (train.train_stage): none in the seed round (0), else
+    smoothing_of the round's refine settings and lambda. A new loss-side counter-measure adds its branch here."""
+    if round_index == 0:
+        return NoSmoothing()
+    return smoothing_of(cfg.refine, cfg.refine.lambdas[round_index - 1], pairs)
+
+
+def smoothing_of(refine: RefineConfig | None, lam: float, pairs: list[dict]) -> Smoother:
+    """refine None: no smoothing. Pairs that carry a "smoothing" field (robust.training_pairs adds it where the
+    consistency stage ran): Consistency. Else the paper's picker when refine.alpha > 0, and none when it is 0."""
     if any("smoothing" in p for p in pairs):
         return Consistency({int(p["pair_id"]): float(p.get("smoothing", 0.0)) for p in pairs})
     if refine is None:

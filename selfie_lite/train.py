@@ -373,8 +373,7 @@ def train_stage(r: Round) -> dict:
     lr = round_learning_rate(cfg.train.learning_rate, cfg.robust.lr_decay, i)
     train = cfg.train if lr == cfg.train.learning_rate else dataclasses.replace(cfg.train, learning_rate=lr)
     sft_ref = not seed_round and cfg.robust.train_reference == "sft"
-    smoother = smoother_for(None if seed_round else cfg.refine, 0.0 if seed_round else cfg.refine.lambdas[i - 1],
-                            pairs)
+    smoother = smoother_for(cfg, i, pairs)
     result = train_dpo(
         model, tok, pairs, beta=cfg.beta, train=train, smoother=smoother,
         epochs=cfg.train.seed_epochs if seed_round else cfg.train.round_epochs,

@@ -15,7 +15,7 @@ from selfie_lite.judge import fit_length_penalty, judge_pairs, length_gap
 from selfie_lite.loss import dpo_losses
 from selfie_lite.refine import LowConfidencePicker, extrapolated_margin, sequence_logps
 from selfie_lite.robust import consistency_smoothing, gold_pair_id, gold_replay, kendall_tau, round_learning_rate
-from selfie_lite.smoothing import Consistency, LowConfidence, smoother_for
+from selfie_lite.smoothing import Consistency, LowConfidence, smoothing_of
 from selfie_lite.train import _to_conversation, reference_table, training_sequences
 from selfie_lite.trainer import PairCollator, SPADPOTrainer
 
@@ -340,7 +340,7 @@ def test_given_pair_smoothing_replaces_the_low_confidence_pick(tmp_path):
     # The paper's pick would smooth every pair (frac 1, no warm-up); the given values win.
     refine = RefineConfig(alpha=0.1, low_conf_frac=1.0, warmup_frac=0.5, window_pairs=50, vocab_chunk=100)
     with_given = [dict(p, smoothing=given[p["pair_id"]]) if p["pair_id"] in given else p for p in pairs]
-    trainer = _trainer(tmp_path, model, tok, pairs, smoother=smoother_for(refine, 0.0, with_given))
+    trainer = _trainer(tmp_path, model, tok, pairs, smoother=smoothing_of(refine, 0.0, with_given))
     assert isinstance(trainer.smoother, Consistency)
     model.train()
     batch = _batch(trainer, 8)

@@ -14,7 +14,7 @@ from trl import DPOConfig, DPOTrainer
 
 from selfie_lite.config import RefineConfig, TrainConfig
 from selfie_lite.errors import RunError
-from selfie_lite.smoothing import smoother_for
+from selfie_lite.smoothing import smoothing_of
 from selfie_lite.train import TrainResult, _to_conversation, train_dpo
 from selfie_lite.trainer import PairCollator, SPADPOTrainer
 
@@ -48,7 +48,7 @@ def test_zero_smoothing_equals_trl_stock_sigmoid_loss(tmp_path, refine, lam):
 
     ours = SPADPOTrainer(model=model, args=args(), train_dataset=dataset, processing_class=tok,
                          data_collator=PairCollator(pad_token_id=tok.pad_token_id, max_length=64),
-                         beta=0.1, smoother=smoother_for(refine, lam, []))
+                         beta=0.1, smoother=smoothing_of(refine, lam, []))
     assert set(model.peft_config) == {"default"}  # we dropped TRL's "ref" adapter copy
     stock = DPOTrainer(model=model, args=args(), train_dataset=dataset.remove_columns("pair_id"), processing_class=tok)
     # Stock TRL copies the adapter into a "ref" adapter and uses it as the reference; without it, it falls back
@@ -78,7 +78,7 @@ def test_train_dpo_learns_and_smooths_about_low_conf_frac(tmp_path):
     refine = RefineConfig(alpha=0.1, low_conf_frac=0.25, warmup_frac=0.2, window_pairs=8, vocab_chunk=100)
     calls = []
     result = train_dpo(
-        model, tiny_tokenizer(), pairs, beta=0.1, train=TRAIN, smoother=smoother_for(refine, 0.5, []), epochs=3,
+        model, tiny_tokenizer(), pairs, beta=0.1, train=TRAIN, smoother=smoothing_of(refine, 0.5, []), epochs=3,
         out_dir=tmp_path, seed=0, on_step=lambda step, total, logs: calls.append((step, total, logs)),
     )
     m = result.metrics
@@ -113,7 +113,7 @@ def test_train_dpo_learns_and_smooths_about_low_conf_frac(tmp_path):
 
 def test_plain_dpo_when_refine_is_none(tmp_path):
     model = tiny_model()
-    result = train_dpo(model, tiny_tokenizer(), tiny_pairs(16), beta=0.1, train=TRAIN, smoother=smoother_for(None, 0.5, []),
+    result = train_dpo(model, tiny_tokenizer(), tiny_pairs(16), beta=0.1, train=TRAIN, smoother=smoothing_of(None, 0.5, []),
                        epochs=1, out_dir=tmp_path, seed=0)
     assert result.metrics["frac_smoothed"] == 0.0
     assert not any(s["smoothed"] for s in result.pair_stats.values())
@@ -127,7 +127,7 @@ def test_same_seed_same_adapter(tmp_path):
     runs = []
     for seed in (0, 0, 1):
         model = tiny_model(seed=0)
-        result = train_dpo(model, tiny_tokenizer(), tiny_pairs(16), beta=0.1, train=TRAIN, smoother=smoother_for(refine, 0.0, []),
+        result = train_dpo(model, tiny_tokenizer(), tiny_pairs(16), beta=0.1, train=TRAIN, smoother=smoothing_of(refine, 0.0, []),
                            epochs=2, out_dir=tmp_path, seed=seed)
         runs.append((_lora_weights(model), result.pair_stats))
     (w0, s0), (w1, s1), (w2, _) = runs
@@ -141,7 +141,7 @@ def test_gradient_checkpointing_works_on_cpu_and_changes_nothing(tmp_path):
     for checkpointing in (False, True):
         model = tiny_model()
         train = TrainConfig(**{**TRAIN.__dict__, "gradient_checkpointing": checkpointing})
-        train_dpo(model, tiny_tokenizer(), tiny_pairs(16), beta=0.1, train=train, smoother=smoother_for(RefineConfig(), 0.5, []),
+        train_dpo(model, tiny_tokenizer(), tiny_pairs(16), beta=0.1, train=train, smoother=smoothing_of(RefineConfig(), 0.5, []),
                   epochs=2, out_dir=tmp_path, seed=0)
         weights.append(_lora_weights(model))
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
@@ -155,7 +155,7 @@ def test_nan_loss_raises_run_error(tmp_path):
             p.data.fill_(float("nan"))
             break
     with pytest.raises(RunError, match="DPO loss became nan") as err:
-        train_dpo(model, tiny_tokenizer(), tiny_pairs(8), beta=0.1, train=TRAIN, smoother=smoother_for(None, 0.0, []),
+        train_dpo(model, tiny_tokenizer(), tiny_pairs(8), beta=0.1, train=TRAIN, smoother=smoothing_of(None, 0.0, []),
                   epochs=1, out_dir=tmp_path, seed=0)
     assert "learning_rate" in err.value.hint and "pairs" in err.value.hint
 
@@ -187,7 +187,7 @@ def test_long_prompts_are_cut_to_their_end_not_dropped(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(SPADPOTrainer, "_prepare_dataset", spy)
-    result = train_dpo(model, tok, pairs, beta=0.1, train=train, smoother=smoother_for(None, 0.0, []), epochs=1, out_dir=tmp_path,
+    result = train_dpo(model, tok, pairs, beta=0.1, train=train, smoother=smoothing_of(None, 0.0, []), epochs=1, out_dir=tmp_path,
                        seed=0)
     assert result.metrics["pairs_dropped"] == 0 and set(result.pair_stats) == {p["pair_id"] for p in pairs}
     full_prompt = tok.apply_chat_template([{"role": "user", "content": pairs[0]["prompt"]}],
@@ -215,7 +215,7 @@ def test_reference_pass_once_equals_the_reference_in_every_step(tmp_path, monkey
     for precompute in (True, False):
         calls.clear()
         model = tiny_model()
-        result = train_dpo(model, tiny_tokenizer(), tiny_pairs(16), beta=0.1, train=TRAIN, smoother=smoother_for(refine, lam, []),
+        result = train_dpo(model, tiny_tokenizer(), tiny_pairs(16), beta=0.1, train=TRAIN, smoother=smoothing_of(refine, lam, []),
                            epochs=2, out_dir=tmp_path, seed=0, precompute_reference=precompute)
         runs[precompute] = (_lora_weights(model), result, len(calls))
     (w_once, r_once, n_once), (w_step, r_step, n_step) = runs[True], runs[False]
@@ -234,5 +234,5 @@ def test_reference_pass_once_equals_the_reference_in_every_step(tmp_path, monkey
 
 def test_noise_detection_keeps_the_reference_forward_in_every_step(tmp_path):
     result = train_dpo(tiny_model(), tiny_tokenizer(), tiny_pairs(8), beta=0.1, train=TRAIN,
-                       smoother=smoother_for(RefineConfig(alpha=0.1), 0.5, []), epochs=1, out_dir=tmp_path, seed=0)
+                       smoother=smoothing_of(RefineConfig(alpha=0.1), 0.5, []), epochs=1, out_dir=tmp_path, seed=0)
     assert result.metrics["reference_pass_seconds"] is None  # h_ref is needed in every step: no pass before

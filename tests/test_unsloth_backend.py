@@ -329,7 +329,7 @@ def test_scoring_and_training_do_not_need_the_patched_forwards_logits(fake_unslo
 
     from selfie_lite.backends.hf import HFBackend
     from selfie_lite.config import RefineConfig
-    from selfie_lite.smoothing import smoother_for
+    from selfie_lite.smoothing import smoothing_of
     from selfie_lite.train import train_dpo
 
     seqs = [([1, 5, 10, 11, 6], [20, 21, 2]), ([1, 5, 12, 6], [30, 2])]
@@ -350,7 +350,7 @@ def test_scoring_and_training_do_not_need_the_patched_forwards_logits(fake_unslo
         train_dpo(m, t, pairs, beta=0.1, train=TrainConfig(max_length=32, max_prompt_length=16, batch_size=2,
                                                            grad_accum=1, learning_rate=1e-2,
                                                            gradient_checkpointing=False),
-                  smoother=smoother_for(RefineConfig(alpha=0.1, warmup_frac=0.0), 0.5, []), epochs=1, out_dir=tmp_path / "t", seed=1)
+                  smoother=smoothing_of(RefineConfig(alpha=0.1, warmup_frac=0.0), 0.5, []), epochs=1, out_dir=tmp_path / "t", seed=1)
         after = {n: p.detach().clone() for n, p in m.named_parameters() if "lora_" in n}
         assert any(not torch.equal(before[k], after[k]) for k in after)  # it trained
         return after
@@ -535,7 +535,7 @@ except ImportError as e:
     print("ABSENT", e); sys.exit(0)
 from selfie_lite.backends import get_backend
 from selfie_lite.config import LoraConfig, RefineConfig, RunConfig, TrainConfig
-from selfie_lite.smoothing import smoother_for
+from selfie_lite.smoothing import smoothing_of
 from selfie_lite.train import train_dpo
 model_dir, work = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = RunConfig(model=str(model_dir), backend="unsloth", train=TrainConfig(max_length=96, max_prompt_length=48,
@@ -551,7 +551,7 @@ model = be.add_lora(model, LoraConfig(r=4, alpha=8), seed=1)
 rng = random.Random(0)
 w = lambda n: " ".join(f"w{rng.randrange(7, 512)}" for _ in range(n))
 res = train_dpo(model, tok, [{"pair_id": i, "prompt": w(20), "chosen": w(10), "rejected": w(10)} for i in range(4)],
-                beta=0.1, train=cfg.train, smoother=smoother_for(RefineConfig(), 0.5, []), epochs=1, out_dir=work / "t", seed=1)
+                beta=0.1, train=cfg.train, smoother=smoothing_of(RefineConfig(), 0.5, []), epochs=1, out_dir=work / "t", seed=1)
 be.save_adapter(model, work / "adapter")
 be.free(model)
 be.merge(model_dir, work / "adapter", work / "merged")
