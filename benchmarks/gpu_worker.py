@@ -144,6 +144,7 @@ def run_worker(spec: dict) -> dict:
     gc.collect()
 
     # train: load for training, fresh LoRA, a few DPO optimizer steps with the SPA loss (round-1 settings)
+    from selfie_lite.smoothing import smoothing_of
     from selfie_lite.train import train_dpo
 
     with measure as m:
@@ -159,7 +160,7 @@ def run_worker(spec: dict) -> dict:
     stamps: list[float] = []
     work = Path(spec["work_dir"])
     with measure as m:
-        result = train_dpo(model, tok, pairs, beta=cfg.beta, train=cfg.train, refine=RefineConfig(), lam=0.5,
+        result = train_dpo(model, tok, pairs, beta=cfg.beta, train=cfg.train, smoother=smoothing_of(RefineConfig(), 0.5, pairs),
                            epochs=1, out_dir=work / f"trainer-{backend.name}", seed=cfg.random_seed,
                            on_step=lambda step, total, logs: stamps.append(time.perf_counter()))
     steady = (len(stamps) - 1) * tb / (stamps[-1] - stamps[0]) if len(stamps) >= 2 else None

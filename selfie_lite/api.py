@@ -137,7 +137,7 @@ def resume_changes(saved: dict, new: dict) -> list[str]:
     them), as "key: old -> new" lines; the same labelled share spelt another way (3.3% in a settings file, 3.3pct
     saved) is no change."""
     from selfie_lite.config import diff_configs
-    from selfie_lite.data import canonical_labelled_share
+    from selfie_lite.validate import canonical_labelled_share
 
     old_share, new_share = saved.get("data", {}).get("labelled_share"), new.get("data", {}).get("labelled_share")
     try:

@@ -165,9 +165,9 @@ def run(
     # what this function adds is printing.
     from selfie_lite import api
     from selfie_lite.config import to_dict
-    from selfie_lite.data import canonical_labelled_share
     from selfie_lite.progress import Reporter
     from selfie_lite.tracking import Tracker, check_available
+    from selfie_lite.validate import canonical_labelled_share
 
     t0 = time.perf_counter()
     check_available(report_to.value)

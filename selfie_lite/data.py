@@ -11,48 +11,13 @@ from __future__ import annotations
 import difflib
 import math
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from selfie_lite import hub
 from selfie_lite.config import DataConfig
 from selfie_lite.errors import UserError, describe
-
-# ---------------------------------------------------------------------------------------------
-# Labelled share: "3.3pct" | "3.3%" | "2000"
-
-
-def parse_labelled_share(text: str, n_rows: int | None = None) -> int | float:
-    """Return a fraction (0 < f <= 1) for percentages or an int count; with n_rows, always the count."""
-    raw = str(text).strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(pct|%)", raw, flags=re.IGNORECASE)
-    if m:
-        pct = float(m.group(1))
-        if not 0 < pct <= 100:
-            raise UserError(f"{raw}: the labelled share must be above 0% and at most 100%", key="data.labelled_share")
-        value: int | float = pct / 100.0
-    elif re.fullmatch(r"\d+", raw):
-        value = int(raw)
-        if value <= 0:
-            raise UserError(f"{raw}: need at least one labelled pair", hint="try 3.3pct", key="data.labelled_share")
-    else:
-        raise UserError(f"{raw!r} is not a labelled share", hint="write a percentage (3.3pct, 3.3%) or a pair count (2000)",
-                        key="data.labelled_share")
-    if n_rows is None:
-        return value
-    count = max(1, round(value * n_rows)) if isinstance(value, float) else value
-    if count > n_rows:
-        raise UserError(f"{raw} asks for {count} labelled pairs but the data has {n_rows} valid rows", key="data.labelled_share")
-    return count
-
-
-def canonical_labelled_share(text: str) -> str:
-    """The labelled share as config.json stores it: 3.3% and 3.3 pct -> "3.3pct", 0042 -> "42", so that a resume
-    with another spelling of the same share is not a change of settings."""
-    value = parse_labelled_share(text)
-    return f"{value * 100:.10g}pct" if isinstance(value, float) else str(value)
-
+from selfie_lite.validate import parse_labelled_share
 
 REQUIRED = ("chosen", "rejected")
 MAX_IDENTICAL = 0.5  # share of rows with chosen == rejected above which the data set is refused, not cleaned

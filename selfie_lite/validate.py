@@ -1,4 +1,5 @@
-"""What the types alone cannot say: ONE table of valid ranges for every numeric setting (RANGES), the cross-field
+"""What the types alone cannot say (config.py's loader calls these on a RunConfig; this module imports nothing from
+config.py, so that the two never import each other): ONE table of valid ranges for every numeric setting (RANGES), the cross-field
 rules (validate), and the settings that a chosen method would ignore (check_ignored)."""
 
 from __future__ import annotations
@@ -6,13 +7,46 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfie_lite.config import RunConfig
-from selfie_lite.data import parse_labelled_share
 from selfie_lite.errors import UserError
 from selfie_lite.scorers import SCORERS, is_scorer
+
+# ---------------------------------------------------------------------------------------------
+# Labelled share: "3.3pct" | "3.3%" | "2000"
+
+
+def parse_labelled_share(text: str, n_rows: int | None = None) -> int | float:
+    """Return a fraction (0 < f <= 1) for percentages or an int count; with n_rows, always the count."""
+    raw = str(text).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(pct|%)", raw, flags=re.IGNORECASE)
+    if m:
+        pct = float(m.group(1))
+        if not 0 < pct <= 100:
+            raise UserError(f"{raw}: the labelled share must be above 0% and at most 100%", key="data.labelled_share")
+        value: int | float = pct / 100.0
+    elif re.fullmatch(r"\d+", raw):
+        value = int(raw)
+        if value <= 0:
+            raise UserError(f"{raw}: need at least one labelled pair", hint="try 3.3pct", key="data.labelled_share")
+    else:
+        raise UserError(f"{raw!r} is not a labelled share", hint="write a percentage (3.3pct, 3.3%) or a pair count (2000)",
+                        key="data.labelled_share")
+    if n_rows is None:
+        return value
+    count = max(1, round(value * n_rows)) if isinstance(value, float) else value
+    if count > n_rows:
+        raise UserError(f"{raw} asks for {count} labelled pairs but the data has {n_rows} valid rows", key="data.labelled_share")
+    return count
+
+
+def canonical_labelled_share(text: str) -> str:
+    """The labelled share as config.json stores it: 3.3% and 3.3 pct -> "3.3pct", 0042 -> "42", so that a resume
+    with another spelling of the same share is not a change of settings."""
+    value = parse_labelled_share(text)
+    return f"{value * 100:.10g}pct" if isinstance(value, float) else str(value)
 
 
 @dataclass(frozen=True)
@@ -123,7 +157,7 @@ def _get(cfg, key: str):
     return cfg
 
 
-def validate(cfg: RunConfig) -> None:
+def validate(cfg) -> None:
     """Every numeric setting against RANGES first (one message per key), then the cross-field checks that the
     types and ranges alone cannot express."""
     parse_labelled_share(cfg.data.labelled_share)
@@ -169,11 +203,11 @@ def lr_schedulers() -> tuple[str, ...]:
 SINGLE_FILE_DATA = (".jsonl", ".json", ".parquet")
 
 
-def check_ignored(cfg: RunConfig, given: dict) -> None:
+def check_ignored(cfg, given: dict) -> None:
     """Refuse a setting that `given` (what the user wrote: a --config file and the flags, merged) sets to something
     other than its default when cfg's method would ignore it, rather than save it and run without it. A value equal
     to the default is let through: it changes nothing, and a settings file may restate every default."""
-    default = RunConfig()
+    default = type(cfg)()  # RunConfig's defaults
 
     def set_(key: str) -> bool:
         node = given

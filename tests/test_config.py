@@ -3,8 +3,8 @@
 import pytest
 
 from selfie_lite.config import diff_configs, load_config, parse_override, to_dict
-from selfie_lite.data import parse_labelled_share
 from selfie_lite.errors import UserError
+from selfie_lite.validate import parse_labelled_share
 
 
 @pytest.mark.parametrize(

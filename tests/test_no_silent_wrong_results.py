@@ -107,7 +107,7 @@ RANGE_BAD = [
     (["run", "--set", "sample.max_new_tokens=0"], "sample.max_new_tokens must be >= 1, got 0"),
     (["run", "--set", "lora.r=0"], "lora.r must be >= 1, got 0"),
     (["run", "--set", "lora.alpha=0"], "lora.alpha must be > 0, got 0"),
-    (["run", "--random-seed", "-1"], "random_seed must be in [0, 2147483647], got -1"),
+    (["run", "--random-seed", "-1"], "--random-seed must be in [0, 2147483647], got -1"),
     (["run", "--set", "refine.window_pairs=0"], "refine.window_pairs must be >= 1, got 0"),
     (["run", "--set", "refine.vocab_chunk=0"], "refine.vocab_chunk must be >= 1, got 0"),
     (["run", "--set", "train.warmup_ratio=1.0"], "train.warmup_ratio must be in [0, 1), got 1.0"),

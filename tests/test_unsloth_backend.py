@@ -67,7 +67,7 @@ def test_explicit_unsloth_without_the_package_is_one_line(no_unsloth):
     with pytest.raises(UserError) as e:
         get_backend(RunConfig(backend="unsloth"))
     assert "\n" not in str(e.value)
-    assert str(e.value).startswith("--backend unsloth is not available: unsloth is not installed")
+    assert str(e.value).startswith("backend unsloth is not available: unsloth is not installed") and e.value.key == "backend"
     assert "selfie-lite[gpu]" in e.value.hint
 
 
