@@ -32,6 +32,10 @@ class DataConfig:
     test_size: int = 1000  # held-out labelled pairs for evaluation (rows), taken before the pools
     pool_ratio: list[float] = field(default_factory=lambda: [8.0, 20.0, 30.0])  # paper: 8K:20K:30K
     pool_sizes: list[int] = field(default_factory=list)  # explicit prompts per round; overrides pool_ratio
+    # Rounds beyond the pools that data.pool_sizes lists (--rounds 5 with 3 pools): "off" = refused (one listed pool
+    # per round), "last" = each takes the last listed size, "rest" = they share the prompts left over equally.
+    # A split that does not fit the data is refused, naming the sizes (data.pool_sizes).
+    extra_pools: str = "off"
     max_bad_rows: float = 0.01  # fraction of invalid rows tolerated (skipped and counted); more refuses to start
 
 
@@ -113,6 +117,15 @@ class RobustConfig:
     # rank agreement of this round's and the previous round's judge on its prompt's samples) or "round" (one a for
     # every pair, from the round's mean C). Replaces the paper's bottom-K smoothing in those rounds. Off = "off".
     consistency: str = "pair"
+    # Step budget (docs/method.md (E12)): at most this many optimizer steps in each round i >= 1 (the pools grow, so
+    # later rounds would otherwise take several times round 1's steps at the same learning rate); the trainer's
+    # schedule runs over the capped count and the pairs past it (in the trainer's shuffled order) are not seen.
+    # Off = 0 (every pair, train.round_epochs epochs).
+    max_steps: int = 0
+    # Margin selection (docs/method.md (E13); SeRA, arXiv 2410.09362): keep this share (0..1] of each round's
+    # self-labelled pairs, those with the largest implicit-reward margin r(y_w) - r(y_l) (the judge's own); the
+    # replayed human pairs follow the kept count. Off = 1 (every pair).
+    margin_keep: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -325,7 +338,7 @@ def load_config(preset: str | None = None, config_file: Path | None = None, over
 # smoothing, noise detection) follows the config as usual: these are the settings that selfie-lite adds.
 PAPER = {"guard": {"select": "last"},
          "robust": {"gold_replay": 0.0, "lr_decay": 1.0, "length_debias": False, "train_reference": "previous",
-                    "consistency": "off"}}
+                    "consistency": "off", "max_steps": 0, "margin_keep": 1.0}}
 
 
 def _paper(data: dict) -> dict:
@@ -509,6 +522,8 @@ RANGES: dict[str, Range] = {
     "guard.probe_prompts": AT_LEAST_1,
     # A decay: 0 would stop learning after round 1; > 1 would raise the rate round after round.
     "robust.lr_decay": Range(0, 1, lo_open=True),
+    "robust.max_steps": NON_NEGATIVE,  # 0 = no cap
+    "robust.margin_keep": Range(0, 1, lo_open=True),  # 0 would keep no self-labelled pair
 }
 
 
@@ -536,14 +551,19 @@ def validate(cfg: RunConfig) -> None:
     parse_labelled_share(cfg.data.labelled_share)
     for key in RANGES:
         check_range(key, _get(cfg, key))
+    if cfg.data.extra_pools not in ("off", "last", "rest"):
+        raise UserError(f"data.extra_pools must be off, last or rest, got {cfg.data.extra_pools!r}")
+    if cfg.data.extra_pools != "off" and not cfg.data.pool_sizes:
+        raise UserError(f"data.extra_pools = {cfg.data.extra_pools} extends data.pool_sizes, which is not set",
+                        hint="give data.pool_sizes (prompts per round), or one data.pool_ratio entry per round")
     pools = cfg.data.pool_sizes or cfg.data.pool_ratio
-    if len(pools) < cfg.rounds:
+    if len(pools) < cfg.rounds and cfg.data.extra_pools == "off":
         raise UserError(
             f"{cfg.rounds} rounds need {cfg.rounds} prompt pools but data.pool_{'sizes' if cfg.data.pool_sizes else 'ratio'} "
             f"has {len(pools)}",
-            hint="give one pool per round, or lower --rounds",
+            hint="give one pool per round, set data.extra_pools = last or rest, or lower --rounds",
         )
-    if len(cfg.refine.lambdas) < cfg.rounds:
+    if len(cfg.refine.lambdas) < cfg.rounds and cfg.data.extra_pools == "off":
         raise UserError(f"refine.lambdas needs one value per round ({cfg.rounds}), got {len(cfg.refine.lambdas)}")
     if cfg.sample.sampler not in ("generate", "vllm", "auto"):
         raise UserError(f"sample.sampler must be generate, vllm or auto, got {cfg.sample.sampler!r}")
