@@ -67,8 +67,8 @@ ABLATIONS = {
 # Issue 21's levers, each on top of the default (DEFAULT: the robust.* settings of method = "selfie").
 DEFAULT = {"gold_replay": 0.5, "train_reference": "sft", "consistency": "pair"}
 ABLATIONS |= {
-    "d+step-cap": ({"robust": DEFAULT | {"max_steps": 38}},
-                   "default + step budget: at most 38 optimizer steps per round (round 1's count)"),
+    "d+step-cap": ({"robust": DEFAULT | {"max_steps": 26}},
+                   "default + step budget: at most 26 optimizer steps per round (round 1's count, seed 1)"),
     "d+eq-pools": ({"robust": DEFAULT, "rounds": 5, "data": {"pool_sizes": [400], "extra_pools": "last"}},
                    "default + equal pools (400 prompts per round), 5 rounds"),
     "d+margin": ({"robust": DEFAULT | {"margin_keep": 0.5}},
@@ -76,6 +76,8 @@ ABLATIONS |= {
     "d+k4": ({"robust": DEFAULT, "sample": {"num_samples": 4}}, "default + K = 4 samples, best vs worst"),
     "d+sdpo": ({"robust": DEFAULT | {"train_reference": "previous"}},
                "default with the DPO reference moved forward each round (pi_{i-1}, sDPO)"),
+    "d+anchored": ({"robust": DEFAULT | {"anchor_rejected": True}},
+                   "default + anchored rejected: rejected = the worst of pi_0's samples (Temporal Self-Rewarding)"),
     "d+r5-rest": ({"robust": DEFAULT, "rounds": 5, "data": {"extra_pools": "rest"}},
                   "default, 5 rounds (rounds 4-5 share the prompts left over: 1,201 each)"),
 }

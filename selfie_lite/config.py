@@ -126,6 +126,11 @@ class RobustConfig:
     # self-labelled pairs, those with the largest implicit-reward margin r(y_w) - r(y_l) (the judge's own); the
     # replayed human pairs follow the kept count. Off = 1 (every pair).
     margin_keep: float = 1.0
+    # Anchored rejected responses (docs/method.md (E14); Temporal Self-Rewarding, arXiv 2508.06026): in rounds i >= 2
+    # the seed-DPO model pi_0 also answers every prompt (K samples, a stage of its own); the pair's chosen response is
+    # the best of pi_{i-1}'s samples, its rejected response the worst of pi_0's, both by this round's judge (E2).
+    # Off = false (chosen and rejected both from pi_{i-1}'s samples).
+    anchor_rejected: bool = False
 
 
 @dataclass(frozen=True)
@@ -338,7 +343,8 @@ def load_config(preset: str | None = None, config_file: Path | None = None, over
 # smoothing, noise detection) follows the config as usual: these are the settings that selfie-lite adds.
 PAPER = {"guard": {"select": "last"},
          "robust": {"gold_replay": 0.0, "lr_decay": 1.0, "length_debias": False, "train_reference": "previous",
-                    "consistency": "off", "max_steps": 0, "margin_keep": 1.0}}
+                    "consistency": "off", "max_steps": 0, "margin_keep": 1.0,
+                    "anchor_rejected": False}}
 
 
 def _paper(data: dict) -> dict:

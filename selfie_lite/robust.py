@@ -200,3 +200,36 @@ def read_consistency(round_dir: Path) -> dict[int, float]:
     from selfie_lite.rundir import read_json
 
     return {int(k): v for k, v in read_json(round_dir / CONSISTENCY).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Anchored rejected responses (Temporal Self-Rewarding; docs/method.md (E14))
+
+ANCHOR_DIR = "anchor"  # in round-<i>/: anchor/samples/chunk-*.jsonl, pi_0's answers to the round's prompts
+
+
+def anchor_stage(r: Round) -> dict:
+    """robust.anchor_rejected, rounds >= 2, after sampling: K responses per prompt of the round's pool from pi_0, in
+    resumable seeded chunks as the sample stage draws them (another seed stream: round 1000 + i)."""
+    from selfie_lite.rundir import read_jsonl
+    from selfie_lite.sample import sample_round
+
+    prompts = [row["prompt"] for row in read_jsonl(r.run_dir / "data" / f"pool-{r.index}.jsonl")]
+    return sample_round(r.cfg, r.dir / ANCHOR_DIR, r.backend, r.model(0), prompts, 1000 + r.index, r.progress)
+
+
+def with_anchor_samples(rows: list[dict], anchor_rows: list[dict]) -> list[dict]:
+    """Each prompt's row with pi_0's samples appended (responses, response_ids) and "anchor_from" = the index of the
+    first of them, so that the judge picks chosen among the round's own samples and rejected among pi_0's
+    (judge.judge_pairs). The sampling pass's policy log-probs are dropped: pi_0's samples need the judge's policy
+    pass, so the judge scores every sample of the merged row."""
+    anchor = {int(a["id"]): a for a in anchor_rows}
+    out = []
+    for row in rows:
+        a = anchor[int(row["id"])]
+        merged = {k: v for k, v in row.items() if k != "policy_logps"}
+        merged["responses"] = row["responses"] + a["responses"]
+        merged["response_ids"] = row["response_ids"] + a["response_ids"]
+        merged["anchor_from"] = len(row["responses"])
+        out.append(merged)
+    return out

@@ -78,4 +78,8 @@ def load_samples(round_dir: Path) -> list[dict]:
     rows: list[dict] = []
     for f in sorted((round_dir / "samples").glob("chunk-*.jsonl")):
         rows += read_jsonl(f)
+    if (round_dir / "anchor" / "samples").is_dir() and rows:  # robust.anchor_rejected: pi_0's samples appended
+        from selfie_lite.robust import with_anchor_samples
+
+        rows = with_anchor_samples(rows, load_samples(round_dir / "anchor"))
     return rows

@@ -81,12 +81,17 @@ def test_step_budget_off_or_above_the_epochs_is_bitwise_todays_training(tmp_path
 
 
 def test_step_budget_stops_the_round_early(tmp_path):
-    model = tiny_model()
-    before = _lora(model)
-    res = train_dpo(model, tiny_tokenizer(), tiny_pairs(16), beta=0.1, train=TRAIN, refine=None, lam=0.0,
-                    epochs=2, out_dir=tmp_path, seed=0, max_steps=1)
-    assert res.metrics["steps"] == 1 and len(res.metrics["loss_curve"]) == 1
-    assert any(not torch.equal(before[k], v) for k, v in _lora(model).items())  # it did train, one step
+    """3 of the 4 steps the epochs give: the round stops after 3 (the schedule runs over those 3)."""
+    weights = []
+    for max_steps in (-1, 3):
+        model = tiny_model()
+        before = _lora(model)
+        res = train_dpo(model, tiny_tokenizer(), tiny_pairs(16), beta=0.1, train=TRAIN, refine=None, lam=0.0,
+                        epochs=2, out_dir=tmp_path, seed=0, max_steps=max_steps)
+        weights.append(_lora(model))
+        assert any(not torch.equal(before[k], v) for k, v in weights[-1].items())  # it did train
+    assert res.metrics["steps"] == 3 and len(res.metrics["loss_curve"]) == 3
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,3 +198,65 @@ def test_a_step_budget_caps_every_self_labelled_round_in_a_run(toy, tmp_path):
     run(cfg, toy, out)
     steps = [json.loads((out / f"round-{i}" / "done" / "train.json").read_text())["steps"] for i in (0, 1, 2)]
     assert steps[0] > 2 and steps[1:] == [2, 2]  # the seed round is never capped
+
+
+# ---------------------------------------------------------------------------------------------
+# Anchored rejected responses (robust.anchor_rejected)
+
+
+def _row(rid, responses, anchor_from=None):
+    row = {"id": rid, "prompt": f"q{rid}", "prompt_ids": [1, 2], "responses": responses,
+           "response_ids": [[10 + j] * (j + 1) for j in range(len(responses))]}
+    return row if anchor_from is None else dict(row, anchor_from=anchor_from)
+
+
+def test_anchored_rejected_picks_chosen_among_own_and_rejected_among_pi0s_samples():
+    from selfie_lite.judge import judge_pairs
+
+    # rewards = beta * (policy - ref) with ref 0, beta 1: own samples a (2.0), b (-3.0); pi_0's c (1.0), d (-1.0)
+    plain, _ = judge_pairs([_row(0, ["a", "b", "c", "d"])], [2.0, -3.0, 1.0, -1.0], [0.0] * 4, 1.0)
+    assert (plain[0]["chosen"], plain[0]["rejected"]) == ("a", "b")  # off: best and worst of all
+    anchored, _ = judge_pairs([_row(0, ["a", "b", "c", "d"], anchor_from=2)], [2.0, -3.0, 1.0, -1.0], [0.0] * 4, 1.0)
+    assert (anchored[0]["chosen"], anchored[0]["rejected"]) == ("a", "d")  # rejected: the worst of pi_0's
+    assert anchored[0]["rewards"] == [2.0, -3.0, 1.0, -1.0]
+    # An anchored sample scoring above every own one is still never chosen.
+    top, _ = judge_pairs([_row(0, ["a", "b", "c", "d"], anchor_from=2)], [0.5, 0.2, 9.0, 3.0], [0.0] * 4, 1.0)
+    assert (top[0]["chosen"], top[0]["rejected"]) == ("a", "d")
+
+
+def test_anchor_samples_merge_into_the_rows_and_off_leaves_them_alone(tmp_path):
+    from selfie_lite.loop import round_stages
+    from selfie_lite.robust import with_anchor_samples
+    from selfie_lite.sample import load_samples
+
+    own = [dict(_row(i, ["x", "y"]), policy_logps=[-1.0, -2.0]) for i in range(3)]
+    atomic_write_jsonl(tmp_path / "samples" / "chunk-00000.jsonl", own)
+    assert load_samples(tmp_path) == own  # no anchor/ folder: the rows as sampled, bitwise
+    anchor = [_row(i, ["u", "v"]) for i in range(3)]
+    merged = with_anchor_samples(own, anchor)
+    assert [m["responses"] for m in merged] == [["x", "y", "u", "v"]] * 3
+    assert all(m["anchor_from"] == 2 and "policy_logps" not in m for m in merged)
+    atomic_write_jsonl(tmp_path / "anchor" / "samples" / "chunk-00000.jsonl", anchor)
+    assert load_samples(tmp_path) == merged
+    assert "anchor" not in [n for n, _ in round_stages(load_config(), 2)]
+    on = load_config(None, None, [parse_override("robust.anchor_rejected=true")])
+    assert [n for n, _ in round_stages(on, 1)][:2] == ["sample", "judge"]  # round 1: pi_0 is the sampler itself
+    assert [n for n, _ in round_stages(on, 2)][:3] == ["sample", "anchor", "judge"]
+
+
+def test_a_run_with_anchored_rejected_responses(toy, tmp_path):
+    cfg = config(toy, robust={"anchor_rejected": True})
+    out = tmp_path / "run"
+    _, backend = run(cfg, toy, out)
+    from selfie_lite.sample import load_samples
+
+    rd = out / "round-2"
+    assert ("generate", "round-0") in backend.calls and (rd / "done" / "anchor.json").is_file()
+    rows = {r["id"]: r for r in load_samples(rd)}
+    pairs = [json.loads(x) for x in (rd / "judged.jsonl").read_text().splitlines()]
+    assert pairs
+    for p in pairs:
+        r = rows[p["pair_id"]]
+        a = r["anchor_from"]
+        assert p["chosen"] in r["responses"][:a] and p["rejected"] in r["responses"][a:]
+        assert p["reward_chosen"] == max(p["rewards"][:a])
