@@ -80,14 +80,23 @@ ABLATIONS |= {
                    "default + anchored rejected: rejected = the worst of pi_0's samples (Temporal Self-Rewarding)"),
     "d+r5-rest": ({"robust": DEFAULT, "rounds": 5, "data": {"extra_pools": "rest"}},
                   "default, 5 rounds (rounds 4-5 share the prompts left over: 1,201 each)"),
+    # Combinations with anchored rejected, the best single lever on seed 1's validation prompts.
+    "d+anch+r5": ({"robust": DEFAULT | {"anchor_rejected": True}, "rounds": 5, "data": {"extra_pools": "rest"}},
+                  "default + anchored rejected, 5 rounds (rounds 4-5: the prompts left over, 1,201 each)"),
+    "d+anch+eq": ({"robust": DEFAULT | {"anchor_rejected": True}, "rounds": 5,
+                   "data": {"pool_sizes": [400], "extra_pools": "last"}},
+                  "default + anchored rejected + equal pools (400 prompts per round), 5 rounds"),
+    "d+anch+cap": ({"robust": DEFAULT | {"anchor_rejected": True, "max_steps": 26}},
+                   "default + anchored rejected + step budget 26"),
 }
 # An ablation forked from another ablation's run (its rounds 0..3, whole), not from the paper's loop: the runs agree
 # up to there, so only the rounds after are trained. Its data/ is split again (more pools).
-FORK_FROM = {"d+r5-rest": "default+cream"}
+FORK_FROM = {"d+r5-rest": "default+cream", "d+anch+r5": "d+anchored"}
 # How much of the SPA run's round 1 an ablation may copy: "judge" = up to its judge stage (the default: the ablation
 # changes training only), "all" = the whole round, "none" = only data/ and round-0/ (it changes the judge).
 FORK_ROUND_1 = {"ref-previous": "all", "length-debias": "none", "cream-pair": "all", "cream-round": "all",
-                "d+eq-pools": "round-0", "d+k4": "none", "d+r5-rest": "rounds"}
+                "d+eq-pools": "round-0", "d+k4": "none", "d+r5-rest": "rounds",
+                "d+anch+r5": "rounds", "d+anch+eq": "round-0"}
 # Round-1 files an ablation may copy from the SPA run: everything before training.
 TRAIN_OUTPUTS = {"adapter", "model", "trainer", "pairs.jsonl", "metrics.json", "train.json", "merge.json"}
 
