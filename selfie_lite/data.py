@@ -231,8 +231,8 @@ def extra_pool_sizes(listed: list[int], rounds: int, n_available: int, mode: str
     if each < 1:
         raise UserError(
             f"rounds {len(listed) + 1}-{rounds} have no prompts left: the pools of data.pool_sizes "
-            f"({'+'.join(map(str, listed))} = {sum(listed)}) take {min(sum(listed), n_available)} of the {n_available} "
-            "rows left after the seed pairs and the test split",
+            f"({'+'.join(map(str, listed))} = {sum(listed)}) leave {max(0, left)} of the {n_available} rows that remain "
+            f"after the seed pairs and the test split for {extra} more round(s)",
             hint="lower data.pool_sizes, --rounds or data.test_size")
     return listed + [each] * extra
 

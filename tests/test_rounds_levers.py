@@ -144,8 +144,11 @@ def test_extra_pools_off_refuses_as_before_and_last_or_rest_fill_the_rounds():
 def test_extra_pools_that_do_not_fit_are_refused_with_the_sizes():
     with pytest.raises(UserError, match=r"pools of 400\+1000\+1500\+1500\+1500 = 5900 prompts do not fit: only 5302"):
         pool_sizes(5302, DataConfig(pool_sizes=[400, 1000, 1500], extra_pools="last"), 5)
-    with pytest.raises(UserError, match="rounds 4-5 have no prompts left"):
+    with pytest.raises(UserError, match=r"rounds 4-5 have no prompts left: the pools of data.pool_sizes "
+                       r"\(400\+1000\+1500 = 2900\) leave 0 of the 2900 rows"):
         pool_sizes(2900, DataConfig(pool_sizes=[400, 1000, 1500], extra_pools="rest"), 5)
+    with pytest.raises(UserError, match="leave 1 of the 2901 rows .* for 2 more round"):
+        pool_sizes(2901, DataConfig(pool_sizes=[400, 1000, 1500], extra_pools="rest"), 5)
 
 
 def test_the_first_pools_do_not_move_when_rounds_are_added():
