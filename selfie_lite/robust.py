@@ -9,7 +9,9 @@ drift"). Each is off by default, and off is exactly the paper's loop (arXiv 2406
   judge and by the previous round's; the smoothing of its pair follows their disagreement (consistency_smoothing);
 - length-debiased judging lives in judge.py (fit_length_penalty), where the pairs are chosen;
 - a step budget per round (max_steps: round_max_steps) and margin selection of the self-labelled pairs (margin_keep,
-  SeRA: select_by_margin); round_lambda extends refine.lambdas to rounds beyond its list (data.extra_pools).
+  SeRA: select_by_margin); round_lambda extends refine.lambdas to rounds beyond its list (data.extra_pools);
+- anchored rejected responses (anchor_rejected, Temporal Self-Rewarding): anchor_stage samples pi_0's answers, which
+  sample.load_samples appends to each row and judge.judge_pairs picks the rejected side from.
 """
 
 from __future__ import annotations
@@ -216,20 +218,3 @@ def anchor_stage(r: Round) -> dict:
 
     prompts = [row["prompt"] for row in read_jsonl(r.run_dir / "data" / f"pool-{r.index}.jsonl")]
     return sample_round(r.cfg, r.dir / ANCHOR_DIR, r.backend, r.model(0), prompts, 1000 + r.index, r.progress)
-
-
-def with_anchor_samples(rows: list[dict], anchor_rows: list[dict]) -> list[dict]:
-    """Each prompt's row with pi_0's samples appended (responses, response_ids) and "anchor_from" = the index of the
-    first of them, so that the judge picks chosen among the round's own samples and rejected among pi_0's
-    (judge.judge_pairs). The sampling pass's policy log-probs are dropped: pi_0's samples need the judge's policy
-    pass, so the judge scores every sample of the merged row."""
-    anchor = {int(a["id"]): a for a in anchor_rows}
-    out = []
-    for row in rows:
-        a = anchor[int(row["id"])]
-        merged = {k: v for k, v in row.items() if k != "policy_logps"}
-        merged["responses"] = row["responses"] + a["responses"]
-        merged["response_ids"] = row["response_ids"] + a["response_ids"]
-        merged["anchor_from"] = len(row["responses"])
-        out.append(merged)
-    return out

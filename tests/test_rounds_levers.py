@@ -229,8 +229,7 @@ def test_anchored_rejected_picks_chosen_among_own_and_rejected_among_pi0s_sample
 
 def test_anchor_samples_merge_into_the_rows_and_off_leaves_them_alone(tmp_path):
     from selfie_lite.loop import round_stages
-    from selfie_lite.robust import with_anchor_samples
-    from selfie_lite.sample import load_samples
+    from selfie_lite.sample import load_samples, with_anchor_samples
 
     own = [dict(_row(i, ["x", "y"]), policy_logps=[-1.0, -2.0]) for i in range(3)]
     atomic_write_jsonl(tmp_path / "samples" / "chunk-00000.jsonl", own)
