@@ -64,9 +64,39 @@ ABLATIONS = {
     "default+cream": ({"robust": {"gold_replay": 0.5, "train_reference": "sft", "consistency": "pair"}},
                       "**selfie-lite default**: gold replay 0.5 + SFT reference + consistency per pair (CREAM)"),
 }
+# Issue 21's levers, each on top of the default (DEFAULT: the robust.* settings of method = "selfie").
+DEFAULT = {"gold_replay": 0.5, "train_reference": "sft", "consistency": "pair"}
+ABLATIONS |= {
+    "d+step-cap": ({"robust": DEFAULT | {"max_steps": 26}},
+                   "default + step budget: at most 26 optimizer steps per round (round 1's count, seed 1)"),
+    "d+eq-pools": ({"robust": DEFAULT, "rounds": 5, "data": {"pool_sizes": [400], "extra_pools": "last"}},
+                   "default + equal pools (400 prompts per round), 5 rounds"),
+    "d+margin": ({"robust": DEFAULT | {"margin_keep": 0.5}},
+                 "default + margin selection: the half of the self-labelled pairs with the largest margin (SeRA)"),
+    "d+k4": ({"robust": DEFAULT, "sample": {"num_samples": 4}}, "default + K = 4 samples, best vs worst"),
+    "d+sdpo": ({"robust": DEFAULT | {"train_reference": "previous"}},
+               "default with the DPO reference moved forward each round (pi_{i-1}, sDPO)"),
+    "d+anchored": ({"robust": DEFAULT | {"anchor_rejected": True}},
+                   "default + anchored rejected: rejected = the worst of pi_0's samples (Temporal Self-Rewarding)"),
+    "d+r5-rest": ({"robust": DEFAULT, "rounds": 5, "data": {"extra_pools": "rest"}},
+                  "default, 5 rounds (rounds 4-5 share the prompts left over: 1,201 each)"),
+    # Combinations with anchored rejected, the best single lever on seed 1's validation prompts.
+    "d+anch+r5": ({"robust": DEFAULT | {"anchor_rejected": True}, "rounds": 5, "data": {"extra_pools": "rest"}},
+                  "default + anchored rejected, 5 rounds (rounds 4-5: the prompts left over, 1,201 each)"),
+    "d+anch+eq": ({"robust": DEFAULT | {"anchor_rejected": True}, "rounds": 5,
+                   "data": {"pool_sizes": [400], "extra_pools": "last"}},
+                  "default + anchored rejected + equal pools (400 prompts per round), 5 rounds"),
+    "d+anch+cap": ({"robust": DEFAULT | {"anchor_rejected": True, "max_steps": 26}},
+                   "default + anchored rejected + step budget 26"),
+}
+# An ablation forked from another ablation's run (its rounds 0..3, whole), not from the paper's loop: the runs agree
+# up to there, so only the rounds after are trained. Its data/ is split again (more pools).
+FORK_FROM = {"d+r5-rest": "default+cream", "d+anch+r5": "d+anchored"}
 # How much of the SPA run's round 1 an ablation may copy: "judge" = up to its judge stage (the default: the ablation
 # changes training only), "all" = the whole round, "none" = only data/ and round-0/ (it changes the judge).
-FORK_ROUND_1 = {"ref-previous": "all", "length-debias": "none", "cream-pair": "all", "cream-round": "all"}
+FORK_ROUND_1 = {"ref-previous": "all", "length-debias": "none", "cream-pair": "all", "cream-round": "all",
+                "d+eq-pools": "round-0", "d+k4": "none", "d+r5-rest": "rounds",
+                "d+anch+r5": "rounds", "d+anch+eq": "round-0"}
 # Round-1 files an ablation may copy from the SPA run: everything before training.
 TRAIN_OUTPUTS = {"adapter", "model", "trainer", "pairs.jsonl", "metrics.json", "train.json", "merge.json"}
 
@@ -118,12 +148,19 @@ def run(cfg, run_dir: Path, quiet: Console):
 
 def fork(src: Path, dst: Path, round_1: str) -> None:
     """dst starts as a copy of src's data/ and round-0/, and of round 1 up to its judge stage ("judge"), all of it
-    ("all") or none of it ("none")."""
+    ("all") or none of it ("none"); "round-0": round-0/ alone (the ablation splits the data again, into other pools,
+    from the same shuffle: the same seed pairs); "rounds": every round of src, no data/ (more pools than src's)."""
     if dst.exists():
         return  # resumed benchmark: the fork was made before
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src / "data", tmp / "data")
+    if round_1 == "rounds":
+        for d in sorted(src.glob("round-*")):
+            shutil.copytree(d, tmp / d.name)
+        os.replace(tmp, dst)
+        return
+    if round_1 != "round-0":
+        shutil.copytree(src / "data", tmp / "data")
     shutil.copytree(src / "round-0", tmp / "round-0")
     if round_1 == "all":
         shutil.copytree(src / "round-1", tmp / "round-1")
@@ -170,7 +207,9 @@ def train_all(seed: int, out: Path, args, quiet: Console, timings: dict) -> dict
         if name not in args.ablations:
             continue
         dst = out / f"seed-{seed}" / name
-        fork(spa, dst, FORK_ROUND_1.get(name, "judge"))
+        if name in FORK_FROM and FORK_FROM[name] not in folders:
+            raise SystemExit(f"ablation {name} continues {FORK_FROM[name]}'s run: list {FORK_FROM[name]} before it")
+        fork(folders[FORK_FROM[name]] if name in FORK_FROM else spa, dst, FORK_ROUND_1.get(name, "judge"))
         log(f"seed {seed}: ablation {name}")
         timings[f"seed {seed}: {name}"] = run(make_config(base + [over]), dst, quiet)
         folders[name] = dst
@@ -200,7 +239,7 @@ def evaluate_seed(seed: int, folders: dict[str, Path], args, timings: dict) -> d
     models = {"sft": sft, "dpo-seed": folders["spa"] / "round-0" / "model",
               "dpo-100": folders["dpo-100"] / "round-0" / "model"}
     for name in ["spa", *[a for a in ABLATIONS if a in folders]]:
-        for i in range(1, cfg.rounds + 1):
+        for i in range(1, run_rounds(folders[name]) + 1):
             models[f"{name}/round-{i}"] = folders[name] / f"round-{i}" / "model"
     # Evaluation decodes the same way whatever the runs sampled with (a tuned sample.temperature must not move it).
     settings = EvalSettings(temperature=args.temperature, top_p=1.0,
@@ -217,11 +256,15 @@ def evaluate_seed(seed: int, folders: dict[str, Path], args, timings: dict) -> d
     res["labels"] = {name: {f"round-{i}": label_breakdown(folders[name] / f"round-{i}" / "judged.jsonl")
                             for i in range(1, cfg.rounds + 1)} for name in folders if name != "dpo-100"}
     res["anchors"] = {name: [json.loads((folders[name] / f"round-{i}" / "done" / "guard.json").read_text())[
-        "anchor_agreement"] for i in range(2, cfg.rounds + 1)] for name in folders if name != "dpo-100"}
-    res["train"] = {name: {f"round-{i}": _train_metrics(folders[name] / f"round-{i}") for i in range(cfg.rounds + 1)}
-                    for name in folders}
+        "anchor_agreement"] for i in range(2, run_rounds(folders[name]) + 1)] for name in folders if name != "dpo-100"}
+    res["train"] = {name: {f"round-{i}": _train_metrics(folders[name] / f"round-{i}")
+                           for i in range(run_rounds(folders[name]) + 1)} for name in folders}
     path.write_text(json.dumps(res, indent=2))
     return res
+
+
+def run_rounds(run_dir: Path) -> int:
+    return json.loads((run_dir / "config.json").read_text())["rounds"]
 
 
 def mark_shipped(res: dict, folders: dict[str, Path], rounds: int, args) -> dict:
@@ -230,7 +273,7 @@ def mark_shipped(res: dict, folders: dict[str, Path], rounds: int, args) -> dict
     the guard's settings needs no new evaluation."""
     guard = make_config(args.overrides).guard
     for name in [n for n in folders if n != "dpo-100"]:
-        k = shipped_round(folders[name], rounds, guard.min_anchor_agreement, guard.from_round)
+        k = shipped_round(folders[name], run_rounds(folders[name]), guard.min_anchor_agreement, guard.from_round)
         res["models"][f"{name}/shipped"] = dict(res["models"][f"{name}/round-{k}"] if k else res["models"]["dpo-seed"],
                                                 shipped_round=k, threshold=guard.min_anchor_agreement)
     return res
@@ -303,6 +346,8 @@ def tables(results: dict[int, dict], rounds: int, ablations: list[str]) -> str:
                 "|---|" + "---:|" * (len(seeds) + 1)]
         for label, key in rows_spec(rounds, ablations):
             vals = [results[s]["models"].get(key, {}).get(metric) for s in seeds]
+            if all(v is None for v in vals):
+                continue  # a round this run does not have (runs of 3 and 5 rounds share the table)
             out.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + f" | {_ms(vals)} |")
         out.append("")
     out += ["### Which round `run` ships (round guard)", "",
@@ -324,6 +369,8 @@ def tables(results: dict[int, dict], rounds: int, ablations: list[str]) -> str:
             "| model | seed-pair accuracy | mean length (tokens) | mean length (words) |", "|---|---:|---:|---:|"]
     for label, key in rows_spec(rounds, ablations):
         m = [results[s]["models"].get(key, {}) for s in seeds]
+        if not any(m):
+            continue
         out.append(f"| {label} | {_ms([x.get('seed_pair_accuracy') for x in m])} | "
                    f"{_ms([x.get('mean_response_tokens') for x in m], '.1f')} | {_ms([x.get('mean_response_words') for x in m], '.1f')} |")
     out += ["", "### Self-label agreement with gold, per round (mean ± sd over seeds)", "",
@@ -445,7 +492,7 @@ def main():
     results, rounds = {}, 3
     for seed in args.seeds:
         folders = train_all(seed, args.out, args, quiet, timings)
-        rounds = json.loads((folders["spa"] / "config.json").read_text())["rounds"]
+        rounds = max(rounds, *(run_rounds(f) for name, f in folders.items() if name != "dpo-100"))
         results[seed] = mark_shipped(evaluate_seed(seed, folders, args, timings), folders, rounds, args)
         log(f"seed {seed}: done ({time.perf_counter() - t_start:.0f} s so far)")
     total = time.perf_counter() - t_start

@@ -129,7 +129,7 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path | None = None, *, resume:
 # Settings that decide the data split (data.load_split). Once data/ holds a split, the finished rounds were made from
 # it, so a forced resume may not change them: config.json would name data that the run does not use.
 SPLIT_KEYS = ("data.source", "data.split", "data.labelled_share", "data.test_size", "data.pool_ratio",
-              "data.pool_sizes", "random_seed")
+              "data.pool_sizes", "data.extra_pools", "random_seed")
 
 
 def resume_changes(saved: dict, new: dict) -> list[str]:

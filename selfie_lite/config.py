@@ -28,6 +28,7 @@ JudgeReference = Literal["init", "previous"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 TrainReference = Literal["previous", "sft"]
 Consistency = Literal["off", "pair", "round"]
+ExtraPools = Literal["off", "last", "rest"]
 
 
 def choices(tp) -> tuple[str, ...]:
@@ -49,6 +50,10 @@ class DataConfig:
     test_size: int = 1000  # held-out labelled pairs for evaluation (rows), taken before the pools
     pool_ratio: list[float] = field(default_factory=lambda: [8.0, 20.0, 30.0])  # paper: 8K:20K:30K
     pool_sizes: list[int] = field(default_factory=list)  # explicit prompts per round; overrides pool_ratio
+    # Rounds beyond the pools that data.pool_sizes lists (--rounds 5 with 3 pools): "off" = refused (one listed pool
+    # per round), "last" = each takes the last listed size, "rest" = they share the prompts left over equally.
+    # A split that does not fit the data is refused, naming the sizes (data.pool_sizes).
+    extra_pools: ExtraPools = "off"
     max_bad_rows: float = 0.01  # fraction of invalid rows tolerated (skipped and counted); more refuses to start
 
 
@@ -130,6 +135,20 @@ class RobustConfig:
     # rank agreement of this round's and the previous round's judge on its prompt's samples) or "round" (one a for
     # every pair, from the round's mean C). Replaces the paper's bottom-K smoothing in those rounds. Off = "off".
     consistency: Consistency = "pair"
+    # Step budget (docs/method.md (E12)): at most this many optimizer steps in each round i >= 1 (the pools grow, so
+    # later rounds would otherwise take several times round 1's steps at the same learning rate); the trainer's
+    # schedule runs over the capped count and the pairs past it (in the trainer's shuffled order) are not seen.
+    # Off = 0 (every pair, train.round_epochs epochs).
+    max_steps: int = 0
+    # Margin selection (docs/method.md (E13); SeRA, arXiv 2410.09362): keep this share (0..1] of each round's
+    # self-labelled pairs, those with the largest implicit-reward margin r(y_w) - r(y_l) (the judge's own); the
+    # replayed human pairs follow the kept count. Off = 1 (every pair).
+    margin_keep: float = 1.0
+    # Anchored rejected responses (docs/method.md (E14); Temporal Self-Rewarding, arXiv 2508.06026): in rounds i >= 2
+    # the seed-DPO model pi_0 also answers every prompt (K samples, a stage of its own); the pair's chosen response is
+    # the best of pi_{i-1}'s samples, its rejected response the worst of pi_0's, both by this round's judge (E2).
+    # Off = false (chosen and rejected both from pi_{i-1}'s samples).
+    anchor_rejected: bool = False
 
 
 @dataclass(frozen=True)
@@ -327,7 +346,8 @@ def load_config(preset: str | None = None, config_file: Path | None = None, over
 # smoothing, noise detection) follows the config as usual: these are the settings that selfie-lite adds.
 PAPER = {"guard": {"select": "last"},
          "robust": {"gold_replay": 0.0, "lr_decay": 1.0, "length_debias": False, "train_reference": "previous",
-                    "consistency": "off"}}
+                    "consistency": "off", "max_steps": 0, "margin_keep": 1.0,
+                    "anchor_rejected": False}}
 
 
 def _paper(data: dict) -> dict:

@@ -202,6 +202,8 @@ def drop_identical(rows: list[dict], source: str = "dataset") -> tuple[list[dict
 def pool_sizes(n_available: int, cfg: DataConfig, rounds: int) -> list[int]:
     if cfg.pool_sizes:
         sizes = list(cfg.pool_sizes[:rounds])
+        if len(sizes) < rounds:  # data.extra_pools (config.validate refused "off" already)
+            sizes = extra_pool_sizes(sizes, rounds, n_available, cfg.extra_pools)
         if sum(sizes) > n_available:
             raise UserError(
                 f"pools of {'+'.join(map(str, sizes))} = {sum(sizes)} prompts do not fit: only {n_available} rows remain "
@@ -216,6 +218,24 @@ def pool_sizes(n_available: int, cfg: DataConfig, rounds: int) -> list[int]:
             f"only {n_available} rows remain for {rounds} rounds' prompt pools", hint="use fewer rounds or more data"
         )
     return sizes
+
+
+def extra_pool_sizes(listed: list[int], rounds: int, n_available: int, mode: str) -> list[int]:
+    """Pool sizes for rounds beyond the listed ones (data.extra_pools): "last" repeats the last listed size (the sum is
+    checked by the caller), "rest" shares the prompts left after the listed pools equally among the extra rounds
+    (the remainder unused). Refused when an extra round would get no prompt."""
+    extra = rounds - len(listed)
+    if mode == "last":
+        return listed + [listed[-1]] * extra
+    left = n_available - sum(listed)
+    each = left // extra if left > 0 else 0
+    if each < 1:
+        raise UserError(
+            f"rounds {len(listed) + 1}-{rounds} have no prompts left: the pools of data.pool_sizes "
+            f"({'+'.join(map(str, listed))} = {sum(listed)}) leave {max(0, left)} of the {n_available} rows that remain "
+            f"after the seed pairs and the test split for {extra} more round(s)",
+            hint="lower data.pool_sizes, --rounds or data.test_size")
+    return listed + [each] * extra
 
 
 def split_rows(rows: list[dict], cfg: DataConfig, rounds: int, random_seed: int, n_bad: int = 0,

@@ -43,8 +43,9 @@ def judge_pairs(rows: list[dict], policy_logps: list[float], ref_logps: list[flo
                           strict=True):
         n = len(rewards)
         key = _debiased(rewards, r, length_penalty) if length_penalty else rewards
-        best = max(range(n), key=lambda j: (key[j], -j))
-        worst = min(range(n), key=lambda j: (key[j], j))
+        own, anchored = _sides(r, n)  # robust.anchor_rejected: rejected among pi_0's samples; else both all n
+        best = max(own, key=lambda j: (key[j], -j))
+        worst = min(anchored, key=lambda j: (key[j], j))
         chosen, rejected = r["responses"][best], r["responses"][worst]
         if best == worst or chosen == rejected:
             dropped_identical += 1
@@ -64,6 +65,13 @@ def judge_pairs(rows: list[dict], policy_logps: list[float], ref_logps: list[flo
             "rewards": rewards,
         })
     return pairs, {"dropped_identical": dropped_identical, "dropped_empty_chosen": dropped_empty}
+
+
+def _sides(row: dict, n: int) -> tuple[range, range]:
+    """Where chosen and rejected are picked from: every sample, or with pi_0's samples appended (row["anchor_from"],
+    robust.anchor_rejected; docs/method.md (E14)) the round's own samples and pi_0's."""
+    a = row.get("anchor_from")
+    return (range(a), range(a, n)) if a else (range(n), range(n))
 
 
 def _debiased(rewards: list[float], row: dict, a: float) -> list[float]:

@@ -35,7 +35,7 @@ from selfie_lite.judge import judge_stage
 from selfie_lite.merge import merge_stage
 from selfie_lite.numerics import resolve_threads, torch_threads
 from selfie_lite.report import round_table
-from selfie_lite.robust import consistency_stage
+from selfie_lite.robust import anchor_stage, consistency_stage
 from selfie_lite.rundir import (
     atomic_write_json,
     config_rev,
@@ -66,7 +66,10 @@ def round_stages(cfg: RunConfig, i: int) -> list[tuple[str, Callable[[Round], di
     """Round i's stages, in order (docs/method.md, "The loop"). Each takes the Round and returns its metrics."""
     if i == 0:
         return [("train", train_stage), ("merge", merge_stage)]  # the seed DPO
-    stages = [("sample", sample_stage), ("judge", judge_stage)]
+    stages = [("sample", sample_stage)]
+    if cfg.robust.anchor_rejected and i >= 2:
+        stages.append(("anchor", anchor_stage))  # pi_0's samples: the rejected side (robust.anchor_rejected)
+    stages.append(("judge", judge_stage))
     if cfg.guard.select == "guard" and i >= cfg.guard.from_round:
         stages.append(("guard", guard_stage))
     if cfg.robust.consistency != "off" and i >= 2:
@@ -80,6 +83,7 @@ def round_stages(cfg: RunConfig, i: int) -> list[tuple[str, Callable[[Round], di
 # must match, and every file must parse (rundir.outputs_problem); their digest goes into the done-marker.
 STAGE_OUTPUTS = {
     "sample": ("samples/chunk-*.jsonl",),
+    "anchor": ("anchor/samples/chunk-*.jsonl",),
     "judge": ("judged.jsonl", "reference_logps.json"),
     "guard": (),  # its measurement is the marker itself
     "consistency": ("consistency.json",),
@@ -90,6 +94,7 @@ STAGE_OUTPUTS = {
 # Work a stage keeps while it runs, reused by a resumed stage: a damaged file is deleted (saying so) and made again.
 STAGE_CACHES = {
     "sample": ("samples/chunk-*.jsonl",),
+    "anchor": ("anchor/samples/chunk-*.jsonl",),
     "judge": ("policy_logps.json", "reference_logps.json"),
     "guard": ("logps-round-0.json",),
     "consistency": ("logps-round-*.json",),

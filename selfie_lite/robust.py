@@ -8,11 +8,16 @@ the defaults are what measured best (config.RobustConfig, docs/results.md). loop
   before training (one model in memory at a time, as the judge does; train.reference_stage);
 - consistency weighting (CREAM, arXiv 2410.12735): in round i >= 2, each prompt's samples are ranked by this round's
   judge and by the previous round's; the smoothing of its pair follows their disagreement (consistency_smoothing);
-- length-debiased judging lives in judge.py (fit_length_penalty), where the pairs are chosen.
+- length-debiased judging lives in judge.py (fit_length_penalty), where the pairs are chosen;
+- a step budget per round (max_steps: round_max_steps) and margin selection of the self-labelled pairs (margin_keep,
+  SeRA: select_by_margin); round_lambda extends refine.lambdas to rounds beyond its list (data.extra_pools);
+- anchored rejected responses (anchor_rejected, Temporal Self-Rewarding): anchor_stage samples pi_0's answers, which
+  sample.load_samples appends to each row and judge.judge_pairs picks the rejected side from.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -51,6 +56,33 @@ def round_learning_rate(learning_rate: float, lr_decay: float, round_idx: int) -
     return learning_rate * lr_decay ** (round_idx - 1)
 
 
+def select_by_margin(pairs: list[dict], keep: float) -> list[dict]:
+    """Margin selection (docs/method.md (E13); SeRA, arXiv 2410.09362): the ceil(keep * n) self-labelled pairs with
+    the largest implicit-reward margin reward_chosen - reward_rejected (ties: the lower pair_id), in their original
+    order. keep = 1 returns `pairs` itself: every pair, the paper."""
+    if keep >= 1.0 or not pairs:
+        return pairs
+    n = max(1, math.ceil(keep * len(pairs) - 1e-9))
+    ranked = sorted(range(len(pairs)), key=lambda j: (-(pairs[j]["reward_chosen"] - pairs[j]["reward_rejected"]),
+                                                      int(pairs[j]["pair_id"])))
+    kept = sorted(ranked[:n])
+    return [pairs[j] for j in kept]
+
+
+def round_max_steps(max_steps: int, round_idx: int) -> int:
+    """The step budget of round i (docs/method.md (E12)) as the trainer's max_steps: robust.max_steps in rounds >= 1,
+    -1 (no cap: the epochs decide) for the seed round and when the budget is off (0)."""
+    return max_steps if max_steps > 0 and round_idx >= 1 else -1
+
+
+def round_lambda(lambdas: list[float], round_idx: int) -> float:
+    """Noise detection's lam for round i >= 1: refine.lambdas[i - 1]; rounds beyond the list (data.extra_pools) keep
+    the paper's halving, lam_T * 0.5 ** (i - T)."""
+    if round_idx <= len(lambdas):
+        return lambdas[round_idx - 1]
+    return lambdas[-1] * 0.5 ** (round_idx - len(lambdas)) if lambdas else 0.0
+
+
 def training_pairs(r: Round) -> list[dict]:
     """Round i's training set, a pure function of the run folder: the round's self-labelled pairs (judged.jsonl),
     each with its consistency smoothing where that stage ran (robust.consistency, rounds >= 2), plus the replayed
@@ -64,6 +96,7 @@ def training_pairs(r: Round) -> list[dict]:
     if is_done(r.dir, "consistency"):
         smoothing = read_consistency(r.dir)
         pairs = [dict(p, smoothing=smoothing[int(p["pair_id"])]) for p in pairs]
+    pairs = select_by_margin(pairs, r.cfg.robust.margin_keep)  # robust.margin_keep (1 = every pair)
     if r.cfg.robust.gold_replay > 0:
         pairs = gold_replay(pairs, read_jsonl(r.run_dir / "data" / "seed.jsonl"), r.cfg.robust.gold_replay,
                             r.cfg.random_seed, r.index)
@@ -167,3 +200,19 @@ def read_consistency(round_dir: Path) -> dict[int, float]:
     from selfie_lite.rundir import read_json
 
     return {int(k): v for k, v in read_json(round_dir / CONSISTENCY).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Anchored rejected responses (Temporal Self-Rewarding; docs/method.md (E14))
+
+ANCHOR_DIR = "anchor"  # in round-<i>/: anchor/samples/chunk-*.jsonl, pi_0's answers to the round's prompts
+
+
+def anchor_stage(r: Round) -> dict:
+    """robust.anchor_rejected, rounds >= 2, after sampling: K responses per prompt of the round's pool from pi_0, in
+    resumable seeded chunks as the sample stage draws them (another seed stream: round 1000 + i)."""
+    from selfie_lite.rundir import read_jsonl
+    from selfie_lite.sample import sample_round
+
+    prompts = [row["prompt"] for row in read_jsonl(r.run_dir / "data" / f"pool-{r.index}.jsonl")]
+    return sample_round(r.cfg, r.dir / ANCHOR_DIR, r.backend, r.model(0), prompts, 1000 + r.index, r.progress)

@@ -79,4 +79,23 @@ def load_samples(round_dir: Path) -> list[dict]:
     rows: list[dict] = []
     for f in sorted((round_dir / "samples").glob("chunk-*.jsonl")):
         rows += read_jsonl(f)
+    if (round_dir / "anchor" / "samples").is_dir() and rows:  # robust.anchor_rejected: pi_0's samples appended
+        rows = with_anchor_samples(rows, load_samples(round_dir / "anchor"))
     return rows
+
+
+def with_anchor_samples(rows: list[dict], anchor_rows: list[dict]) -> list[dict]:
+    """Each prompt's row with pi_0's samples appended (responses, response_ids) and "anchor_from" = the index of the
+    first of them, so that the judge picks chosen among the round's own samples and rejected among pi_0's
+    (judge.judge_pairs; robust.anchor_stage samples them). The sampling pass's policy log-probs are dropped: pi_0's
+    samples need the judge's policy pass, so the judge scores every sample of the merged row."""
+    anchor = {int(a["id"]): a for a in anchor_rows}
+    out = []
+    for row in rows:
+        a = anchor[int(row["id"])]
+        merged = {k: v for k, v in row.items() if k != "policy_logps"}
+        merged["responses"] = row["responses"] + a["responses"]
+        merged["response_ids"] = row["response_ids"] + a["response_ids"]
+        merged["anchor_from"] = len(row["responses"])
+        out.append(merged)
+    return out

@@ -98,9 +98,11 @@ class Consistency:
 def smoother_for(cfg: RunConfig, round_index: int, pairs: list[dict]) -> Smoother:
     """Round i's smoothing, chosen once from the settings (train.train_stage): none in the seed round (0), else
     smoothing_of the round's refine settings and lambda. A new loss-side counter-measure adds its branch here."""
+    from selfie_lite.robust import round_lambda
+
     if round_index == 0:
         return NoSmoothing()
-    return smoothing_of(cfg.refine, cfg.refine.lambdas[round_index - 1], pairs)
+    return smoothing_of(cfg.refine, round_lambda(cfg.refine.lambdas, round_index), pairs)
 
 
 def smoothing_of(refine: RefineConfig | None, lam: float, pairs: list[dict]) -> Smoother:

@@ -30,7 +30,7 @@ from selfie_lite.config import RunConfig, TrainConfig
 from selfie_lite.errors import UserError
 from selfie_lite.loss import last_hidden, sequence_logps
 from selfie_lite.numerics import pick_device, pick_dtype
-from selfie_lite.robust import round_learning_rate, training_pairs
+from selfie_lite.robust import round_learning_rate, round_max_steps, training_pairs
 from selfie_lite.smoothing import Smoother, smoother_for
 from selfie_lite.stage import Round
 from selfie_lite.trainer import PairCollator, SPADPOTrainer, StepLog
@@ -215,6 +215,7 @@ def train_dpo(
     ref_logps: dict[int, dict] | None = None,
     precompute_reference: bool = True,
     report_to: str | list[str] = "none",
+    max_steps: int = -1,
 ) -> TrainResult:
     """Train the LoRA adapter of `model` (a peft.PeftModel) with DPO on `pairs`, in place.
 
@@ -224,6 +225,8 @@ def train_dpo(
     reference_table), used in the DPO margin instead of the adapter-off model; None = the paper's reference.
     precompute_reference: with the paper's reference (ref_logps None) and no noise detection (smoother.lam == 0), score every pair with the adapter-off model once, before the first step (reference_pass), instead
     of in every step of every epoch; False keeps the per-step reference forward (tests compare the two).
+    max_steps > 0 (robust.max_steps): stop after that many optimizer steps, the schedule running over them; -1: the
+    epochs decide.
     out_dir is the Trainer's scratch folder: nothing is saved there (save_strategy="no").
     report_to: transformers' experiment trackers for the step logs (`--report-to`: "tensorboard", "wandb").
     Deterministic on CPU for a given seed, model and pairs. Raises RunError if the loss becomes NaN or inf.
@@ -236,6 +239,9 @@ def train_dpo(
     if not hasattr(model, "disable_adapter"):
         raise UserError("train_dpo needs a peft.PeftModel with a LoRA adapter (its reference is the adapter off)")
 
+    if max_steps > 0:  # a cap, never more: past the epochs' own step count the trainer would loop over the pairs
+        epoch_steps = math.ceil(math.ceil(len(pairs) / train.batch_size) / train.grad_accum)
+        max_steps = max_steps if max_steps < epoch_steps * epochs else -1
     cuda = torch.cuda.is_available()
     args = DPOConfig(
         output_dir=str(out_dir),
@@ -246,6 +252,7 @@ def train_dpo(
         per_device_train_batch_size=train.batch_size,
         gradient_accumulation_steps=train.grad_accum,
         num_train_epochs=epochs,
+        max_steps=max_steps,  # robust.max_steps (robust.round_max_steps); -1: the epochs decide
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         **_precision(train.precision),
@@ -375,7 +382,7 @@ def train_stage(r: Round) -> dict:
     sft_ref = not seed_round and cfg.robust.train_reference == "sft"
     smoother = smoother_for(cfg, i, pairs)
     result = train_dpo(
-        model, tok, pairs, beta=cfg.beta, train=train, smoother=smoother,
+        model, tok, pairs, beta=cfg.beta, train=train, smoother=smoother, max_steps=round_max_steps(cfg.robust.max_steps, i),
         epochs=cfg.train.seed_epochs if seed_round else cfg.train.round_epochs,
         out_dir=r.dir / "trainer", seed=cfg.random_seed + i, on_step=on_step,
         ref_logps=read_reference_table(r.dir) if sft_ref else None,

@@ -134,6 +134,8 @@ RANGES: dict[str, Range] = {
     "guard.probe_prompts": AT_LEAST_1,
     # A decay: 0 would stop learning after round 1; > 1 would raise the rate round after round.
     "robust.lr_decay": Range(0, 1, lo_open=True),
+    "robust.max_steps": NON_NEGATIVE,  # 0 = no cap
+    "robust.margin_keep": Range(0, 1, lo_open=True),  # 0 would keep no self-labelled pair
 }
 
 
@@ -163,14 +165,17 @@ def validate(cfg) -> None:
     parse_labelled_share(cfg.data.labelled_share)
     for key in RANGES:
         check_range(key, _get(cfg, key))
+    if cfg.data.extra_pools != "off" and not cfg.data.pool_sizes:
+        raise UserError(f"data.extra_pools = {cfg.data.extra_pools} extends data.pool_sizes, which is not set",
+                        hint="give data.pool_sizes (prompts per round), or one data.pool_ratio entry per round")
     pools = cfg.data.pool_sizes or cfg.data.pool_ratio
-    if len(pools) < cfg.rounds:
+    if len(pools) < cfg.rounds and cfg.data.extra_pools == "off":
         raise UserError(
             f"{cfg.rounds} rounds need {cfg.rounds} prompt pools but data.pool_{'sizes' if cfg.data.pool_sizes else 'ratio'} "
             f"has {len(pools)}",
-            hint="give one pool per round, or lower --rounds",
+            hint="give one pool per round, set data.extra_pools = last or rest, or lower --rounds",
         )
-    if len(cfg.refine.lambdas) < cfg.rounds:
+    if len(cfg.refine.lambdas) < cfg.rounds and cfg.data.extra_pools == "off":
         raise UserError(f"refine.lambdas needs one value per round ({cfg.rounds}), got {len(cfg.refine.lambdas)}")
     if not is_selection(cfg.guard.select):
         raise UserError(f"guard.select must be one of {', '.join(SELECTIONS)}, got {cfg.guard.select!r}")

@@ -368,3 +368,42 @@ def tiny_pairs(n: int, seed: int = 0) -> list[dict]:
          "rejected": "no " + _sentence(rng, 4)}
         for i in range(n)
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop on the toy model with FakeBackend (selfie_lite.testing)
+
+
+def toy_config(toy, **over):
+    """Settings of a 2-round run on the toy model and data (conftest.toy), with `over` on top."""
+    model, data = toy
+    layers = [{"model": str(model), "rounds": 2,
+               "data": {"source": str(data), "labelled_share": "24", "pool_sizes": [16, 16, 16], "test_size": 20},
+               "sample": {"max_new_tokens": 8, "chunk_size": 8},
+               "train": {"batch_size": 4, "grad_accum": 1, "max_length": 64, "max_prompt_length": 32,
+                         "gradient_checkpointing": False, "learning_rate": 1e-3},
+               "lora": {"r": 4, "alpha": 8}}]
+    from selfie_lite.config import load_config
+
+    return load_config(None, None, layers + [over])
+
+
+def fake_run(cfg, toy, run_dir, backend=None):
+    """The whole loop on FakeBackend (or `backend`), in-process; returns (summary, backend)."""
+    from rich.console import Console
+
+    from selfie_lite.inputs import Inputs
+    from selfie_lite.loop import run_rounds
+    from selfie_lite.testing import FakeBackend
+
+    backend = backend or FakeBackend(cfg)
+    summary = run_rounds(cfg, run_dir, backend, Inputs(toy[0], str(toy[1]), None, False), Console(quiet=True))
+    return summary, backend
+
+
+# Training settings small enough for the in-memory model above
+def tiny_train_config():
+    from selfie_lite.config import TrainConfig
+
+    return TrainConfig(learning_rate=5e-3, batch_size=4, grad_accum=2, max_length=64, max_prompt_length=32,
+                       gradient_checkpointing=False, precision="auto")

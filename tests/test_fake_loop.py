@@ -6,33 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from rich.console import Console
+from conftest import fake_run, toy_config
 from safetensors.torch import load_file
 
-from selfie_lite.config import load_config
-from selfie_lite.inputs import Inputs
 from selfie_lite.judge import flat_sequences
-from selfie_lite.loop import run_rounds
 from selfie_lite.loss import implicit_rewards
 from selfie_lite.sample import load_samples
 from selfie_lite.testing import FakeBackend, hashed_logp, reversing_judge
-
-
-def config(toy, **over):
-    model, data = toy
-    layers = [{"model": str(model), "rounds": 2,
-               "data": {"source": str(data), "labelled_share": "24", "pool_sizes": [16, 16, 16], "test_size": 20},
-               "sample": {"max_new_tokens": 8, "chunk_size": 8},
-               "train": {"batch_size": 4, "grad_accum": 1, "max_length": 64, "max_prompt_length": 32,
-                         "gradient_checkpointing": False, "learning_rate": 1e-3},
-               "lora": {"r": 4, "alpha": 8}}]
-    return load_config(None, None, layers + [over])
-
-
-def run(cfg, toy, run_dir, backend=None):
-    backend = backend or FakeBackend(cfg)
-    summary = run_rounds(cfg, run_dir, backend, Inputs(toy[0], str(toy[1]), None, False), Console(quiet=True))
-    return summary, backend
 
 
 def weights(run_dir: Path, i: int) -> dict:
@@ -40,8 +20,8 @@ def weights(run_dir: Path, i: int) -> dict:
 
 
 def test_the_judge_picks_by_the_canned_rewards(toy, tmp_path):
-    cfg = config(toy, method="paper")
-    summary, backend = run(cfg, toy, tmp_path / "run")
+    cfg = toy_config(toy, method="paper")
+    summary, backend = fake_run(cfg, toy, tmp_path / "run")
     assert summary["final_round"] == 2 and [h["round"] for h in summary["per_round"]] == [0, 1, 2]
     for i in (1, 2):
         rd = tmp_path / "run" / f"round-{i}"
@@ -70,9 +50,9 @@ def test_the_judge_picks_by_the_canned_rewards(toy, tmp_path):
 def test_by_default_the_guard_lets_round_2_train(toy, tmp_path):
     """guard.from_round = 3: even labels that reverse the seed-DPO judge's train in round 2 (every stop before round
     2 we measured was a false alarm); round 3 is checked."""
-    cfg = config(toy, rounds=3)
+    cfg = toy_config(toy, rounds=3)
     out = tmp_path / "run"
-    summary, backend = run(cfg, toy, out, FakeBackend(cfg, logp=reversing_judge))
+    summary, backend = fake_run(cfg, toy, out, FakeBackend(cfg, logp=reversing_judge))
     assert (out / "round-2" / "done" / "train.json").is_file() and not (out / "round-2" / "done" / "guard.json").exists()
     g = json.loads((out / "round-3" / "done" / "guard.json").read_text())
     assert g["anchor_agreement"] == 1.0 and not g["stop"] and summary["final_round"] == 3  # pi_2 ranks as pi_0
@@ -81,9 +61,9 @@ def test_by_default_the_guard_lets_round_2_train(toy, tmp_path):
 
 
 def test_the_guard_stops_ships_the_previous_round_and_resumes_to_the_same_verdict(toy, tmp_path):
-    cfg = config(toy, guard={"from_round": 2})  # threshold 0.93, checking round 2 already
+    cfg = toy_config(toy, guard={"from_round": 2})  # threshold 0.93, checking round 2 already
     out = tmp_path / "run"
-    summary, _ = run(cfg, toy, out, FakeBackend(cfg, logp=reversing_judge))
+    summary, _ = fake_run(cfg, toy, out, FakeBackend(cfg, logp=reversing_judge))
     guard = json.loads((out / "round-2" / "done" / "guard.json").read_text())
     assert guard["anchor_agreement"] == 0.0 and guard["stop"]
     assert summary["final_round"] == 1 and summary["final_model"] == str((out / "round-1" / "model").resolve())
@@ -91,12 +71,12 @@ def test_the_guard_stops_ships_the_previous_round_and_resumes_to_the_same_verdic
     assert not (out / "round-2" / "done" / "train.json").exists()  # stopped BEFORE training round 2
     w1 = weights(out, 1)
 
-    again, backend = run(cfg, toy, out, FakeBackend(cfg, logp=reversing_judge))  # resume: nothing new runs
+    again, backend = fake_run(cfg, toy, out, FakeBackend(cfg, logp=reversing_judge))  # resume: nothing new runs
     assert again["final_round"] == 1 and again["final_why"] == summary["final_why"]
     assert backend.calls == [] and not (out / "round-2" / "done" / "train.json").exists()
 
     # The verdict uses the current threshold: 0 lets the stopped run go on, from the measured agreement.
-    on, backend = run(config(toy, guard={"min_anchor_agreement": 0.0, "from_round": 2}), toy, out,
+    on, backend = fake_run(toy_config(toy, guard={"min_anchor_agreement": 0.0, "from_round": 2}), toy, out,
                       FakeBackend(cfg, logp=reversing_judge))
     assert on["final_round"] == 2 and (out / "round-2" / "done" / "train.json").is_file()
     assert not any(what == "generate" for what, _ in backend.calls)  # round 2's samples were reused
@@ -105,9 +85,9 @@ def test_the_guard_stops_ships_the_previous_round_and_resumes_to_the_same_verdic
 
 def test_consistency_on_scripted_judges(toy, tmp_path):
     """CREAM: round 2's judge (pi_1) reverses round 1's (pi_0) on every prompt, so every pair gets a = 0.5."""
-    cfg = config(toy, guard={"select": "last"}, robust={"consistency": "pair"})
+    cfg = toy_config(toy, guard={"select": "last"}, robust={"consistency": "pair"})
     out = tmp_path / "run"
-    run(cfg, toy, out, FakeBackend(cfg, logp=reversing_judge))
+    fake_run(cfg, toy, out, FakeBackend(cfg, logp=reversing_judge))
     m = json.loads((out / "round-2" / "done" / "consistency.json").read_text())
     assert m["mean_consistency"] == 0.0 and m["disagreeing"] == 1.0 and m["mean_smoothing"] == 0.5
     pairs = [json.loads(x) for x in (out / "round-2" / "pairs.jsonl").read_text().splitlines()]
@@ -156,9 +136,9 @@ class FailingOnce(FakeBackend):
 
 @pytest.fixture(scope="module")
 def uninterrupted(toy, tmp_path_factory):
-    cfg = config(toy, guard={"select": "last"})
+    cfg = toy_config(toy, guard={"select": "last"})
     out = tmp_path_factory.mktemp("whole") / "run"
-    run(cfg, toy, out)
+    fake_run(cfg, toy, out)
     return cfg, out
 
 
@@ -171,8 +151,8 @@ def test_a_crash_in_any_stage_resumes_to_the_same_weights(toy, tmp_path, uninter
     out = tmp_path / "run"
     backend = FailingOnce(cfg, method, tag)
     with pytest.raises(Interrupted):
-        run(cfg, toy, out, backend)
-    run(cfg, toy, out, backend)  # the same call again resumes
+        fake_run(cfg, toy, out, backend)
+    fake_run(cfg, toy, out, backend)  # the same call again resumes
     for i in (0, 1, 2):
         a, b = weights(whole, i), weights(out, i)
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), f"round {i}"
@@ -188,8 +168,8 @@ def test_a_python_judge_selects_the_round_it_scores_best(toy, tmp_path, monkeypa
     def respond(tag, prompt, k, rng):
         return " ".join(["good"] * goods[tag] + ["cat"] * (k + 1))  # k: the K samples differ
 
-    cfg = config(toy, guard={"select": "python:toyscore:score", "probe_prompts": 5})
-    summary, _ = run(cfg, toy, tmp_path / "run", FakeBackend(cfg, respond=respond))
+    cfg = toy_config(toy, guard={"select": "python:toyscore:score", "probe_prompts": 5})
+    summary, _ = fake_run(cfg, toy, tmp_path / "run", FakeBackend(cfg, respond=respond))
     assert summary["final_round"] == 1
     assert summary["selection"]["scores"] == {0: 1.0, 1: 3.0, 2: 2.0} and summary["selection"]["prompts"] == 5
     assert "round 1 scored best under python:toyscore:score on 5 held-out prompts" in summary["final_why"]

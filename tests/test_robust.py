@@ -28,7 +28,8 @@ def test_defaults_are_the_measured_best_and_method_paper_turns_every_one_off():
     assert cfg.robust == RobustConfig(gold_replay=0.5, lr_decay=1.0, length_debias=False, train_reference="sft",
                                       consistency="pair")
     assert to_dict(cfg)["robust"] == {"gold_replay": 0.5, "lr_decay": 1.0, "length_debias": False,
-                                      "train_reference": "sft", "consistency": "pair"}
+                                      "train_reference": "sft", "consistency": "pair", "max_steps": 0,
+                                      "margin_keep": 1.0, "anchor_rejected": False}
     paper = load_config(None, None, [{"method": "paper"}])
     assert paper.robust == RobustConfig(0.0, 1.0, False, "previous", "off") and paper.guard.select == "last"
     on = load_config(None, None, [parse_override(o) for o in (
@@ -396,7 +397,8 @@ def test_a_tiny_run_with_every_counter_measure_on(tiny_preset, tmp_path):
     assert r.exit_code == 0, r.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["robust"] == {"gold_replay": 0.5, "lr_decay": 0.5, "length_debias": True, "train_reference": "sft",
-                             "consistency": "pair"}
+                             "consistency": "pair", "max_steps": 0, "margin_keep": 1.0,
+                             "anchor_rejected": False}
     lr = cfg["train"]["learning_rate"]
     assert json.loads((out / "round-0" / "done" / "train.json").read_text())["learning_rate"] == lr
     for i in (1, 2):

@@ -8,7 +8,7 @@ text; a 2-layer LlamaForCausalLM (hidden 64) with a LoRA adapter; pairs whose ch
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_pairs, tiny_tokenizer
+from conftest import tiny_model, tiny_pairs, tiny_tokenizer, tiny_train_config
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
@@ -18,10 +18,7 @@ from selfie_lite.smoothing import smoothing_of
 from selfie_lite.train import TrainResult, _to_conversation, train_dpo
 from selfie_lite.trainer import PairCollator, SPADPOTrainer
 
-TRAIN = TrainConfig(
-    learning_rate=5e-3, batch_size=4, grad_accum=2, max_length=64, max_prompt_length=32,
-    gradient_checkpointing=False, precision="auto",
-)
+TRAIN = tiny_train_config()
 
 
 def _lora_weights(model) -> dict[str, torch.Tensor]:
