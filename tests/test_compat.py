@@ -204,3 +204,8 @@ def test_quiet_bnb_kernels_warning_on_import():
     quiet = "from selfie_lite import compat; compat.quiet_bnb_kernels_warning(); " + script
     after = subprocess.run([sys.executable, "-c", quiet], capture_output=True, text=True, check=True, env=env)
     assert "kernels-community" not in after.stderr and "publisher trust" not in after.stderr, after.stderr
+    # Importing the package is enough: config validation imports transformers.trainer_utils (-> PEFT ->
+    # bitsandbytes) long before a backend loads, and `selfie-lite run` printed both lines from there.
+    first = "import selfie_lite, transformers.trainer_utils"
+    package = subprocess.run([sys.executable, "-c", first], capture_output=True, text=True, check=True, env=env)
+    assert "kernels-community" not in package.stderr and "publisher trust" not in package.stderr, package.stderr

@@ -9,19 +9,16 @@ import gc
 import json
 from pathlib import Path
 
+import torch
+from transformers import GenerationConfig, LogitsProcessorList
+
 from selfie_lite import compat, rss
+from selfie_lite.chat import chat_prompt_ids
 from selfie_lite.config import LoraConfig, RunConfig
 from selfie_lite.errors import RunError, UserError, first_line
 from selfie_lite.loss import last_hidden, sequence_logps
 from selfie_lite.model_files import check_lora_targets, check_model_source, read_chat_template
 from selfie_lite.numerics import pick_device, pick_dtype
-
-compat.quiet_bnb_kernels_warning()  # before transformers (and through it bitsandbytes) is imported
-
-import torch  # noqa: E402
-from transformers import GenerationConfig, LogitsProcessorList  # noqa: E402
-
-from selfie_lite.chat import chat_prompt_ids  # noqa: E402
 
 
 class HFBackend:
