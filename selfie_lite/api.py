@@ -121,8 +121,11 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path | None = None, *, resume:
         from selfie_lite.rundir import read_jsonl
 
         check_selection(cfg, [r["prompt"] for r in read_jsonl(test)])
-    if claim is not None:
-        run_dir = claim_run_dir(claim)  # runs/<timestamp>, or -2 when another run took it
+    from selfie_lite import distributed
+
+    distributed.barrier()  # several processes (distributed.py): all have checked the folder before it is written
+    if claim is not None:  # runs/<timestamp>, or -2 when another run took it; one name for all the processes
+        run_dir = distributed.on_main(lambda: claim_run_dir(claim))
     return Prepared(cfg, run_dir, resume, backend, backend_why, sampler_why, inputs, split, saved, changes)
 
 
@@ -201,18 +204,28 @@ def execute(p: Prepared, *, console=None, progress=None, before=None, on_takeove
     lines there."""
     import contextlib
 
+    from selfie_lite import distributed
     from selfie_lite.config import to_dict
     from selfie_lite.interrupt import ctrl_c_noted
     from selfie_lite.lock import RunLock
     from selfie_lite.loop import run_rounds
     from selfie_lite.rundir import atomic_write_json, save_config_revision
 
-    with RunLock(p.run_dir, on_takeover=on_takeover), ctrl_c_noted():
-        if p.changes:
-            p.config_rev = save_config_revision(p.run_dir, p.saved, p.changes)
-        if before is not None:
-            before()
-        atomic_write_json(p.run_dir / "config.json", to_dict(p.cfg))
+    # Several processes (distributed.py): the main process alone takes the lock and writes; the others run the
+    # rounds with it (each stage does its share) and print nothing.
+    main = distributed.is_main()
+    with RunLock(p.run_dir, on_takeover=on_takeover) if main else contextlib.nullcontext(), ctrl_c_noted():
+
+        def start():
+            if p.changes:
+                p.config_rev = save_config_revision(p.run_dir, p.saved, p.changes)
+            if before is not None:
+                before()
+            atomic_write_json(p.run_dir / "config.json", to_dict(p.cfg))
+
+        distributed.on_main(start)
+        if not main:
+            progress, console = None, Console(quiet=True)
         reporting = progress() if callable(progress) else contextlib.nullcontext(progress)
         with reporting as reporter:
             out = console or reporter or Console(quiet=True)

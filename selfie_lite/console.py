@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
 import sys
 from contextlib import contextmanager
 
@@ -50,11 +51,28 @@ def esc(value) -> str:
     return escape(str(value))
 
 
+def quiet_unless_main() -> None:
+    """Several processes (`accelerate launch`, distributed.py): all but the main process print nothing but their
+    errors (print_error names the process)."""
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        from selfie_lite import distributed
+
+        if not distributed.is_main():
+            console.quiet = err_console.quiet = True
+
+
+def _rank_prefix() -> str:
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        return ""
+    return f"[process {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']}] "
+
+
 def print_error(e) -> None:
     """`error: <message>` and, when the error has one, `hint: <hint>`; the message and the hint are escaped. An error
     about one setting names it by its flag where the CLI has one (STATE["flags"]: key -> flag), else by its key."""
     key = getattr(e, "key", None)
-    text = f"{STATE['flags'].get(key, key)} {e.message}" if key else str(e)
+    text = _rank_prefix() + (f"{STATE['flags'].get(key, key)} {e.message}" if key else str(e))
+    err_console.quiet = False  # a process kept quiet (quiet_unless_main) still says why it stopped
     err_console.print(f"[bold red]error:[/bold red] {esc(text)}" + (f"\n[dim]hint: {esc(e.hint)}[/dim]" if e.hint else ""),
                       highlight=False, soft_wrap=True)
 
@@ -81,7 +99,8 @@ def friendly_errors(fn):
                 raise
             mapped = _map_library_error(e)
             if mapped is None:
-                err_console.print(f"[bold red]error:[/bold red] {esc(describe(e))}", highlight=False,
+                err_console.quiet = False
+                err_console.print(f"[bold red]error:[/bold red] {esc(_rank_prefix() + describe(e))}", highlight=False,
                                   soft_wrap=True)
                 err_console.print("[dim]run again with --debug for the full traceback[/dim]")
                 raise typer.Exit(1) from None

@@ -192,7 +192,10 @@ def consistency_weights(cfg: RunConfig, round_dir: Path, backend, rows: list[dic
     rewards = implicit_rewards(logps, reference, cfg.beta)
     by_prompt = {int(r["id"]): rw for r, rw in zip(rows, per_prompt(rewards, response_counts(rows)), strict=True)}
     smoothing, metrics = consistency_smoothing(pairs, by_prompt, cfg.robust.consistency)
-    atomic_write_json(round_dir / CONSISTENCY, {str(k): v for k, v in smoothing.items()})
+    from selfie_lite import distributed
+
+    if distributed.is_main():
+        atomic_write_json(round_dir / CONSISTENCY, {str(k): v for k, v in smoothing.items()})
     return metrics | {"previous_judge": str(previous_judge), "seconds": round(time.perf_counter() - t0, 3)}
 
 

@@ -23,6 +23,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it into place: `path` is either the old file or
     the whole new one. A failed write (a full disk) removes the temporary file and names `path` in the error."""
     path = Path(path)
+    only_main_writes(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -37,6 +38,17 @@ def atomic_write_text(path: Path, text: str) -> None:
         if e.filename is None or str(e.filename) == str(tmp):
             e.filename = str(path)  # a write() or fsync() error names no file; the user knows `path`, not tmp
         raise
+
+
+def only_main_writes(path: Path) -> None:
+    """Under a launcher (`accelerate launch`, distributed.py) only the main process writes the run folder; a write
+    from another process is a bug in selfie-lite, stopped here before it can race the main process's."""
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        from selfie_lite import distributed
+
+        if not distributed.is_main():
+            raise RuntimeError(f"process {distributed.rank()} tried to write {path}: only the main process writes "
+                               "the run folder (a bug in selfie-lite)")
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -135,6 +147,7 @@ def round_dirs(run_dir: Path) -> list[tuple[int, Path]]:
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written folder into place; whatever stood there before is dropped. Its files get the
     permissions of every other file of the run (safetensors writes weights 0600)."""
+    only_main_writes(final)
     follow_umask(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -174,6 +187,7 @@ def follow_umask(folder: Path) -> None:
 
 
 def fresh_tmp_dir(final: Path) -> Path:
+    only_main_writes(final)
     tmp = final.with_name(f".{final.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)  # left over from a killed attempt

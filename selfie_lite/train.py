@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from datasets.utils import are_progress_bars_disabled, disable_progress_bars, en
 from transformers import PrinterCallback
 from trl import DPOConfig
 
-from selfie_lite import compat
+from selfie_lite import compat, distributed
 from selfie_lite.chat import end_of_turn_ids, template_ids, through_end_of_turn
 from selfie_lite.config import RunConfig, TrainConfig
 from selfie_lite.errors import UserError
@@ -157,7 +158,8 @@ def reference_logps(cfg: RunConfig, round_dir: Path, backend, init_dir: Path, pa
     sequences = training_sequences(backend.load_tokenizer(init_dir), pairs, cfg.train)
     logps, seconds = score_with(backend, init_dir, sequences, cfg.judge.batch_size, progress, "reference (pi_init)")
     table = reference_table(pairs, logps, sequences)
-    atomic_write_json(round_dir / REFERENCE_TABLE, {str(k): v for k, v in table.items()})
+    if distributed.is_main():
+        atomic_write_json(round_dir / REFERENCE_TABLE, {str(k): v for k, v in table.items()})
     return {"pairs": len(pairs), "sequences": len(sequences), "model": str(init_dir),
             "seconds": round(time.perf_counter() - t0, 3), "scoring_seconds": round(seconds, 3)}
 
@@ -243,6 +245,12 @@ def train_dpo(
         epoch_steps = math.ceil(math.ceil(len(pairs) / train.batch_size) / train.grad_accum)
         max_steps = max_steps if max_steps < epoch_steps * epochs else -1
     cuda = torch.cuda.is_available()
+    # Several processes (distributed.py; TRL's Trainer runs on the launcher's accelerate state): each takes
+    # batch_size pairs per micro-step, so with grad_accum divisible by the process count the accumulation is
+    # divided by it, keeping the optimizer's batch (and, with accelerate's sharding of the same shuffled batches,
+    # the very pairs of every step) what one process would use. Otherwise the optimizer's batch grows with it.
+    processes = distributed.world_size()
+    grad_accum = train.grad_accum // processes if train.grad_accum % processes == 0 else train.grad_accum
     args = DPOConfig(
         output_dir=str(out_dir),
         # Optimisation
@@ -250,7 +258,7 @@ def train_dpo(
         lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_ratio,  # transformers 5: a float in [0, 1) is a share of the steps
         per_device_train_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
+        gradient_accumulation_steps=grad_accum,
         num_train_epochs=epochs,
         max_steps=max_steps,  # robust.max_steps (robust.round_max_steps); -1: the epochs decide
         weight_decay=train.weight_decay,
@@ -307,6 +315,13 @@ def train_dpo(
     seconds = time.perf_counter() - start
 
     stats = trainer.pair_stats
+    seen, smoothed = trainer.seen_after_warmup, trainer.smoothed_after_warmup
+    if distributed.active():  # each process saw its share of the pairs: all of them, on every process
+        stats = {}
+        for pair_id, s in distributed.gather(sorted(trainer.pair_stats.items())):
+            stats.setdefault(pair_id, s)  # a pair twice: accelerate evened out the last batches with repeats
+        counts = distributed.gather([(seen, smoothed)])
+        seen, smoothed = sum(c[0] for c in counts), sum(c[1] for c in counts)
     n_pairs = len(trainer.train_dataset)
     history = step_log.history
 
@@ -329,9 +344,7 @@ def train_dpo(
         "mean_margin": mean(s["margin"] for s in stats.values()),
         "mean_extrapolated_margin": mean(s["extrapolated_margin"] for s in stats.values()),
         "reward_accuracy": mean(float(s["margin"] > 0) for s in stats.values()),
-        "frac_smoothed": trainer.smoothed_after_warmup / trainer.seen_after_warmup
-        if trainer.seen_after_warmup
-        else 0.0,
+        "frac_smoothed": smoothed / seen if seen else 0.0,
         "lam": smoother.lam,
         "alpha": getattr(smoother, "alpha", 0.0),
         "smoothing_source": smoother.name,
@@ -340,6 +353,7 @@ def train_dpo(
         "train_reference": "given" if ref_logps is not None else "adapter-off",
         # the adapter-off reference scored once before training (reference_pass): seconds, included in "seconds"
         "reference_pass_seconds": reference_seconds,
+        **({"processes": processes, "grad_accum_per_process": grad_accum} if processes > 1 else {}),
     }
     return TrainResult(metrics=metrics, pair_stats=dict(stats))
 
@@ -381,20 +395,24 @@ def train_stage(r: Round) -> dict:
     train = cfg.train if lr == cfg.train.learning_rate else dataclasses.replace(cfg.train, learning_rate=lr)
     sft_ref = not seed_round and cfg.robust.train_reference == "sft"
     smoother = smoother_for(cfg, i, pairs)
+    # The Trainer's scratch folder (nothing is saved there); another process's is outside the run folder.
+    out_dir = r.dir / "trainer" if distributed.is_main() else Path(tempfile.mkdtemp(prefix="selfie-lite-trainer-"))
     result = train_dpo(
         model, tok, pairs, beta=cfg.beta, train=train, smoother=smoother, max_steps=round_max_steps(cfg.robust.max_steps, i),
         epochs=cfg.train.seed_epochs if seed_round else cfg.train.round_epochs,
-        out_dir=r.dir / "trainer", seed=cfg.random_seed + i, on_step=on_step,
+        out_dir=out_dir, seed=cfg.random_seed + i, on_step=on_step,
         ref_logps=read_reference_table(r.dir) if sft_ref else None,
         report_to=getattr(getattr(progress, "tracker", None), "report_to", "none"),
     )
-    tmp = fresh_tmp_dir(r.dir / "adapter")  # the adapter first: the training is lost until it is on disk
-    backend.save_adapter(model, tmp)
-    replace_dir(tmp, r.dir / "adapter")
+    if distributed.is_main():  # the others trained the same adapter (DDP) and wait for it at the loop's barrier
+        tmp = fresh_tmp_dir(r.dir / "adapter")  # the adapter first: the training is lost until it is on disk
+        backend.save_adapter(model, tmp)
+        replace_dir(tmp, r.dir / "adapter")
     progress.finish(task)
     with contextlib.suppress(OSError):
-        (r.dir / "trainer").rmdir()  # the Trainer's output_dir: empty, since nothing is saved through it
+        (out_dir).rmdir()  # the Trainer's output_dir: empty, since nothing is saved through it
     backend.free(model)
     rows = [dict(p, **result.pair_stats.get(p["pair_id"], {})) for p in pairs]
-    atomic_write_jsonl(r.dir / "pairs.jsonl", rows)
+    if distributed.is_main():
+        atomic_write_jsonl(r.dir / "pairs.jsonl", rows)
     return result.metrics
