@@ -37,9 +37,14 @@ def active() -> bool:
 
 
 def _state():
+    """accelerate's PartialState, a singleton: the first call joins the process group that the launcher set up. On
+    a machine without a CUDA GPU (or with ACCELERATE_USE_CPU set) the processes talk over gloo (MULTI_CPU), as
+    TrainingArguments(use_cpu=True) asks for too; PartialState reads neither by itself."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState()  # a singleton: the first call joins the process group the launcher set up
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return PartialState(cpu=cpu)
 
 
 def rank() -> int:
