@@ -136,6 +136,12 @@ def _map_library_error(e: Exception):
         from selfie_lite.backends.hf import oom_error
 
         return oom_error("this stage")
+    if _rank_prefix() and (type(e).__name__ in ("DistBackendError", "DistNetworkError") or any(
+            x in text for x in ("Connection reset by peer", "Connection closed by peer", "NCCL communicator was aborted"))):
+        # Several processes (distributed.py): this one lost another, which died first and said why (or was killed).
+        return RunError("another process of this run stopped, so this one stops too (the launcher's summary below "
+                        "names it, and its own error line above says why)",
+                        hint="finished stages are kept: resume with any number of processes")
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return RunError(f"the disk is full{f' (writing {e.filename})' if e.filename else ''}",
                         hint="free some space or point --out at a larger disk, then add --resume")

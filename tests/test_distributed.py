@@ -150,7 +150,9 @@ def test_a_killed_process_stops_the_run_and_one_process_resumes_it(setup):
     # process 0 too, and says which process failed.
     r = launch(2, ["--resume", str(run)], {"SELFIE_LITE_KILL_AT": "sample:2@1"})
     assert r.returncode != 0
-    assert "rank" in (r.stdout + r.stderr).lower()  # torchrun's summary names the failed process
+    # Process 0's one line (console._map_library_error), then torchrun's summary naming process 1 as the root cause
+    assert "error: [process 0 of 2] another process of this run stopped" in r.stderr
+    assert "rank      : 1" in r.stderr
     chunks = sorted(p.name for p in (run / "round-1" / "samples").glob("chunk-*.jsonl"))
     assert chunks and len(chunks) < 4 and not (run / "round-1" / "done" / "sample.json").exists()
     r = launch(1, ["--resume", str(run)])  # and back: the 2-process run continued by one process

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from pathlib import Path
 
 from selfie_lite import compat, rss
@@ -90,8 +91,13 @@ class HFBackend:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UserError("needs bitsandbytes", hint="pip install 'selfie-lite[quant]'", key="load_in_4bit") from None
+        # Under DeepSpeed ZeRO-3 or FSDP (accelerate launch, docs/scaling.md) the 4-bit weights are sharded with
+        # the others, which needs them stored in the compute dtype rather than uint8 (QLoRA + ZeRO-3/FSDP).
+        sharded = any(os.environ.get(k, "").lower() in ("1", "true") for k in ("ACCELERATE_USE_DEEPSPEED",
+                                                                                "ACCELERATE_USE_FSDP"))
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=self.dtype
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=self.dtype,
+            **({"bnb_4bit_quant_storage": self.dtype} if sharded else {}),
         )
 
     def add_lora(self, model, lora: LoraConfig, seed: int):
