@@ -214,9 +214,10 @@ def execute(p: Prepared, *, console=None, progress=None, before=None, on_takeove
     # Several processes (distributed.py): the main process alone takes the lock and writes; the others run the
     # rounds with it (each stage does its share) and print nothing.
     main = distributed.is_main()
-    with RunLock(p.run_dir, on_takeover=on_takeover) if main else contextlib.nullcontext(), ctrl_c_noted():
+    with contextlib.ExitStack() as held, ctrl_c_noted():
 
-        def start():
+        def start():  # on the main process; a failure here (the lock held by another run) stops the others quietly
+            held.enter_context(RunLock(p.run_dir, on_takeover=on_takeover))
             if p.changes:
                 p.config_rev = save_config_revision(p.run_dir, p.saved, p.changes)
             if before is not None:

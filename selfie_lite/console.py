@@ -70,6 +70,8 @@ def _rank_prefix() -> str:
 def print_error(e) -> None:
     """`error: <message>` and, when the error has one, `hint: <hint>`; the message and the hint are escaped. An error
     about one setting names it by its flag where the CLI has one (STATE["flags"]: key -> flag), else by its key."""
+    if getattr(e, "quiet_on_peers", False):
+        return  # distributed.MainStopped: the main process has printed the error
     key = getattr(e, "key", None)
     text = _rank_prefix() + (f"{STATE['flags'].get(key, key)} {e.message}" if key else str(e))
     err_console.quiet = False  # a process kept quiet (quiet_unless_main) still says why it stopped

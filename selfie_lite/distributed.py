@@ -21,7 +21,16 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from selfie_lite.errors import RunError
+
 T = TypeVar("T")
+
+
+class MainStopped(RunError):
+    """Raised on the other processes when the main process's part failed (on_main): the main process prints the
+    error; these stop with it and print nothing (console.print_error), so the run stops with one line."""
+
+    quiet_on_peers = True
 
 
 def world_size() -> int:
@@ -124,11 +133,6 @@ def score_sharded(score: Callable[[list], list[float]], sequences: list, batch_s
     return result
 
 
-def describe() -> str:
-    """One line for the start of a run: the process count and this process's rank, or '' in one process."""
-    return f"{world_size()} processes (accelerate), this is rank {rank()}" if active() else ""
-
-
 def on_main(fn: Callable[[], T]) -> T:
     """fn() run by the main process alone (it reads and writes the run folder), its result given to every process;
     the others wait until it is done. One process: fn()."""
@@ -144,7 +148,6 @@ def on_main(fn: Callable[[], T]) -> T:
     if error is not None:
         raise error
     if box[1] is not None:
-        from selfie_lite.errors import RunError
-
-        raise RunError(f"the main process stopped: {box[1]}")
+        raise MainStopped(f"the main process stopped: {box[1]}")
     return box[0]
+

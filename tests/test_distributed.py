@@ -163,6 +163,21 @@ def test_a_killed_process_stops_the_run_and_one_process_resumes_it(setup):
         assert (run / "round-1" / f).read_bytes() == (one / "round-1" / f).read_bytes(), f
 
 
+def test_a_refusal_on_the_main_process_stops_every_process_with_one_line(setup):
+    root, args, one = setup
+    run = _round_0_of(one, root / "locked")
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    (run / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": 0,
+                                           "boot_id": boot.read_text().strip() if boot.exists() else None}))
+    r = launch(2, ["--resume", str(run)])
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    # The main process's refusal, once; process 1 stops with it and prints nothing (distributed.MainStopped).
+    assert len(errors) == 1 and errors[0].startswith("error: [process 0 of 2]"), r.stderr[-3000:]
+    assert "is in use by another run" in errors[0]
+    assert not (run / "round-1").exists()
+
+
 def test_only_the_main_process_may_write(tmp_path, monkeypatch):
     from selfie_lite import distributed
     from selfie_lite.rundir import atomic_write_json, fresh_tmp_dir

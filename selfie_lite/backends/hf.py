@@ -64,7 +64,8 @@ class HFBackend:
         if self.cfg.load_in_4bit:
             kwargs["quantization_config"] = self._bnb_config()
             if self.device == "cuda":
-                kwargs["device_map"] = {"": 0}
+                # this process's GPU: 0 alone, or under accelerate launch the one PartialState set (distributed.py)
+                kwargs["device_map"] = {"": torch.cuda.current_device()}
         try:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
         except OSError as e:
