@@ -75,6 +75,7 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path | None = None, *, resume:
     settings as config.<rev>.json before the new ones replace them.
     cfg None on a new run: the built-in tiny preset. run_dir None on a new run: runs/<timestamp> (or -2, -3 ... when
     taken), made once every check has passed: the only thing prepare writes."""
+    from selfie_lite import distributed
     from selfie_lite.backends import get_backend
     from selfie_lite.config import from_dict, to_dict
     from selfie_lite.inputs import check_resume_sft, preflight, resolve_inputs
@@ -82,6 +83,7 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path | None = None, *, resume:
     from selfie_lite.sampler_vllm import get_sampler
     from selfie_lite.validate import validate
 
+    distributed.is_main()  # under a launcher: join the process group (and take this process's GPU) before any load
     if run_dir is None and resume:
         raise UserError("resume needs the run folder to continue")
     claim = Path("runs") / time.strftime("%Y%m%d-%H%M%S") if run_dir is None else None  # the default folder
@@ -121,8 +123,6 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path | None = None, *, resume:
         from selfie_lite.rundir import read_jsonl
 
         check_selection(cfg, [r["prompt"] for r in read_jsonl(test)])
-    from selfie_lite import distributed
-
     distributed.barrier()  # several processes (distributed.py): all have checked the folder before it is written
     if claim is not None:  # runs/<timestamp>, or -2 when another run took it; one name for all the processes
         run_dir = distributed.on_main(lambda: claim_run_dir(claim))
