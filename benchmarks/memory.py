@@ -216,7 +216,7 @@ def run_cell(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     from selfie_lite.backends.hf import HFBackend
     from selfie_lite.config import RunConfig
-    from selfie_lite.train import reference_pass
+    from selfie_lite.reference import reference_pass
     from selfie_lite.trainer import PairCollator
 
     V, T, path = spec["vocab"], spec["seq_len"], spec["path"]

@@ -56,7 +56,8 @@ class Prepared:
 def saved_settings(run_dir: str | Path) -> dict:
     """A run folder's settings as its config.json holds them, for a resume: refused (UserError) when the folder is not
     a run folder or cannot be written."""
-    from selfie_lite.rundir import check_writable, read_json
+    from selfie_lite.paths import check_writable
+    from selfie_lite.rundir import read_json
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
@@ -75,13 +76,15 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path | None = None, *, resume:
     settings as config.<rev>.json before the new ones replace them.
     cfg None on a new run: the built-in tiny preset. run_dir None on a new run: runs/<timestamp> (or -2, -3 ... when
     taken), made once every check has passed: the only thing prepare writes."""
+    from selfie_lite import distributed
     from selfie_lite.backends import get_backend
     from selfie_lite.config import from_dict, to_dict
     from selfie_lite.inputs import check_resume_sft, preflight, resolve_inputs
-    from selfie_lite.rundir import check_writable, claim_run_dir
+    from selfie_lite.paths import check_writable, claim_run_dir
     from selfie_lite.sampler_vllm import get_sampler
     from selfie_lite.validate import validate
 
+    distributed.is_main()  # under a launcher: join the process group (and take this process's GPU) before any load
     if run_dir is None and resume:
         raise UserError("resume needs the run folder to continue")
     claim = Path("runs") / time.strftime("%Y%m%d-%H%M%S") if run_dir is None else None  # the default folder
@@ -121,8 +124,9 @@ def prepare(cfg: RunConfig | None, run_dir: str | Path | None = None, *, resume:
         from selfie_lite.rundir import read_jsonl
 
         check_selection(cfg, [r["prompt"] for r in read_jsonl(test)])
-    if claim is not None:
-        run_dir = claim_run_dir(claim)  # runs/<timestamp>, or -2 when another run took it
+    distributed.barrier()  # several processes (distributed.py): all have checked the folder before it is written
+    if claim is not None:  # runs/<timestamp>, or -2 when another run took it; one name for all the processes
+        run_dir = distributed.on_main(lambda: claim_run_dir(claim))
     return Prepared(cfg, run_dir, resume, backend, backend_why, sampler_why, inputs, split, saved, changes)
 
 
@@ -201,18 +205,29 @@ def execute(p: Prepared, *, console=None, progress=None, before=None, on_takeove
     lines there."""
     import contextlib
 
+    from selfie_lite import distributed
     from selfie_lite.config import to_dict
     from selfie_lite.interrupt import ctrl_c_noted
     from selfie_lite.lock import RunLock
     from selfie_lite.loop import run_rounds
     from selfie_lite.rundir import atomic_write_json, save_config_revision
 
-    with RunLock(p.run_dir, on_takeover=on_takeover), ctrl_c_noted():
-        if p.changes:
-            p.config_rev = save_config_revision(p.run_dir, p.saved, p.changes)
-        if before is not None:
-            before()
-        atomic_write_json(p.run_dir / "config.json", to_dict(p.cfg))
+    # Several processes (distributed.py): the main process alone takes the lock and writes; the others run the
+    # rounds with it (each stage does its share) and print nothing.
+    main = distributed.is_main()
+    with contextlib.ExitStack() as held, ctrl_c_noted():
+
+        def start():  # on the main process; a failure here (the lock held by another run) stops the others quietly
+            held.enter_context(RunLock(p.run_dir, on_takeover=on_takeover))
+            if p.changes:
+                p.config_rev = save_config_revision(p.run_dir, p.saved, p.changes)
+            if before is not None:
+                before()
+            atomic_write_json(p.run_dir / "config.json", to_dict(p.cfg))
+
+        distributed.on_main(start)
+        if not main:
+            progress, console = None, Console(quiet=True)
         reporting = progress() if callable(progress) else contextlib.nullcontext(progress)
         with reporting as reporter:
             out = console or reporter or Console(quiet=True)

@@ -18,7 +18,16 @@ from typer.core import TyperGroup
 
 from selfie_lite import __version__, cli_eval, cli_export, cli_tiny, compat, doctor
 from selfie_lite.config import Backend, Sampler, choices
-from selfie_lite.console import STATE, console, err_console, esc, friendly_errors, json_output, one_line_usage_errors
+from selfie_lite.console import (
+    STATE,
+    console,
+    err_console,
+    esc,
+    friendly_errors,
+    json_output,
+    one_line_usage_errors,
+    quiet_unless_main,
+)
 from selfie_lite.errors import RunError, UserError
 from selfie_lite.tracking import KINDS
 
@@ -170,6 +179,7 @@ def run(
     from selfie_lite.validate import canonical_labelled_share
 
     t0 = time.perf_counter()
+    quiet_unless_main()  # under `accelerate launch`: one process speaks (distributed.py)
     check_available(report_to.value)
     if resume is not None and out is not None:
         raise UserError("--resume and --out both name a run folder; give one", hint="--resume DIR continues DIR")

@@ -113,7 +113,7 @@ def report_cmd(
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir} is not a selfie-lite run folder (no config.json and round-* folders)")
     if not no_plot:
-        from selfie_lite.rundir import check_writable
+        from selfie_lite.paths import check_writable
 
         check_writable(png or run_dir / "report.png", "png" if png else None, kind="file", what="" if png else "the figure (or pass --png)")
     data = collect(run_dir)
@@ -166,8 +166,9 @@ def judge_cmd(
       selfie-lite judge responses.jsonl --policy runs/x/round-1/model --reference my-sft-model -o pairs.jsonl
     """
     from selfie_lite import api
+    from selfie_lite.paths import check_writable
     from selfie_lite.progress import Reporter
-    from selfie_lite.rundir import atomic_write_jsonl, check_writable
+    from selfie_lite.rundir import atomic_write_jsonl
 
     check_writable(output, "output", kind="file")
     with Reporter(err_console) as progress:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
 import sys
 from contextlib import contextmanager
 
@@ -50,11 +51,30 @@ def esc(value) -> str:
     return escape(str(value))
 
 
+def quiet_unless_main() -> None:
+    """Several processes (`accelerate launch`, distributed.py): all but the main process print nothing but their
+    errors (print_error names the process)."""
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        from selfie_lite import distributed
+
+        if not distributed.is_main():
+            console.quiet = err_console.quiet = True
+
+
+def _rank_prefix() -> str:
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        return ""
+    return f"[process {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']}] "
+
+
 def print_error(e) -> None:
     """`error: <message>` and, when the error has one, `hint: <hint>`; the message and the hint are escaped. An error
     about one setting names it by its flag where the CLI has one (STATE["flags"]: key -> flag), else by its key."""
+    if getattr(e, "quiet_on_peers", False):
+        return  # distributed.MainStopped: the main process has printed the error
     key = getattr(e, "key", None)
-    text = f"{STATE['flags'].get(key, key)} {e.message}" if key else str(e)
+    text = _rank_prefix() + (f"{STATE['flags'].get(key, key)} {e.message}" if key else str(e))
+    err_console.quiet = False  # a process kept quiet (quiet_unless_main) still says why it stopped
     err_console.print(f"[bold red]error:[/bold red] {esc(text)}" + (f"\n[dim]hint: {esc(e.hint)}[/dim]" if e.hint else ""),
                       highlight=False, soft_wrap=True)
 
@@ -81,7 +101,8 @@ def friendly_errors(fn):
                 raise
             mapped = _map_library_error(e)
             if mapped is None:
-                err_console.print(f"[bold red]error:[/bold red] {esc(describe(e))}", highlight=False,
+                err_console.quiet = False
+                err_console.print(f"[bold red]error:[/bold red] {esc(_rank_prefix() + describe(e))}", highlight=False,
                                   soft_wrap=True)
                 err_console.print("[dim]run again with --debug for the full traceback[/dim]")
                 raise typer.Exit(1) from None
@@ -117,6 +138,12 @@ def _map_library_error(e: Exception):
         from selfie_lite.backends.hf import oom_error
 
         return oom_error("this stage")
+    if _rank_prefix() and (type(e).__name__ in ("DistBackendError", "DistNetworkError") or any(
+            x in text for x in ("Connection reset by peer", "Connection closed by peer", "NCCL communicator was aborted"))):
+        # Several processes (distributed.py): this one lost another, which died first and said why (or was killed).
+        return RunError("another process of this run stopped, so this one stops too (the launcher's summary below "
+                        "names it, and its own error line above says why)",
+                        hint="finished stages are kept: resume with any number of processes")
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return RunError(f"the disk is full{f' (writing {e.filename})' if e.filename else ''}",
                         hint="free some space or point --out at a larger disk, then add --resume")

@@ -265,7 +265,7 @@ def hf_cache_dir() -> Path:
 
 def check_writable_dir(name: str, folder: Path, fix: str) -> Check:
     """Can a run be written there: the folder, or the nearest existing parent it would be made in."""
-    from selfie_lite.rundir import writable_problem
+    from selfie_lite.paths import writable_problem
 
     problem = writable_problem(Path(folder))
     if problem:

@@ -89,7 +89,8 @@ def plan_eval(
     prompts (else the run's test split), scorer = the preset's oracle where the prompts are the preset's (tiny:
     oracle, smol: ifeval), sampling = the run's temperature and max_new_tokens. Model folders without a baseline compare against the tiny preset's SFT model."""
     from selfie_lite.config import from_dict, load_config
-    from selfie_lite.rundir import check_writable, is_run_dir, read_json
+    from selfie_lite.paths import check_writable
+    from selfie_lite.rundir import is_run_dir, read_json
     from selfie_lite.scorers import OracleScorer, parse_scorer
     from selfie_lite.validate import check_range
 

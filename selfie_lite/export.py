@@ -122,7 +122,7 @@ def plan_export(target: str | Path, out: str | Path, outtype: str = "f16", *, mo
     or a model folder, its config and safetensors whole), the output writable, the disk's room."""
     from selfie_lite.disk import check_free_space, model_params
     from selfie_lite.model_files import check_model_source
-    from selfie_lite.rundir import check_writable
+    from selfie_lite.paths import check_writable
 
     if outtype not in OUTTYPES:
         raise UserError(f"must be one of {', '.join(OUTTYPES)}, got {outtype!r}", key="outtype")

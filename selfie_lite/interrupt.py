@@ -59,11 +59,15 @@ def safe_point(stage: str, items_done: int) -> None:
     """A point between two finished items of `stage` (a sampling chunk, a scoring pass, an optimizer step), where
     stopping loses nothing: a Ctrl-C that Python swallowed (see ctrl_c_noted) stops the run here, and with
     SELFIE_LITE_KILL_AT=stage:n the process kills itself (SIGKILL, no clean-up) once n items are done, which the
-    resume tests use to prove that a kill at any point loses no work and changes no result."""
+    resume tests use to prove that a kill at any point loses no work and changes no result; stage:n@r kills only the
+    process of rank r of several (tests/test_distributed.py)."""
     if _interrupted:
         raise KeyboardInterrupt
     spec = os.environ.get("SELFIE_LITE_KILL_AT", "")
     if not spec:
+        return
+    spec, _, only_rank = spec.partition("@")  # stage:n@r: only the process of rank r (accelerate launch) dies
+    if only_rank and os.environ.get("RANK", "0") != only_rank:
         return
     name, _, n = spec.partition(":")
     if name == stage and items_done >= int(n or 0):

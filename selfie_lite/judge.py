@@ -17,6 +17,7 @@ import math
 import time
 from pathlib import Path
 
+from selfie_lite import distributed
 from selfie_lite.config import RunConfig
 from selfie_lite.interrupt import safe_point
 from selfie_lite.loss import implicit_rewards
@@ -144,8 +145,11 @@ def score_with(backend, model_dir: Path, sequences, batch_size: int, progress, l
     task = progress.start(label, total=len(sequences), unit="seqs")
     model, _ = backend.load(model_dir)
     t0 = time.perf_counter()
-    logps = backend.sequence_logps(
-        model, sequences, batch_size=batch_size, on_batch=lambda n: progress.advance(task, n)
+    # Several processes (distributed.py): each scores whole batches of the backend's own order, gathered on all.
+    logps = distributed.score_sharded(
+        lambda seqs: backend.sequence_logps(model, seqs, batch_size=batch_size,
+                                            on_batch=lambda n: progress.advance(task, n * distributed.world_size())),
+        sequences, batch_size, lambda s: len(s[0]) + len(s[1]),
     )
     seconds = time.perf_counter() - t0
     backend.free(model)
@@ -161,7 +165,8 @@ def cached_scores(backend, model_dir: Path, rows: list[dict], round_dir: Path, n
     if path.is_file():
         return read_json(path)
     logps, _ = score_with(backend, model_dir, flat_sequences(rows), batch_size, progress, label)
-    atomic_write_json(path, logps)
+    if distributed.is_main():
+        atomic_write_json(path, logps)
     return logps
 
 
@@ -204,7 +209,8 @@ def judge_round(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], poli
         cached[name], seconds[name] = score_with(
             backend, model_dir, sequences, cfg.judge.batch_size, progress, f"judge ({name})"
         )
-        atomic_write_json(path, cached[name])
+        if distributed.is_main():
+            atomic_write_json(path, cached[name])
         safe_point("judge", len(cached))
     debias = {}
     a = 0.0
@@ -213,7 +219,8 @@ def judge_round(cfg: RunConfig, round_dir: Path, backend, rows: list[dict], poli
         plain, _ = judge_pairs(rows, cached["policy"], cached["reference"], cfg.beta)
         debias = {"length_penalty": a, "length_gap": gap, "length_gap_undebiased": length_gap(plain, rows)}
     pairs, drops = judge_pairs(rows, cached["policy"], cached["reference"], cfg.beta, a)
-    atomic_write_jsonl(round_dir / "judged.jsonl", pairs)
+    if distributed.is_main():
+        atomic_write_jsonl(round_dir / "judged.jsonl", pairs)
     total = sum(seconds.values())
     margins = [p["reward_chosen"] - p["reward_rejected"] for p in pairs]
     return pairs, {

@@ -28,12 +28,14 @@ from rich.markup import escape
 
 from selfie_lite import rss
 from selfie_lite.config import RunConfig
+from selfie_lite.distributed import barrier, is_main, on_main
 from selfie_lite.errors import RunError
 from selfie_lite.guard import guard_stage, select_by_scorer, verdict
 from selfie_lite.inputs import Inputs, prepare_data
 from selfie_lite.judge import judge_stage
 from selfie_lite.merge import merge_stage
 from selfie_lite.numerics import resolve_threads, torch_threads
+from selfie_lite.reference import reference_stage
 from selfie_lite.report import round_table
 from selfie_lite.robust import anchor_stage, consistency_stage
 from selfie_lite.rundir import (
@@ -52,7 +54,7 @@ from selfie_lite.rundir import (
 )
 from selfie_lite.sample import sample_stage
 from selfie_lite.stage import NULL_PROGRESS, Round
-from selfie_lite.train import reference_stage, train_stage
+from selfie_lite.train import train_stage
 
 
 def run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console: Console, progress=None,
@@ -133,7 +135,11 @@ def _invalidate(r: Round, name: str) -> None:
 def _run_round(r: Round, stages, inputs_changed: bool, say) -> tuple[bool, str | None]:
     """Run round r's unfinished stages, and the finished ones whose outputs are gone or damaged. inputs_changed: an
     earlier round's model was made again with other weights, so the whole round is redone. Returns (whether the
-    round's model was made anew with other bytes than before, the guard's verdict when it stops the run)."""
+    round's model was made anew with other bytes than before, the guard's verdict when it stops the run).
+
+    Under a launcher (distributed.py) every process runs every stage (each does its share of the work), but only the
+    main process reads the run folder to decide what runs and writes the markers; the others are told its decisions
+    (on_main), which also holds them until the main process's writes are done."""
     names = [n for n, _ in stages]
 
     def redo_from(k: int, why: str) -> None:
@@ -145,47 +151,61 @@ def _run_round(r: Round, stages, inputs_changed: bool, say) -> tuple[bool, str |
     def stop() -> str | None:
         return verdict(r) if "guard" in names and is_done(r.dir, "guard") else None
 
-    if inputs_changed:
-        redo_from(0, f"{r.dir.name}: it starts from a model that was made again with other weights; redoing the round")
-    else:
+    def finished() -> bool:
+        if inputs_changed:
+            redo_from(0, f"{r.dir.name}: it starts from a model that was made again with other weights; redoing the round")
+            return False
         m = read_marker(r.dir, names[-1])
         whole = all(read_marker(r.dir, n) is not None for n in names if marker(r.dir, n).exists())
-        if m is not None and whole and _problem(r, names[-1], m) is None:
-            # A finished round (every marker readable, the model whole): its model is all that later rounds and
-            # the user need of it, so its other outputs are not checked (deleted adapters do not retrain a round).
-            return False, stop()
+        # A finished round (every marker readable, the model whole): its model is all that later rounds and the
+        # user need of it, so its other outputs are not checked (deleted adapters do not retrain a round).
+        return m is not None and whole and _problem(r, names[-1], m) is None
+
+    if on_main(finished):
+        return False, on_main(stop)
     changed = inputs_changed
     for k, (name, stage) in enumerate(stages):
-        m = read_marker(r.dir, name)
-        redo, old = False, None  # a finished stage redone; the digest of what it made before (None: unknown)
-        if m is not None:
-            why = _problem(r, name, m)
-            run = redo = why is not None
-            old = m.get("outputs_sha256")
-        elif marker(r.dir, name).exists():
-            why = f"done/{name}.json " + (file_problem(marker(r.dir, name)) or "is not a stage's record")
-            run = redo = True
-            if outputs_problem(r.dir, STAGE_OUTPUTS[name]) is None:
-                old = outputs_digest(r.dir, STAGE_OUTPUTS[name])  # the outputs are whole: the redo must make them
-        else:
-            # Not finished: it runs, unless a later stage has finished (a stage added by a --force change of
-            # settings does not re-open a round already trained).
-            run = not any(is_done(r.dir, later) for later in names[k + 1 :])
-        if redo:
-            say(f"{r.dir.name} {name}: {why}; redoing the stage")
+
+        def decide(k=k, name=name) -> tuple[bool, bool, str | None]:
+            m = read_marker(r.dir, name)
+            redo, old = False, None  # a finished stage redone; the digest of what it made before (None: unknown)
+            if m is not None:
+                why = _problem(r, name, m)
+                run = redo = why is not None
+                old = m.get("outputs_sha256")
+            elif marker(r.dir, name).exists():
+                why = f"done/{name}.json " + (file_problem(marker(r.dir, name)) or "is not a stage's record")
+                run = redo = True
+                if outputs_problem(r.dir, STAGE_OUTPUTS[name]) is None:
+                    old = outputs_digest(r.dir, STAGE_OUTPUTS[name])  # the outputs are whole: the redo must make them
+            else:
+                # Not finished: it runs, unless a later stage has finished (a stage added by a --force change of
+                # settings does not re-open a round already trained).
+                run = not any(is_done(r.dir, later) for later in names[k + 1 :])
+            if redo:
+                say(f"{r.dir.name} {name}: {why}; redoing the stage")
+            if run:
+                _drop_damaged_caches(r, name, None if redo else say)
+            return run, redo, old
+
+        run, redo, old = on_main(decide)
         if run:
-            _drop_damaged_caches(r, name, None if redo else say)
             measured = rss.reset_peak()
-            metrics = stage(r)
+            metrics = stage(r)  # every process: its share of the work (distributed.py); the main process writes
             metrics["peak_rss_mb"] = rss.peak_mb() if measured else None  # this stage's own peak (rss.py)
-            digest = outputs_digest(r.dir, STAGE_OUTPUTS[name])
-            mark_done(r.dir, name, metrics, digest)
-            if redo and old != digest:
-                # Other bytes than before (or the old ones are unknown): what was made from them is stale.
-                changed = True
-                redo_from(k + 1, f"{r.dir.name} {name}: redone with other results than before; redoing the stages "
-                                 "after it")
-        stopped = stop() if name == "guard" else None
+
+            def record(k=k, name=name, metrics=metrics, redo=redo, old=old) -> bool:
+                digest = outputs_digest(r.dir, STAGE_OUTPUTS[name])
+                mark_done(r.dir, name, metrics, digest)
+                if redo and old != digest:
+                    # Other bytes than before (or the old ones are unknown): what was made from them is stale.
+                    redo_from(k + 1, f"{r.dir.name} {name}: redone with other results than before; redoing the "
+                                     "stages after it")
+                    return True
+                return False
+
+            changed = on_main(record) or changed
+        stopped = on_main(stop) if name == "guard" else None
         if stopped:
             return False, stopped
     return changed, None
@@ -194,8 +214,12 @@ def _run_round(r: Round, stages, inputs_changed: bool, say) -> tuple[bool, str |
 def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console: Console, progress, split,
                 n_threads: int) -> dict:
     t_start = time.perf_counter()
-    remove_stale_tmp_files(run_dir)  # what a writer killed mid-write left (kill -9 runs no clean-up)
-    split = prepare_data(cfg, run_dir, inputs, split)
+
+    def setup():
+        remove_stale_tmp_files(run_dir)  # what a writer killed mid-write left (kill -9 runs no clean-up)
+        return prepare_data(cfg, run_dir, inputs, split)
+
+    split = on_main(setup)
 
     def say(line: str) -> None:
         console.print(f"[yellow]resume:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
@@ -205,14 +229,15 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console:
     model_changed = False  # an earlier round's model was made again with other weights: later rounds are redone
     for i in range(cfg.rounds + 1):
         r = Round(cfg, run_dir, i, backend, Path(inputs.model_dir), inputs.gold, progress or NULL_PROGRESS)
-        r.dir.mkdir(parents=True, exist_ok=True)
+        on_main(lambda r=r: r.dir.mkdir(parents=True, exist_ok=True))
         changed, stopped = _run_round(r, round_stages(cfg, i), model_changed, say)
         model_changed = model_changed or changed
         if stopped:
             console.print(f"[yellow]guard:[/yellow] {escape(stopped)}")
             break
         metrics = stage_metrics(r.dir)
-        atomic_write_json(r.dir / "metrics.json", metrics)
+        if is_main():
+            atomic_write_json(r.dir / "metrics.json", metrics)
         history.append({"round": i, **metrics})
         console.print(round_table(i, metrics))
         if hasattr(r.progress, "round_done"):
@@ -225,7 +250,7 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console:
         why = "the last round: every round's self-labels passed the guard"
     selection = None
     if cfg.guard.select not in ("last", "guard"):
-        selection = select_by_scorer(cfg, run_dir, backend, Path(inputs.model_dir), last, progress)
+        selection = on_main(lambda: select_by_scorer(cfg, run_dir, backend, Path(inputs.model_dir), last, progress))
         final = selection["round"]
         why = (f"round {final} scored best under {cfg.guard.select} on {selection['prompts']} held-out prompts ("
                + ", ".join(f"round {k}: {v:.3f}" for k, v in selection["scores"].items()) + ")")
@@ -248,8 +273,10 @@ def _run_rounds(cfg: RunConfig, run_dir: Path, backend, inputs: Inputs, console:
         "torch_threads": n_threads,
         "per_round": history,
     }
-    atomic_write_json(run_dir / "summary.json", summary)
-    _write_card(run_dir, cfg, summary, console)
+    if is_main():
+        atomic_write_json(run_dir / "summary.json", summary)
+        _write_card(run_dir, cfg, summary, console)
+    barrier()
     return summary
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from selfie_lite.disk import check_free_space, folder_bytes, merged_model_bytes
+from selfie_lite.distributed import on_main
 from selfie_lite.interrupt import safe_point
 from selfie_lite.rundir import fresh_tmp_dir, replace_dir
 from selfie_lite.stage import Round
@@ -19,7 +20,8 @@ from selfie_lite.stage import Round
 
 def merge_stage(r: Round) -> dict:
     """Stage 4 of round i: round-<i>/adapter merged into pi_{i-1}'s weights, saved as round-<i>/model (pi_i)."""
-    return merge_round(r.backend, r.prev_dir, r.dir / "adapter", r.dir / "model")
+    # Several processes (distributed.py): the main process merges and writes the model, the others wait for it.
+    return on_main(lambda: merge_round(r.backend, r.prev_dir, r.dir / "adapter", r.dir / "model"))
 
 
 def merge_round(backend, base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:

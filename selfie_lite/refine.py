@@ -134,9 +134,26 @@ class LowConfidencePicker:
         skip [B] bool: pairs that are never picked and stay out of the window (replayed human pairs,
         robust.gold_replay: their labels are not noisy, and their margins would shift the self-labels' quantile).
         """
+        from selfie_lite import distributed
+
         z_g = z_g.detach().float().cpu()
         keep = None if skip is None else ~skip.detach().cpu().bool()
-        self.values.extend((z_g if keep is None else z_g[keep]).tolist())
+        mine = (z_g if keep is None else z_g[keep]).tolist()
+        if not distributed.active():
+            return self._add_and_pick(mine, z_g, keep)
+        # Several processes (distributed.py): the window is the run's, not the process's. Each micro-step the
+        # processes hold consecutive batches of one process's order (accelerate deals batch j to process j % W), so
+        # the batches are added in rank order and each process picks where its own batch comes: as one process would.
+        picked = None
+        for rank, values in distributed.gather([(distributed.rank(), mine)]):
+            if rank == distributed.rank():
+                picked = self._add_and_pick(values, z_g, keep)
+            else:
+                self.values.extend(values)
+        return picked
+
+    def _add_and_pick(self, values: list[float], z_g: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        self.values.extend(values)
         if self.frac <= 0 or not self.values:  # quantile(0) is the minimum, which "at or below" would still pick
             return torch.zeros(z_g.shape, dtype=torch.bool)
         threshold = torch.quantile(torch.tensor(list(self.values)), min(self.frac, 1.0))

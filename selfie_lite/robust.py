@@ -5,7 +5,7 @@ the defaults are what measured best (config.RobustConfig, docs/results.md). loop
 - gold replay (DICE's gamma): human seed pairs mixed into every self-labelled round's training set;
 - learning-rate decay: round i >= 1 trains at train.learning_rate * lr_decay ** (i - 1);
 - a fixed DPO reference (train_reference = "sft"): log pi_init of every training pair, scored in a pass of its own
-  before training (one model in memory at a time, as the judge does; train.reference_stage);
+  before training (one model in memory at a time, as the judge does; reference.reference_stage);
 - consistency weighting (CREAM, arXiv 2410.12735): in round i >= 2, each prompt's samples are ranked by this round's
   judge and by the previous round's; the smoothing of its pair follows their disagreement (consistency_smoothing);
 - length-debiased judging lives in judge.py (fit_length_penalty), where the pairs are chosen;
@@ -192,7 +192,10 @@ def consistency_weights(cfg: RunConfig, round_dir: Path, backend, rows: list[dic
     rewards = implicit_rewards(logps, reference, cfg.beta)
     by_prompt = {int(r["id"]): rw for r, rw in zip(rows, per_prompt(rewards, response_counts(rows)), strict=True)}
     smoothing, metrics = consistency_smoothing(pairs, by_prompt, cfg.robust.consistency)
-    atomic_write_json(round_dir / CONSISTENCY, {str(k): v for k, v in smoothing.items()})
+    from selfie_lite import distributed
+
+    if distributed.is_main():
+        atomic_write_json(round_dir / CONSISTENCY, {str(k): v for k, v in smoothing.items()})
     return metrics | {"previous_judge": str(previous_judge), "seconds": round(time.perf_counter() - t0, 3)}
 
 

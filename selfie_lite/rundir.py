@@ -23,6 +23,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it into place: `path` is either the old file or
     the whole new one. A failed write (a full disk) removes the temporary file and names `path` in the error."""
     path = Path(path)
+    only_main_writes(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -37,6 +38,17 @@ def atomic_write_text(path: Path, text: str) -> None:
         if e.filename is None or str(e.filename) == str(tmp):
             e.filename = str(path)  # a write() or fsync() error names no file; the user knows `path`, not tmp
         raise
+
+
+def only_main_writes(path: Path) -> None:
+    """Under a launcher (`accelerate launch`, distributed.py) only the main process writes the run folder; a write
+    from another process is a bug in selfie-lite, stopped here before it can race the main process's."""
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        from selfie_lite import distributed
+
+        if not distributed.is_main():
+            raise RuntimeError(f"process {distributed.rank()} tried to write {path}: only the main process writes "
+                               "the run folder (a bug in selfie-lite)")
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -135,6 +147,7 @@ def round_dirs(run_dir: Path) -> list[tuple[int, Path]]:
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written folder into place; whatever stood there before is dropped. Its files get the
     permissions of every other file of the run (safetensors writes weights 0600)."""
+    only_main_writes(final)
     follow_umask(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -174,6 +187,7 @@ def follow_umask(folder: Path) -> None:
 
 
 def fresh_tmp_dir(final: Path) -> Path:
+    only_main_writes(final)
     tmp = final.with_name(f".{final.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)  # left over from a killed attempt
@@ -350,50 +364,3 @@ def stages_by_rev(run_dir: Path) -> dict[int, list[str]]:
         for name, m in stage_metrics(d).items():
             out.setdefault(int(m.get("config_rev", 0)), []).append(f"{d.name} {name}")
     return dict(sorted(out.items()))
-
-# -- output paths -------------------------------------------------------------------------------
-
-
-def writable_problem(path: Path, kind: str = "folder") -> str | None:
-    """Why `path` (a folder, or a file to be made) cannot be written, or None. Nothing is created to find out."""
-    path = Path(path).expanduser()
-    if path.exists():
-        if kind == "folder" and not path.is_dir():
-            return "a file is in the way (need a folder)"
-        if kind == "file" and path.is_dir():
-            return "is a folder (need a file name)"
-    probe = path.absolute()
-    if kind == "file" and probe.is_file():
-        probe = probe.parent  # a file to be replaced: it is written beside and renamed over, so its folder counts
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"{probe} is a file, not a folder"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"cannot write to {probe} (permission denied or a read-only disk)"
-    return None
-
-
-def check_writable(path: Path, key: str | None = None, kind: str = "folder", what: str = "") -> None:
-    """Bad input, not a failed run: `path` cannot be written. Checked before any work, so an out folder on a
-    read-only disk stops at once with the path named instead of failing after the first stage. key: the setting
-    that named the path (UserError.key); what: how to name a path that no setting gave."""
-    problem = writable_problem(path, kind)
-    if problem:
-        raise UserError(f"{what + ' ' if what else ''}{path}: {problem}",
-                        hint="pick a place you can write to, or fix its permissions", key=key)
-
-
-def claim_run_dir(base: Path) -> Path:
-    """A new run folder at `base`, or base-2, base-3, ... when it is taken: mkdir is atomic, so two runs started in
-    the same second (same runs/<timestamp>) still get a folder each."""
-    base = Path(base)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    for k in range(1, 1000):
-        candidate = base if k == 1 else base.with_name(f"{base.name}-{k}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise UserError(f"could not make a new run folder next to {base}", hint="pass --out DIR")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from selfie_lite import distributed
 from selfie_lite.config import RunConfig
 from selfie_lite.interrupt import safe_point
 from selfie_lite.rundir import atomic_write_jsonl, read_jsonl
@@ -29,7 +30,8 @@ def sample_stage(r: Round) -> dict:
 def sample_round(cfg: RunConfig, round_dir: Path, backend, model_dir: Path, prompts: list[str], round_idx: int,
                  progress=NULL_PROGRESS) -> dict:
     folder = round_dir / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        folder.mkdir(parents=True, exist_ok=True)
     size = cfg.sample.chunk_size
     chunks = [(c, prompts[s : s + size]) for c, s in enumerate(range(0, len(prompts), size))]
     todo = [(c, ps) for c, ps in chunks if not (folder / f"chunk-{c:05d}.jsonl").is_file()]
@@ -41,27 +43,39 @@ def sample_round(cfg: RunConfig, round_dir: Path, backend, model_dir: Path, prom
 
         sampler, _ = get_sampler(cfg.sample.sampler, backend, cfg)  # the backend itself unless vLLM is asked for
         model, tok = sampler.load(model_dir)
-        for c, ps in todo:
+        # Several processes (distributed.py): one chunk each per turn, gathered, the main process writes them; each
+        # chunk is seeded by its own index, so its samples do not depend on which process drew them.
+        me = distributed.rank()
+        for turn in distributed.in_rounds(todo):
             t0 = time.perf_counter()
-            counted = []
+            done = []
+            if turn[me] is not None:
+                c, ps = turn[me]
+                counted = []
+                busy = sum(t is not None for t in turn)  # the prompts of this turn go W times as fast
 
-            def on_batch(n, n_tokens, counted=counted):
-                counted.append(n_tokens)
-                progress.advance(task, n, tokens=n_tokens)
+                def on_batch(n, n_tokens, counted=counted, busy=busy):
+                    counted.append(n_tokens)
+                    progress.advance(task, n * busy, tokens=n_tokens)
 
-            rows = sampler.generate(
-                model, tok, ps, num_samples=cfg.sample.num_samples, temperature=cfg.sample.temperature,
-                top_p=cfg.sample.top_p, max_new_tokens=cfg.sample.max_new_tokens, batch_size=cfg.sample.batch_size,
-                seed=chunk_seed(cfg.random_seed, round_idx, c), on_batch=on_batch,
-            )
-            for j, r in enumerate(rows):
-                r["id"] = c * size + j
-            atomic_write_jsonl(folder / f"chunk-{c:05d}.jsonl", rows)
+                rows = sampler.generate(
+                    model, tok, ps, num_samples=cfg.sample.num_samples, temperature=cfg.sample.temperature,
+                    top_p=cfg.sample.top_p, max_new_tokens=cfg.sample.max_new_tokens,
+                    batch_size=cfg.sample.batch_size, seed=chunk_seed(cfg.random_seed, round_idx, c),
+                    on_batch=on_batch,
+                )
+                for j, r in enumerate(rows):
+                    r["id"] = c * size + j
+                done.append((c, rows, sum(counted)))
+            for c, rows, n_tokens in distributed.gather(done):
+                if distributed.is_main():
+                    atomic_write_jsonl(folder / f"chunk-{c:05d}.jsonl", rows)
+                tokens += n_tokens
+                n_done_prompts += len(rows)
             seconds += time.perf_counter() - t0
-            tokens += sum(counted)
-            n_done_prompts += len(ps)
             safe_point("sample", n_done_prompts)
         sampler.free(model)
+        distributed.barrier()  # every chunk on disk before anyone reads them back
     progress.finish(task)
     rows = load_samples(round_dir)
     lengths = [len(ids) for r in rows for ids in r["response_ids"]]

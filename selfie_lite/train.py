@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,16 +25,15 @@ from datasets.utils import are_progress_bars_disabled, disable_progress_bars, en
 from transformers import PrinterCallback
 from trl import DPOConfig
 
-from selfie_lite import compat
-from selfie_lite.chat import end_of_turn_ids, template_ids, through_end_of_turn
-from selfie_lite.config import RunConfig, TrainConfig
+from selfie_lite import compat, distributed
+from selfie_lite.config import TrainConfig
 from selfie_lite.errors import UserError
-from selfie_lite.loss import last_hidden, sequence_logps
 from selfie_lite.numerics import pick_device, pick_dtype
+from selfie_lite.reference import read_reference_table, reference_pass
 from selfie_lite.robust import round_learning_rate, round_max_steps, training_pairs
 from selfie_lite.smoothing import Smoother, smoother_for
 from selfie_lite.stage import Round
-from selfie_lite.trainer import PairCollator, SPADPOTrainer, StepLog
+from selfie_lite.trainer import PairCollator, SPADPOTrainer, StepLog, to_conversation
 
 
 @dataclass
@@ -75,129 +75,6 @@ def _checkpointing(on: bool) -> dict:
     # input grads.
     name = compat.checkpointing_arg(DPOConfig)
     return {name: on, f"{name}_kwargs": {"use_reentrant": False}}
-
-
-def _to_conversation(pair: dict) -> dict:
-    # TRL's conversational preference format: the prompt turn(s), then one assistant turn per response.
-    return {
-        "pair_id": int(pair["pair_id"]),
-        "prompt": [{"role": "user", "content": pair["prompt"]}],
-        "chosen": [{"role": "assistant", "content": pair["chosen"]}],
-        "rejected": [{"role": "assistant", "content": pair["rejected"]}],
-    }
-
-
-def training_sequences(tokenizer, pairs: list[dict], train: TrainConfig) -> list[tuple[list[int], list[int]]]:
-    """[(prompt_ids, chosen_ids)] * N + [(prompt_ids, rejected_ids)] * N: the tokens the trainer scores, for
-    reference log-probs computed outside it (robust.train_reference = "sft").
-
-    Mirrors what train_dpo feeds the model: TRL's conversational tokenisation (the completion starts where the
-    tokenised prompt and prompt + completion diverge, and ends at its end of turn), the prompt cut to its last
-    max_prompt_length tokens (SPADPOTrainer._prepare_dataset), then prompt + completion cut to max_length (the
-    collator's keep_start).
-    tests/test_robust.py checks it against the trainer's own batches; the trainer also checks every pair's
-    token counts against it at run time.
-    """
-
-    def ids(messages, **kw) -> list[int]:
-        return template_ids(tokenizer, messages, **kw)
-
-    def prefix(a: list[int], b: list[int]) -> int:
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        return n
-
-    chosen, rejected = [], []
-    stops = end_of_turn_ids(tokenizer)
-    for p in pairs:
-        conv = _to_conversation(p)
-        prompt = ids(conv["prompt"], add_generation_prompt=True)
-        with_c, with_r = ids(conv["prompt"] + conv["chosen"]), ids(conv["prompt"] + conv["rejected"])
-        cut = min(prefix(prompt, with_c), prefix(prompt, with_r))
-        head = prompt[:cut][-train.max_prompt_length:] if train.max_prompt_length else prompt[:cut]
-        room = max(0, train.max_length - len(head))
-        chosen.append((head, through_end_of_turn(with_c[cut:], stops)[:room]))
-        rejected.append((head, through_end_of_turn(with_r[cut:], stops)[:room]))
-    return chosen + rejected
-
-
-def reference_table(pairs: list[dict], logps: list[float], sequences) -> dict[int, dict]:
-    """pair_id -> {"chosen", "rejected", "chosen_tokens", "rejected_tokens"} from log-probs scored on
-    training_sequences(pairs) (chosen rows first, then rejected rows), as train_dpo's ref_logps wants it."""
-    n = len(pairs)
-    return {int(p["pair_id"]): {"chosen": logps[i], "rejected": logps[n + i],
-                                "chosen_tokens": len(sequences[i][1]), "rejected_tokens": len(sequences[n + i][1])}
-            for i, p in enumerate(pairs)}
-
-
-REFERENCE_TABLE = "train_reference_logps.json"  # in round-<i>/: pi_init's log-probs of every training pair
-
-
-def reference_stage(r: Round) -> dict:
-    """robust.train_reference = "sft", rounds >= 1, before training: pi_init's log-probs of the training set
-    (robust.training_pairs), the fixed DPO reference of docs/method.md, "Counter-measures against drift"."""
-    return reference_logps(r.cfg, r.dir, r.backend, r.init_dir, training_pairs(r), r.progress)
-
-
-def reference_logps(cfg: RunConfig, round_dir: Path, backend, init_dir: Path, pairs: list[dict],
-                    progress=None) -> dict:
-    """robust.train_reference = "sft": score every training pair (chosen and rejected) with pi_init, loaded alone
-    and freed afterwards, on exactly the tokens the trainer will score (train.training_sequences).
-
-    Reads: the training pairs (self-labelled + replayed). Writes: round-<i>/train_reference_logps.json (atomic),
-    {pair_id: {"chosen", "rejected", "chosen_tokens", "rejected_tokens"}}; the loop then marks the stage done, so a
-    resumed round reuses the file."""
-    import time
-
-    from selfie_lite.judge import score_with
-    from selfie_lite.rundir import atomic_write_json
-
-    t0 = time.perf_counter()
-    sequences = training_sequences(backend.load_tokenizer(init_dir), pairs, cfg.train)
-    logps, seconds = score_with(backend, init_dir, sequences, cfg.judge.batch_size, progress, "reference (pi_init)")
-    table = reference_table(pairs, logps, sequences)
-    atomic_write_json(round_dir / REFERENCE_TABLE, {str(k): v for k, v in table.items()})
-    return {"pairs": len(pairs), "sequences": len(sequences), "model": str(init_dir),
-            "seconds": round(time.perf_counter() - t0, 3), "scoring_seconds": round(seconds, 3)}
-
-
-def read_reference_table(round_dir: Path) -> dict[int, dict]:
-    from selfie_lite.rundir import read_json
-
-    return {int(k): v for k, v in read_json(round_dir / REFERENCE_TABLE).items()}
-
-
-def reference_pass(trainer: SPADPOTrainer, batch_size: int) -> dict[int, dict]:
-    """The DPO reference's log-probs of every training pair, scored once before training, as a table for
-    SPADPOTrainer.ref_logps (pair_id -> {"chosen", "rejected", "chosen_tokens", "rejected_tokens"}).
-
-    The reference is the model with its adapter off: fixed for the whole round, so scoring it inside every step
-    repeats the same forward pass once per epoch (3 times in the seed round). When nothing else needs the
-    reference's logits (no noise detection: lam == 0) one pass before training does, as TRL's
-    precompute_ref_log_probs does; ours because TRL's pass runs its own forward (full logits, its "ref" adapter
-    copy) while this one is the adapter-disabled model through loss.sequence_logps. Batches are the trainer's
-    own tokenisation and collator, batch_size pairs at a time (a micro-batch: no more memory than a step).
-    """
-    model = trainer.model
-    peft_model = trainer.accelerator.unwrap_model(model)
-    dataset = trainer.train_dataset
-    table: dict[int, dict] = {}
-    device = next(model.parameters()).device
-    for start in range(0, len(dataset), batch_size):
-        batch = trainer.data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        input_ids = batch["input_ids"].to(device)
-        mask = batch["completion_mask"][:, 1:].bool().to(device)  # [2B,T-1], as compute_loss shifts them
-        # the trainer's autocast context, as around compute_loss: the same precision as a step would score in
-        with trainer.compute_loss_context_manager(), torch.no_grad(), peft_model.disable_adapter():
-            logps = sequence_logps(last_hidden(model, input_ids, batch["attention_mask"].to(device)),
-                                   input_ids[:, 1:], mask).tolist()  # [2B]: chosen rows, then rejected rows
-        tokens = mask.sum(-1).tolist()
-        n = len(batch["pair_id"])
-        for j, pair_id in enumerate(batch["pair_id"].tolist()):
-            table[int(pair_id)] = {"chosen": logps[j], "rejected": logps[n + j],
-                                   "chosen_tokens": tokens[j], "rejected_tokens": tokens[n + j]}
-    return table
 
 
 def train_dpo(
@@ -243,6 +120,12 @@ def train_dpo(
         epoch_steps = math.ceil(math.ceil(len(pairs) / train.batch_size) / train.grad_accum)
         max_steps = max_steps if max_steps < epoch_steps * epochs else -1
     cuda = torch.cuda.is_available()
+    # Several processes (distributed.py; TRL's Trainer runs on the launcher's accelerate state): each takes
+    # batch_size pairs per micro-step, so with grad_accum divisible by the process count the accumulation is
+    # divided by it, keeping the optimizer's batch (and, with accelerate's sharding of the same shuffled batches,
+    # the very pairs of every step) what one process would use. Otherwise the optimizer's batch grows with it.
+    processes = distributed.world_size()
+    grad_accum = train.grad_accum // processes if train.grad_accum % processes == 0 else train.grad_accum
     args = DPOConfig(
         output_dir=str(out_dir),
         # Optimisation
@@ -250,7 +133,7 @@ def train_dpo(
         lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_ratio,  # transformers 5: a float in [0, 1) is a share of the steps
         per_device_train_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
+        gradient_accumulation_steps=grad_accum,
         num_train_epochs=epochs,
         max_steps=max_steps,  # robust.max_steps (robust.round_max_steps); -1: the epochs decide
         weight_decay=train.weight_decay,
@@ -286,7 +169,7 @@ def train_dpo(
             model=model,
             args=args,
             data_collator=collator,
-            train_dataset=Dataset.from_list([_to_conversation(p) for p in pairs]),
+            train_dataset=Dataset.from_list([to_conversation(p) for p in pairs]),
             processing_class=tokenizer,
             callbacks=[step_log],
             beta=beta,
@@ -307,6 +190,13 @@ def train_dpo(
     seconds = time.perf_counter() - start
 
     stats = trainer.pair_stats
+    seen, smoothed = trainer.seen_after_warmup, trainer.smoothed_after_warmup
+    if distributed.active():  # each process saw its share of the pairs: all of them, on every process
+        stats = {}
+        for pair_id, s in distributed.gather(sorted(trainer.pair_stats.items())):
+            stats.setdefault(pair_id, s)  # a pair twice: accelerate evened out the last batches with repeats
+        counts = distributed.gather([(seen, smoothed)])
+        seen, smoothed = sum(c[0] for c in counts), sum(c[1] for c in counts)
     n_pairs = len(trainer.train_dataset)
     history = step_log.history
 
@@ -329,9 +219,7 @@ def train_dpo(
         "mean_margin": mean(s["margin"] for s in stats.values()),
         "mean_extrapolated_margin": mean(s["extrapolated_margin"] for s in stats.values()),
         "reward_accuracy": mean(float(s["margin"] > 0) for s in stats.values()),
-        "frac_smoothed": trainer.smoothed_after_warmup / trainer.seen_after_warmup
-        if trainer.seen_after_warmup
-        else 0.0,
+        "frac_smoothed": smoothed / seen if seen else 0.0,
         "lam": smoother.lam,
         "alpha": getattr(smoother, "alpha", 0.0),
         "smoothing_source": smoother.name,
@@ -340,6 +228,7 @@ def train_dpo(
         "train_reference": "given" if ref_logps is not None else "adapter-off",
         # the adapter-off reference scored once before training (reference_pass): seconds, included in "seconds"
         "reference_pass_seconds": reference_seconds,
+        **({"processes": processes, "grad_accum_per_process": grad_accum} if processes > 1 else {}),
     }
     return TrainResult(metrics=metrics, pair_stats=dict(stats))
 
@@ -381,20 +270,24 @@ def train_stage(r: Round) -> dict:
     train = cfg.train if lr == cfg.train.learning_rate else dataclasses.replace(cfg.train, learning_rate=lr)
     sft_ref = not seed_round and cfg.robust.train_reference == "sft"
     smoother = smoother_for(cfg, i, pairs)
+    # The Trainer's scratch folder (nothing is saved there); another process's is outside the run folder.
+    out_dir = r.dir / "trainer" if distributed.is_main() else Path(tempfile.mkdtemp(prefix="selfie-lite-trainer-"))
     result = train_dpo(
         model, tok, pairs, beta=cfg.beta, train=train, smoother=smoother, max_steps=round_max_steps(cfg.robust.max_steps, i),
         epochs=cfg.train.seed_epochs if seed_round else cfg.train.round_epochs,
-        out_dir=r.dir / "trainer", seed=cfg.random_seed + i, on_step=on_step,
+        out_dir=out_dir, seed=cfg.random_seed + i, on_step=on_step,
         ref_logps=read_reference_table(r.dir) if sft_ref else None,
         report_to=getattr(getattr(progress, "tracker", None), "report_to", "none"),
     )
-    tmp = fresh_tmp_dir(r.dir / "adapter")  # the adapter first: the training is lost until it is on disk
-    backend.save_adapter(model, tmp)
-    replace_dir(tmp, r.dir / "adapter")
+    if distributed.is_main():  # the others trained the same adapter (DDP) and wait for it at the loop's barrier
+        tmp = fresh_tmp_dir(r.dir / "adapter")  # the adapter first: the training is lost until it is on disk
+        backend.save_adapter(model, tmp)
+        replace_dir(tmp, r.dir / "adapter")
     progress.finish(task)
     with contextlib.suppress(OSError):
-        (r.dir / "trainer").rmdir()  # the Trainer's output_dir: empty, since nothing is saved through it
+        (out_dir).rmdir()  # the Trainer's output_dir: empty, since nothing is saved through it
     backend.free(model)
     rows = [dict(p, **result.pair_stats.get(p["pair_id"], {})) for p in pairs]
-    atomic_write_jsonl(r.dir / "pairs.jsonl", rows)
+    if distributed.is_main():
+        atomic_write_jsonl(r.dir / "pairs.jsonl", rows)
     return result.metrics

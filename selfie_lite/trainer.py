@@ -28,6 +28,17 @@ from selfie_lite.smoothing import NoSmoothing, Smoother
 # Batches that remember which pair each row is
 
 
+def to_conversation(pair: dict) -> dict:
+    """A pair in TRL's conversational preference format (what the trainer's dataset holds)."""
+    # TRL's conversational preference format: the prompt turn(s), then one assistant turn per response.
+    return {
+        "pair_id": int(pair["pair_id"]),
+        "prompt": [{"role": "user", "content": pair["prompt"]}],
+        "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+        "rejected": [{"role": "assistant", "content": pair["rejected"]}],
+    }
+
+
 @dataclass
 class PairCollator(DataCollatorForPreference):
     """TRL's preference collator plus a `pair_id` [B] tensor, so the loss knows which pair each row is."""

@@ -97,8 +97,8 @@ def test_trainer_and_judge_score_the_rendered_conversation(smol, tmp_path):
     from trl import DPOConfig
 
     from selfie_lite.backends.hf import HFBackend
-    from selfie_lite.train import _to_conversation, training_sequences
-    from selfie_lite.trainer import PairCollator, SPADPOTrainer
+    from selfie_lite.reference import training_sequences
+    from selfie_lite.trainer import PairCollator, SPADPOTrainer, to_conversation
 
     _, model, tok = smol
     eos = tok.eos_token_id
@@ -117,7 +117,7 @@ def test_trainer_and_judge_score_the_rendered_conversation(smol, tmp_path):
     args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", beta=0.1, max_length=256,
                      per_device_train_batch_size=len(PAIRS), disable_tqdm=True)
     trainer = SPADPOTrainer(model=_tiny_policy(len(tok)), args=args, processing_class=tok, beta=0.1,
-                            train_dataset=Dataset.from_list([_to_conversation(p) for p in PAIRS]),
+                            train_dataset=Dataset.from_list([to_conversation(p) for p in PAIRS]),
                             data_collator=PairCollator(pad_token_id=tok.pad_token_id, max_length=256),
                             max_prompt_length=128)
     rows = [trainer.train_dataset[i] for i in range(len(PAIRS))]

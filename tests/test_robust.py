@@ -13,11 +13,11 @@ from selfie_lite.config import RefineConfig, RobustConfig, load_config, parse_ov
 from selfie_lite.errors import RunError, UserError
 from selfie_lite.judge import fit_length_penalty, judge_pairs, length_gap
 from selfie_lite.loss import dpo_losses
+from selfie_lite.reference import reference_table, training_sequences
 from selfie_lite.refine import LowConfidencePicker, extrapolated_margin, sequence_logps
 from selfie_lite.robust import consistency_smoothing, gold_pair_id, gold_replay, kendall_tau, round_learning_rate
 from selfie_lite.smoothing import Consistency, LowConfidence, smoothing_of
-from selfie_lite.train import _to_conversation, reference_table, training_sequences
-from selfie_lite.trainer import PairCollator, SPADPOTrainer
+from selfie_lite.trainer import PairCollator, SPADPOTrainer, to_conversation
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -195,7 +195,7 @@ def _trainer(tmp_path, model, tok, pairs, max_length=64, max_prompt_length=None,
 
     args = DPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none", beta=0.1,
                      max_length=max_length, per_device_train_batch_size=8, disable_tqdm=True)
-    return SPADPOTrainer(model=model, args=args, train_dataset=Dataset.from_list([_to_conversation(p) for p in pairs]),
+    return SPADPOTrainer(model=model, args=args, train_dataset=Dataset.from_list([to_conversation(p) for p in pairs]),
                          processing_class=tok, data_collator=PairCollator(pad_token_id=tok.pad_token_id,
                                                                           max_length=max_length),
                          max_prompt_length=max_prompt_length, beta=0.1, **kwargs)

@@ -308,7 +308,7 @@ def dead_pid() -> int:
 
 def test_a_file_to_be_replaced_is_writable_where_its_folder_is(tmp_path):
     """`report` writes report.png again, `judge --output` an existing file: not "is a file, not a folder"."""
-    from selfie_lite.rundir import writable_problem
+    from selfie_lite.paths import writable_problem
 
     f = tmp_path / "report.png"
     f.write_bytes(b"old")

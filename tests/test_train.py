@@ -15,8 +15,8 @@ from trl import DPOConfig, DPOTrainer
 from selfie_lite.config import RefineConfig, TrainConfig
 from selfie_lite.errors import RunError
 from selfie_lite.smoothing import smoothing_of
-from selfie_lite.train import TrainResult, _to_conversation, train_dpo
-from selfie_lite.trainer import PairCollator, SPADPOTrainer
+from selfie_lite.train import TrainResult, train_dpo
+from selfie_lite.trainer import PairCollator, SPADPOTrainer, to_conversation
 
 TRAIN = tiny_train_config()
 
@@ -37,7 +37,7 @@ def test_zero_smoothing_equals_trl_stock_sigmoid_loss(tmp_path, refine, lam):
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data = torch.randn(p.shape, generator=g) * 0.3
-    dataset = Dataset.from_list([_to_conversation(p) for p in tiny_pairs(8)])
+    dataset = Dataset.from_list([to_conversation(p) for p in tiny_pairs(8)])
 
     def args():
         return DPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none", beta=0.1,

@@ -384,7 +384,7 @@ def test_resume_takes_over_a_lost_vms_lock_with_one_line(tiny_preset, tmp_path, 
 
 
 def test_default_run_folders_are_unique_within_a_second(tiny_preset, tmp_path, stub_rounds, monkeypatch):
-    from selfie_lite.rundir import claim_run_dir
+    from selfie_lite.paths import claim_run_dir
 
     monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261202-120000" if fmt == "%Y%m%d-%H%M%S" else "t")
     for _ in range(2):

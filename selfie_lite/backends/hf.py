@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -60,7 +61,8 @@ class HFBackend:
         if self.cfg.load_in_4bit:
             kwargs["quantization_config"] = self._bnb_config()
             if self.device == "cuda":
-                kwargs["device_map"] = {"": 0}
+                # this process's GPU: 0 alone, or under accelerate launch the one PartialState set (distributed.py)
+                kwargs["device_map"] = {"": torch.cuda.current_device()}
         try:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
         except OSError as e:
@@ -87,8 +89,13 @@ class HFBackend:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UserError("needs bitsandbytes", hint="pip install 'selfie-lite[quant]'", key="load_in_4bit") from None
+        # Under DeepSpeed ZeRO-3 or FSDP (accelerate launch, docs/scaling.md) the 4-bit weights are sharded with
+        # the others, which needs them stored in the compute dtype rather than uint8 (QLoRA + ZeRO-3/FSDP).
+        sharded = any(os.environ.get(k, "").lower() in ("1", "true") for k in ("ACCELERATE_USE_DEEPSPEED",
+                                                                                "ACCELERATE_USE_FSDP"))
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=self.dtype
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=self.dtype,
+            **({"bnb_4bit_quant_storage": self.dtype} if sharded else {}),
         )
 
     def add_lora(self, model, lora: LoraConfig, seed: int):

@@ -1,0 +1,213 @@
+"""The loop under `accelerate launch` with 2 processes on this CPU (gloo; distributed.py): the self-labelled pairs are
+byte-identical to one process's, the trained model equal to rounding, only the main process writes, a killed process
+stops the run and a run moves between 1 and 2 processes on resume.
+
+Each run is the real CLI (`python -m selfie_lite run`) on the toy model (about 50K parameters), 1 round; the launcher
+is accelerate's (`--multi_gpu`, which on a machine without CUDA starts torchrun's processes and distributed.py joins
+them over gloo). About a minute on 2 cores.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+CONFIG = """\
+rounds = 1
+[data]
+labelled_share = "24"
+pool_sizes = [16]
+test_size = 20
+[sample]
+max_new_tokens = 8
+chunk_size = 4
+batch_size = 4
+[judge]
+batch_size = 4
+[train]
+batch_size = 2
+grad_accum = 2
+max_length = 64
+max_prompt_length = 32
+gradient_checkpointing = false
+learning_rate = 1e-3
+[lora]
+r = 4
+alpha = 8
+"""
+
+# What sampling and judging make in round 1: byte for byte the same whatever the process count.
+LABELS = ["samples/chunk-00000.jsonl", "samples/chunk-00001.jsonl", "samples/chunk-00002.jsonl",
+          "samples/chunk-00003.jsonl", "judged.jsonl", "reference_logps.json", "train_reference_logps.json"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(processes: int, args: list[str], env_extra: dict | None = None, timeout: int = 240):
+    """`selfie-lite run ARGS` in one process, or under `accelerate launch` with `processes` processes."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SELFIE_LITE_KILL_AT")}
+    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env_extra or {}))
+    if processes == 1:
+        cmd = [sys.executable, "-m", "selfie_lite", "run", *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), "-m", "selfie_lite", "run", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The toy model, its data and the settings, and the one-process run of them (the reference every test compares
+    with), made once per session: the test workers (pytest-xdist) share them through a lock."""
+    from filelock import FileLock
+
+    from selfie_lite.testing import build_toy_model, toy_preferences
+
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+    root = shared / "distributed"
+    args = ["--model", str(root / "sft"), "--data", str(root / "prefs.jsonl"), "--config", str(root / "toy.toml"),
+            "--random-seed", "1"]
+    with FileLock(str(shared / "distributed.lock")):
+        if not (root / "one" / "summary.json").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            build_toy_model(root / "sft")
+            toy_preferences(root / "prefs.jsonl", n=200)
+            (root / "toy.toml").write_text(CONFIG)
+            r = launch(1, [*args, "--out", str(root / "one")])
+            assert r.returncode == 0, r.stderr[-3000:]
+    work = tmp_path_factory.mktemp("dist")
+    return work, args, root / "one"
+
+
+def _round_0_of(one: Path, to: Path) -> Path:
+    """A copy of the one-process run as it stood after round 0: round 1 is then made by whoever resumes it."""
+    shutil.copytree(one, to, ignore=shutil.ignore_patterns("round-1", "summary.json"))
+    return to
+
+
+def _weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_two_processes_label_the_same_pairs_as_one_and_train_the_same_model(setup):
+    root, args, one = setup
+    two = _round_0_of(one, root / "two")
+    r = launch(2, ["--resume", str(two)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in LABELS:
+        assert (two / "round-1" / f).read_bytes() == (one / "round-1" / f).read_bytes(), f
+    done = json.loads((two / "round-1" / "done" / "train.json").read_text())
+    assert done["processes"] == 2 and done["grad_accum_per_process"] == 1  # the same 4 pairs per optimizer step
+    # The same pairs in every optimizer step (accelerate deals the same shuffled micro-batches out, batch j to
+    # process j % 2, and grad_accum 2 becomes 1 per process), DDP's mean of the two gradients against one process's
+    # accumulation of them, and the low-confidence picker's window gathered across the processes: equal to rounding.
+    # (28 pairs in micro-batches of 2: 14, even. An odd count would make accelerate repeat a batch: docs/scaling.md.)
+    a, b = _weights(one / "round-1" / "model"), _weights(two / "round-1" / "model")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    done_one = json.loads((one / "round-1" / "done" / "train.json").read_text())
+    assert done["frac_smoothed"] == done_one["frac_smoothed"] > 0 and done["steps"] == done_one["steps"]
+    pairs_one = [json.loads(x) for x in (one / "round-1" / "pairs.jsonl").read_text().splitlines()]
+    pairs_two = [json.loads(x) for x in (two / "round-1" / "pairs.jsonl").read_text().splitlines()]
+    assert [(p["pair_id"], p["chosen"], p["rejected"]) for p in pairs_one] == \
+        [(p["pair_id"], p["chosen"], p["rejected"]) for p in pairs_two]
+    # Only the main process wrote: every write goes through rundir.only_main_writes, which stops any other
+    # process's (the run would have failed); nothing of the others' is left in the folder.
+    names = {p.name for p in two.rglob("*")}
+    assert "trainer" not in names and not [n for n in names if ".tmp" in n]
+    assert not (two / ".lock").exists()
+    assert r.stdout.count("final model") <= 1 and r.stderr.count("final model") <= 1  # one process speaks
+
+
+def test_a_fresh_two_process_run_matches_one_to_rounding(setup):
+    root, args, one = setup
+    r = launch(2, [*args, "--out", str(root / "fresh2")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _weights(one / "round-0" / "model"), _weights(root / "fresh2" / "round-0" / "model")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6  # the seed DPO: no picker, rounding only
+    # Round 1 samples from a round-0 model that differs in the last bits: the same texts, the same pairs.
+    one_pairs = [json.loads(x) for x in (one / "round-1" / "judged.jsonl").read_text().splitlines()]
+    two_pairs = [json.loads(x) for x in (root / "fresh2" / "round-1" / "judged.jsonl").read_text().splitlines()]
+    assert [(p["chosen"], p["rejected"]) for p in one_pairs] == [(p["chosen"], p["rejected"]) for p in two_pairs]
+
+
+def test_a_killed_process_stops_the_run_and_one_process_resumes_it(setup):
+    root, args, one = setup
+    run = _round_0_of(one, root / "killed")
+    # Process 1 dies (SIGKILL) after the first turn of sampling (chunks 0 and 1 are on disk): the launcher stops
+    # process 0 too, and says which process failed.
+    r = launch(2, ["--resume", str(run)], {"SELFIE_LITE_KILL_AT": "sample:2@1"})
+    assert r.returncode != 0
+    # Process 0's one line (console._map_library_error), then torchrun's summary naming process 1 as the root cause
+    assert "error: [process 0 of 2] another process of this run stopped" in r.stderr
+    assert "rank      : 1" in r.stderr
+    chunks = sorted(p.name for p in (run / "round-1" / "samples").glob("chunk-*.jsonl"))
+    assert chunks and len(chunks) < 4 and not (run / "round-1" / "done" / "sample.json").exists()
+    r = launch(1, ["--resume", str(run)])  # and back: the 2-process run continued by one process
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in LABELS:
+        assert (run / "round-1" / f).read_bytes() == (one / "round-1" / f).read_bytes(), f
+
+
+def test_a_refusal_on_the_main_process_stops_every_process_with_one_line(setup):
+    root, args, one = setup
+    run = _round_0_of(one, root / "locked")
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    (run / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": 0,
+                                           "boot_id": boot.read_text().strip() if boot.exists() else None}))
+    r = launch(2, ["--resume", str(run)])
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    # The main process's refusal, once; process 1 stops with it and prints nothing (distributed.MainStopped).
+    assert len(errors) == 1 and errors[0].startswith("error: [process 0 of 2]"), r.stderr[-3000:]
+    assert "is in use by another run" in errors[0]
+    assert not (run / "round-1").exists()
+
+
+def test_only_the_main_process_may_write(tmp_path, monkeypatch):
+    from selfie_lite import distributed
+    from selfie_lite.rundir import atomic_write_json, fresh_tmp_dir
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    with pytest.raises(RuntimeError, match="process 1 tried to write"):
+        atomic_write_json(tmp_path / "x.json", {})
+    with pytest.raises(RuntimeError, match="only the main process"):
+        fresh_tmp_dir(tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_process_is_the_identity():
+    from selfie_lite import distributed
+
+    assert not distributed.active() and distributed.is_main() and distributed.rank() == 0
+    assert distributed.gather([3, 1]) == [3, 1]
+    assert distributed.split_contiguous([1, 2, 3]) == [1, 2, 3]
+    assert distributed.on_main(lambda: 7) == 7
+    calls = []
+    assert distributed.score_sharded(lambda s: calls.append(s) or [1.0] * len(s), [([1], [2])], 4, len) == [1.0]
+    assert calls == [[([1], [2])]]
+
+
+def test_shares_and_turns():
+    from selfie_lite import distributed
+
+    for n in range(12):
+        for w in (1, 2, 3, 4):
+            got = [i for k in range(w) for i in range(*distributed.bounds(n, w, k))]
+            assert got == list(range(n))
