@@ -152,9 +152,14 @@ def test_a_killed_process_stops_the_run_and_one_process_resumes_it(setup):
     # process 0 too, and says which process failed.
     r = launch(2, ["--resume", str(run)], {"SELFIE_LITE_KILL_AT": "sample:2@1"})
     assert r.returncode != 0
-    # Process 0's one line (console._map_library_error), then torchrun's summary naming process 1 as the root cause
-    assert "error: [process 0 of 2] another process of this run stopped" in r.stderr
+    # torchrun's summary names process 1 as the root cause. Process 0 prints one line when it sees the lost peer
+    # first (console._map_library_error) and nothing when torchrun's SIGTERM reaches it first (a race the load of the
+    # machine decides); never a traceback of ours (the launcher prints its own ChildFailedError traceback).
     assert "rank      : 1" in r.stderr
+    assert "/selfie_lite/" not in r.stderr, r.stderr[-3000:]
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) <= 1 and all(x.startswith("error: [process 0 of 2] another process of this run stopped")
+                                  for x in ours), ours
     chunks = sorted(p.name for p in (run / "round-1" / "samples").glob("chunk-*.jsonl"))
     assert chunks and len(chunks) < 4 and not (run / "round-1" / "done" / "sample.json").exists()
     r = launch(1, ["--resume", str(run)])  # and back: the 2-process run continued by one process

@@ -201,12 +201,12 @@ def test_long_prompts_are_cut_to_their_end_not_dropped(tmp_path, monkeypatch):
 @pytest.mark.parametrize("refine,lam", [(None, 0.5), (RefineConfig(alpha=0.1, low_conf_frac=0.25, warmup_frac=0.2,
                                                                     window_pairs=16), 0.0)])
 def test_reference_pass_once_equals_the_reference_in_every_step(tmp_path, monkeypatch, refine, lam):
-    import selfie_lite.train as train_mod
+    import selfie_lite.reference as reference_mod
     import selfie_lite.trainer as trainer_mod
 
     calls = []
-    original = train_mod.last_hidden
-    for module in (train_mod, trainer_mod):  # the reference pass (train.py) and the loss (trainer.py)
+    original = trainer_mod.last_hidden
+    for module in (reference_mod, trainer_mod):  # the reference pass (reference.py) and the loss (trainer.py)
         monkeypatch.setattr(module, "last_hidden", lambda *a, **k: calls.append(1) or original(*a, **k))
     runs = {}
     for precompute in (True, False):
