@@ -1,6 +1,7 @@
-"""The levers for later rounds (docs/method.md (E12, E13), "Rounds beyond the pools"): each OFF value is bitwise today's pairs
-and loss, each ON value does what it says on a hand-made batch; rounds = 5 with the prompts left over (and a clear
-error when they do not fit); the round guard still stops a scripted drifting round of a 5-round run (FakeBackend)."""
+"""The levers for later rounds (docs/method.md (E12, E13), "Rounds beyond the pools"): each OFF value is bitwise
+today's pairs and loss, each ON value does what it says on a hand-made batch; rounds = 5 with the prompts left over
+(and a clear error when they do not fit); the round guard still stops a scripted drifting round of a 5-round run
+(FakeBackend)."""
 
 import json
 
