@@ -139,9 +139,12 @@ SPLIT_KEYS = ("data.source", "data.split", "data.labelled_share", "data.test_siz
 def resume_changes(saved: dict, new: dict) -> list[str]:
     """What a resume with the settings `new` would change in a run saved with `saved` (both as config.json holds
     them), as "key: old -> new" lines; the same labelled share spelt another way (3.3% in a settings file, 3.3pct
-    saved) is no change."""
-    from selfie_lite.config import diff_configs
+    saved) is no change, and so is a setting the saved file lacks that `new` holds at its default (a key added since
+    the run started: every new setting's default is the behaviour from before it existed)."""
+    from selfie_lite.config import RunConfig, deep_merge, diff_configs, to_dict
     from selfie_lite.validate import canonical_labelled_share
+
+    saved = deep_merge(to_dict(RunConfig()), saved)
 
     old_share, new_share = saved.get("data", {}).get("labelled_share"), new.get("data", {}).get("labelled_share")
     try:

@@ -109,3 +109,16 @@ def test_evaluate_and_judge_from_python(toy_cfg, tmp_path):
         api.judge(rows, tmp_path / "no-model", toy_cfg.model)
     with pytest.raises(UserError, match=r"rows row 2: need \{"):
         api.judge([rows[0], {"prompt": "p", "responses": ["only one"]}], policy, toy_cfg.model)
+
+
+def test_a_setting_added_since_the_run_started_is_no_change_at_its_default():
+    from selfie_lite.api import resume_changes
+    from selfie_lite.config import RunConfig, to_dict
+
+    new = to_dict(RunConfig())
+    saved = {k: v for k, v in new.items() if k != "robust"} | {"robust": {"gold_replay": 0.5}}  # an older config.json
+    assert resume_changes(saved, new) == []
+    changed = to_dict(RunConfig(rounds=2))
+    assert resume_changes(saved, changed) == ["rounds: 3 -> 2"]
+    off = {**new, "robust": {**new["robust"], "max_steps": 5}}
+    assert resume_changes(saved, off) == ["robust.max_steps: 0 -> 5"]  # a missing key counts as its default
