@@ -27,7 +27,7 @@ Sampler = Literal["generate", "vllm", "auto"]
 JudgeReference = Literal["init", "previous"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 TrainReference = Literal["previous", "sft"]
-Consistency = Literal["off", "pair", "round"]
+ConsistencyMode = Literal["off", "pair", "round"]
 ExtraPools = Literal["off", "last", "rest"]
 
 
@@ -134,7 +134,7 @@ class RobustConfig:
     # CREAM's consistency weighting in rounds >= 2: "off", "pair" (each pair smoothed by a = min(0.5, 1 - C), C the
     # rank agreement of this round's and the previous round's judge on its prompt's samples) or "round" (one a for
     # every pair, from the round's mean C). Replaces the paper's bottom-K smoothing in those rounds. Off = "off".
-    consistency: Consistency = "pair"
+    consistency: ConsistencyMode = "pair"
     # Step budget (docs/method.md (E12)): at most this many optimizer steps in each round i >= 1 (the pools grow, so
     # later rounds would otherwise take several times round 1's steps at the same learning rate); the trainer's
     # schedule runs over the capped count and the pairs past it (in the trainer's shuffled order) are not seen.

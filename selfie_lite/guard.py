@@ -18,12 +18,13 @@ log-probs of the samples, shared with robust.consistency) and round-<i>/done/gua
 from __future__ import annotations
 
 import time
+from itertools import accumulate
 from pathlib import Path
 
 from selfie_lite.config import RunConfig
 from selfie_lite.judge import cached_scores, flat_sequences, score_with
 from selfie_lite.loss import implicit_rewards
-from selfie_lite.metrics import pair_accuracy, per_prompt, response_counts
+from selfie_lite.metrics import pair_accuracy, response_counts
 from selfie_lite.rundir import read_json, read_jsonl
 from selfie_lite.stage import Round
 
@@ -31,8 +32,8 @@ from selfie_lite.stage import Round
 def pair_indices(rows: list[dict], pairs: list[dict]) -> list[tuple[int, int]]:
     """(chosen, rejected) positions in flat_sequences(rows) of every judged pair, so that the exact sampled tokens
     are scored, not a re-tokenisation of the text."""
-    positions = per_prompt(range(sum(response_counts(rows))), response_counts(rows))
-    start = {r["id"]: (pos[0] if pos else 0, r) for r, pos in zip(rows, positions, strict=True)}
+    firsts = accumulate([0, *response_counts(rows)])  # each row's first position, in the flat order
+    start = {r["id"]: (k0, r) for r, k0 in zip(rows, firsts, strict=False)}
     out = []
     for p in pairs:
         k0, r = start[p["pair_id"]]

@@ -52,9 +52,8 @@ class NoSmoothing:
     vocab_chunk: int = 8192
 
     def __call__(self, pair_ids, margins, step, total):
-        none = torch.zeros_like(margins, dtype=torch.bool)
         counted = self.warmup_frac is not None and step >= self.warmup_frac * total
-        return Smoothing(none.to(margins.dtype) * 0.0, none, 0.0, counted)
+        return Smoothing(torch.zeros_like(margins), torch.zeros_like(margins, dtype=torch.bool), 0.0, counted)
 
 
 class LowConfidence:
