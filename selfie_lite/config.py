@@ -66,6 +66,7 @@ class SampleConfig:
     batch_size: int = 32  # prompts per generate() call
     chunk_size: int = 256  # prompts per resumable shard on disk
     sampler: Sampler = "generate"  # "generate" (the backend), "vllm" (GPU, if installed) or "auto"
+    tensor_parallel_size: int = 1  # GPUs per vLLM engine (sampler vllm); under a launcher it must divide the processes per machine
 
 
 @dataclass(frozen=True)

@@ -105,12 +105,20 @@ def split_contiguous(items: Sequence[T]) -> list[T]:
     return list(items[lo:hi])
 
 
-def in_rounds(items: Sequence[T]) -> list[list[T | None]]:
-    """items dealt out a round at a time, one per process per round: round k gives process p items[k * W + p] (None
+def in_rounds(items: Sequence[T], group: int = 1) -> list[list[T | None]]:
+    """items dealt out a round at a time, one per worker per round: round k gives worker p items[k * W + p] (None
     where the items have run out), so that every process goes through the same number of rounds (each ends in a
-    gather) and the main process can write each round's results before the next one starts."""
-    w = world_size()
+    gather) and the main process can write each round's results before the next one starts. The workers are the
+    processes, or with `group` > 1 every group-th of them (worker_index): W = world_size() // group."""
+    w = max(1, world_size() // group)
     return [[items[k + p] if k + p < len(items) else None for p in range(w)] for k in range(0, len(items), w)]
+
+
+def worker_index(group: int = 1) -> int | None:
+    """This process's place among in_rounds' workers when `group` processes share one worker (a vLLM engine over
+    their GPUs): the first process of each group works, the others lend it their GPUs and get None."""
+    r = rank()
+    return r // group if r % group == 0 else None
 
 
 def score_sharded(score: Callable[[list], list[float]], sequences: list, batch_size: int,

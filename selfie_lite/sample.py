@@ -42,39 +42,44 @@ def sample_round(cfg: RunConfig, round_dir: Path, backend, model_dir: Path, prom
         from selfie_lite.sampler_vllm import get_sampler
 
         sampler, _ = get_sampler(cfg.sample.sampler, backend, cfg)  # the backend itself unless vLLM is asked for
-        model, tok = sampler.load(model_dir)
-        # Several processes (distributed.py): one chunk each per turn, gathered, the main process writes them; each
-        # chunk is seeded by its own index, so its samples do not depend on which process drew them.
-        me = distributed.rank()
-        for turn in distributed.in_rounds(todo):
-            t0 = time.perf_counter()
-            done = []
-            if turn[me] is not None:
-                c, ps = turn[me]
-                counted = []
-                busy = sum(t is not None for t in turn)  # the prompts of this turn go W times as fast
+        # Several processes (distributed.py): one chunk per worker per turn, gathered, the main process writes them;
+        # each chunk is seeded by its own index, so its samples do not depend on which process drew them. A worker is
+        # a process, or the first of every k processes when a vLLM engine spans their k GPUs.
+        group = getattr(sampler, "processes_per_engine", 1)
+        me = distributed.worker_index(group)
+        model, tok = sampler.load(model_dir) if me is not None else (None, None)
+        try:
+            for turn in distributed.in_rounds(todo, group):
+                t0 = time.perf_counter()
+                done = []
+                if me is not None and turn[me] is not None:
+                    c, ps = turn[me]
+                    counted = []
+                    busy = sum(t is not None for t in turn)  # the prompts of this turn go W times as fast
 
-                def on_batch(n, n_tokens, counted=counted, busy=busy):
-                    counted.append(n_tokens)
-                    progress.advance(task, n * busy, tokens=n_tokens)
+                    def on_batch(n, n_tokens, counted=counted, busy=busy):
+                        counted.append(n_tokens)
+                        progress.advance(task, n * busy, tokens=n_tokens)
 
-                rows = sampler.generate(
-                    model, tok, ps, num_samples=cfg.sample.num_samples, temperature=cfg.sample.temperature,
-                    top_p=cfg.sample.top_p, max_new_tokens=cfg.sample.max_new_tokens,
-                    batch_size=cfg.sample.batch_size, seed=chunk_seed(cfg.random_seed, round_idx, c),
-                    on_batch=on_batch,
-                )
-                for j, r in enumerate(rows):
-                    r["id"] = c * size + j
-                done.append((c, rows, sum(counted)))
-            for c, rows, n_tokens in distributed.gather(done):
-                if distributed.is_main():
-                    atomic_write_jsonl(folder / f"chunk-{c:05d}.jsonl", rows)
-                tokens += n_tokens
-                n_done_prompts += len(rows)
-            seconds += time.perf_counter() - t0
-            safe_point("sample", n_done_prompts)
-        sampler.free(model)
+                    rows = sampler.generate(
+                        model, tok, ps, num_samples=cfg.sample.num_samples, temperature=cfg.sample.temperature,
+                        top_p=cfg.sample.top_p, max_new_tokens=cfg.sample.max_new_tokens,
+                        batch_size=cfg.sample.batch_size, seed=chunk_seed(cfg.random_seed, round_idx, c),
+                        on_batch=on_batch,
+                    )
+                    for j, r in enumerate(rows):
+                        r["id"] = c * size + j
+                    done.append((c, rows, sum(counted)))
+                for c, rows, n_tokens in distributed.gather(done):
+                    if distributed.is_main():
+                        atomic_write_jsonl(folder / f"chunk-{c:05d}.jsonl", rows)
+                    tokens += n_tokens
+                    n_done_prompts += len(rows)
+                seconds += time.perf_counter() - t0
+                safe_point("sample", n_done_prompts)
+        finally:
+            if me is not None:
+                sampler.free(model)  # a vLLM engine's process exits here, on success and on failure alike
         distributed.barrier()  # every chunk on disk before anyone reads them back
     progress.finish(task)
     rows = load_samples(round_dir)

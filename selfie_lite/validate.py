@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,7 @@ RANGES: dict[str, Range] = {
     "sample.max_new_tokens": AT_LEAST_1,
     "sample.batch_size": AT_LEAST_1,
     "sample.chunk_size": AT_LEAST_1,
+    "sample.tensor_parallel_size": AT_LEAST_1,
     "judge.batch_size": AT_LEAST_1,
     # Above 1 the adapter's weights blow up in the first steps and DPO's loss sits at log 2 = 0.693 (seen at 1e30).
     "train.learning_rate": Range(0, 1, lo_open=True, says="must be in (0, 1] (LoRA DPO uses about 1e-6 to 1e-3)"),
@@ -184,6 +186,20 @@ def validate(cfg) -> None:
                         f"{cfg.train.lr_scheduler!r}", hint="the paper uses cosine")
     if cfg.train.max_prompt_length >= cfg.train.max_length:
         raise UserError("train.max_prompt_length must be smaller than train.max_length")
+    check_engines(cfg.sample.tensor_parallel_size)
+
+
+def check_engines(tensor_parallel_size: int) -> None:
+    """Under a launcher, a vLLM engine of k GPUs serves k processes of one machine (sampler_vllm.engine_devices):
+    k must divide the processes per machine (torchrun's LOCAL_WORLD_SIZE)."""
+    try:
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return
+    if per_machine > 1 and per_machine % tensor_parallel_size:
+        raise UserError(f"= {tensor_parallel_size} must divide the {per_machine} processes per machine: each engine "
+                        "takes the GPUs of that many processes", key="sample.tensor_parallel_size",
+                        hint=f"use a divisor of {per_machine}, or launch a multiple of {tensor_parallel_size} processes")
 
 
 SELECTIONS = ("last", "guard", *SCORERS)  # guard.select: the paper, the round guard, or a scorer eval accepts too
@@ -244,6 +260,9 @@ def check_ignored(cfg, given: dict) -> None:
         refuse("guard.probe_prompts", f"{why} answers no probe prompts (only a scorer selection does: "
                "guard.select = oracle, python:MODULE:FUNCTION or reward-model:PATH)",
                "drop guard.probe_prompts, or pick the round with a scorer (--select-by ...)")
+    if set_("sample.tensor_parallel_size") and cfg.sample.sampler != "vllm":
+        refuse("sample.tensor_parallel_size", f"sample.sampler = {cfg.sample.sampler} does not sample with vLLM "
+               "(only vLLM's engine is split over GPUs)", "add --sampler vllm, or drop sample.tensor_parallel_size")
     if set_("data.split"):
         source = cfg.data.source
         path = Path(source).expanduser() if source else None

@@ -407,3 +407,31 @@ def tiny_train_config():
 
     return TrainConfig(learning_rate=5e-3, batch_size=4, grad_accum=2, max_length=64, max_prompt_length=32,
                        gradient_checkpointing=False, precision="auto")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI in a process of its own, alone or under `accelerate launch` (test_distributed, test_vllm_process)
+
+REPO = Path(__file__).resolve().parent.parent
+
+import socket  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(processes: int, args: list[str], env_extra: dict | None = None, timeout: int = 240):
+    """`selfie-lite run ARGS` in one process, or under `accelerate launch` with `processes` processes."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                              "SELFIE_LITE_KILL_AT")}
+    env.update({"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})})
+    if processes == 1:
+        cmd = [sys.executable, "-m", "selfie_lite", "run", *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), "-m", "selfie_lite", "run", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

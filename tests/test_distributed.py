@@ -11,13 +11,10 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import launch
 
 CONFIG = """\
 rounds = 1
@@ -46,25 +43,6 @@ alpha = 8
 # What sampling and judging make in round 1: byte for byte the same whatever the process count.
 LABELS = ["samples/chunk-00000.jsonl", "samples/chunk-00001.jsonl", "samples/chunk-00002.jsonl",
           "samples/chunk-00003.jsonl", "judged.jsonl", "reference_logps.json", "train_reference_logps.json"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(processes: int, args: list[str], env_extra: dict | None = None, timeout: int = 240):
-    """`selfie-lite run ARGS` in one process, or under `accelerate launch` with `processes` processes."""
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SELFIE_LITE_KILL_AT")}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env_extra or {}))
-    if processes == 1:
-        cmd = [sys.executable, "-m", "selfie_lite", "run", *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", "selfie_lite", "run", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

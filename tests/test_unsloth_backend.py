@@ -502,8 +502,7 @@ def test_vllm_rows_match_the_generate_rows(tiny_model):
     assert cut_response([10, 11], {eos}, "stop") == [10, 11, eos]  # vLLM hid the stop token: put it back
     assert cut_response([10, 11], {eos}, "length") == [10, 11]  # ran out of tokens: no eos
 
-    out = types.SimpleNamespace
-    outputs = [out(outputs=[out(token_ids=[10, eos], finish_reason="stop"), out(token_ids=[11, 12], finish_reason="length")])]
+    outputs = [[([10, eos], "stop"), ([11, 12], "length")]]  # per prompt, per sample: (token ids, finish reason)
     rows, n = rows_from_outputs(["w9"], [[1, 5, 9, 6]], outputs, tok, {eos}, num_samples=2)
     assert rows == [{"prompt": "w9", "prompt_ids": [1, 5, 9, 6], "responses": ["w10", "w11 w12"],
                      "response_ids": [[10, eos], [11, 12]]}]
