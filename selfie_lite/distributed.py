@@ -56,6 +56,17 @@ def _state():
     return PartialState(cpu=cpu)
 
 
+def shards_weights() -> bool:
+    """True when the launcher's accelerate config shards the weights themselves across the processes (DeepSpeed
+    ZeRO-3, FSDP; accelerate launch exports its choice): a weight is then whole only inside its own module's
+    forward, so code that reads one directly (loss.plain_output_layer) must not."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return True
+    return env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and \
+        env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
+
+
 def rank() -> int:
     return _state().process_index if active() else 0
 

@@ -188,7 +188,12 @@ def causal_lm(model):
 def plain_output_layer(model) -> torch.nn.Linear | None:
     """The model's output layer when its logits are exactly that layer applied to the last hidden states, else None
     (a model family outside PLAIN_HEAD_MODELS, a logit scale or soft-cap in its config, an output layer that is
-    not a plain nn.Linear: 4-bit, or wrapped by LoRA)."""
+    not a plain nn.Linear: 4-bit, or wrapped by LoRA), or where the training engine shards the weights (DeepSpeed
+    ZeRO-3, FSDP: the layer's weight is whole only inside its own forward, so the model's own logits are used)."""
+    from selfie_lite.distributed import shards_weights
+
+    if shards_weights():
+        return None
     lm = causal_lm(model)
     config = getattr(lm, "config", None)
     if getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS:

@@ -27,7 +27,7 @@ from trl import DPOConfig
 
 from selfie_lite import compat, distributed
 from selfie_lite.config import TrainConfig
-from selfie_lite.errors import UserError
+from selfie_lite.errors import RunError, UserError
 from selfie_lite.numerics import pick_device, pick_dtype
 from selfie_lite.reference import read_reference_table, reference_pass
 from selfie_lite.robust import round_learning_rate, round_max_steps, training_pairs
@@ -44,6 +44,9 @@ class TrainResult:
     # pair_id -> {"margin", "extrapolated_margin", "low_confidence", "smoothed", "smoothing",
     #             "chosen_reward", "rejected_reward", "loss", "step"}: the last time the pair was seen
     pair_stats: dict[int, dict] = field(default_factory=dict)
+    # The trained adapter's weights (name -> tensor) as the training engine holds them, whole (adapter_weights):
+    # what the main process saves. Empty on the other processes of an engine that gathers to the main one.
+    adapter: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +191,7 @@ def train_dpo(
         reference_seconds = time.perf_counter() - start
     trainer.train()
     seconds = time.perf_counter() - start
+    adapter = adapter_weights(trainer)
 
     stats = trainer.pair_stats
     seen, smoothed = trainer.seen_after_warmup, trainer.smoothed_after_warmup
@@ -228,9 +232,34 @@ def train_dpo(
         "train_reference": "given" if ref_logps is not None else "adapter-off",
         # the adapter-off reference scored once before training (reference_pass): seconds, included in "seconds"
         "reference_pass_seconds": reference_seconds,
-        **({"processes": processes, "grad_accum_per_process": grad_accum} if processes > 1 else {}),
+        # Several processes: how many, the accumulation each did, and the engine accelerate trained with (DDP is
+        # "MULTI_GPU" or "MULTI_CPU"; an accelerate config asking for FSDP or DeepSpeed on a machine without GPUs
+        # gets MULTI_CPU: accelerate runs those engines on GPUs only).
+        **({"processes": processes, "grad_accum_per_process": grad_accum,
+            "engine": str(trainer.accelerator.distributed_type.value)} if processes > 1 else {}),
     }
-    return TrainResult(metrics=metrics, pair_stats=dict(stats))
+    return TrainResult(metrics=metrics, pair_stats=dict(stats), adapter=adapter)
+
+
+# Module-name parts that FSDP and activation checkpointing put into parameter names; a full state dict has none.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def adapter_weights(trainer) -> dict:
+    """The trained adapter (the trainable parameters: LoRA's), whole. accelerate's get_state_dict gathers the weights
+    onto the main process where the engine shards them (DeepSpeed ZeRO-3, FSDP: the main process's own copy is then
+    a shard, and saving it would save a fragment) and returns the model's own otherwise (DDP, one process). Under a
+    sharding engine it is a collective: every process calls it, the main process gets the weights."""
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    for part in _WRAPPER_PARTS:
+        names = [n.replace(part, "") for n in names]
+    full = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    weights = {n: full[n] for n in names if n in full}
+    if distributed.is_main() and len(weights) != len(names):  # never save a partial adapter as if it were whole
+        raise RunError(f"the training engine gave back {len(weights)} of the adapter's {len(names)} weights",
+                       hint="with DeepSpeed ZeRO-3, set zero3_save_16bit_model: true in the accelerate config")
+    return weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +310,7 @@ def train_stage(r: Round) -> dict:
     )
     if distributed.is_main():  # the others trained the same adapter (DDP) and wait for it at the loop's barrier
         tmp = fresh_tmp_dir(r.dir / "adapter")  # the adapter first: the training is lost until it is on disk
-        backend.save_adapter(model, tmp)
+        backend.save_adapter(model, tmp, weights=result.adapter)
         replace_dir(tmp, r.dir / "adapter")
     progress.finish(task)
     with contextlib.suppress(OSError):

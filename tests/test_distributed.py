@@ -91,6 +91,7 @@ def test_two_processes_label_the_same_pairs_as_one_and_train_the_same_model(setu
         assert (two / "round-1" / f).read_bytes() == (one / "round-1" / f).read_bytes(), f
     done = json.loads((two / "round-1" / "done" / "train.json").read_text())
     assert done["processes"] == 2 and done["grad_accum_per_process"] == 1  # the same 4 pairs per optimizer step
+    assert done["engine"] == "MULTI_CPU"  # DDP over gloo
     # The same pairs in every optimizer step (accelerate deals the same shuffled micro-batches out, batch j to
     # process j % 2, and grad_accum 2 becomes 1 per process), DDP's mean of the two gradients against one process's
     # accumulation of them, and the low-confidence picker's window gathered across the processes: equal to rounding.
@@ -194,3 +195,91 @@ def test_shares_and_turns():
         for w in (1, 2, 3, 4):
             got = [i for k in range(w) for i in range(*distributed.bounds(n, w, k))]
             assert got == list(range(n))
+
+
+def test_turns_of_workers_that_span_several_processes(monkeypatch):
+    from selfie_lite import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    # group 2: two workers (processes 0 and 2, each lent the GPU of the next one), every item dealt exactly once
+    turns = distributed.in_rounds(list("abcde"), group=2)
+    assert turns == [["a", "b"], ["c", "d"], ["e", None]]
+    for r, want in [(0, 0), (1, None), (2, 1), (3, None)]:
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        assert distributed.worker_index(2) == want
+    assert distributed.in_rounds(list("abcde")) == [list("abcd"), ["e", None, None, None]]  # group 1: 4 workers
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines that shard the weights (DeepSpeed ZeRO-3, FSDP): accelerate runs them on GPUs only, so their pieces of
+# our code are checked here against what such an engine hands back.
+
+
+def test_the_adapter_is_saved_from_the_engines_gathered_weights(tmp_path, monkeypatch):
+    import types
+
+    import torch
+    from conftest import tiny_model
+    from safetensors.torch import load_file
+
+    from selfie_lite.backends.hf import HFBackend
+    from selfie_lite.config import RunConfig
+    from selfie_lite.errors import RunError
+    from selfie_lite.train import adapter_weights
+
+    model = tiny_model()
+    whole = {n: torch.full_like(p, 0.25) for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():  # what this process holds under ZeRO-3: a shard (here: zeros), not the trained weights
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.zero_()
+
+    class Engine:  # accelerate's answers under a sharding engine: the model unwrapped, the weights gathered
+        def __init__(self, gathered):
+            self.gathered = gathered
+
+        def unwrap_model(self, m):
+            return m
+
+        def get_state_dict(self, m):
+            return self.gathered
+
+    trainer = types.SimpleNamespace(model=model, model_wrapped=model, accelerator=Engine({**whole, "other.weight": 0}))
+    weights = adapter_weights(trainer)
+    assert set(weights) == set(whole)
+    HFBackend(RunConfig()).save_adapter(model, tmp_path / "adapter", weights=weights)
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert len(saved) == len(whole) and all(float(t.min()) == float(t.max()) == 0.25 for t in saved.values())
+    # An engine that gives back only part of the adapter (ZeRO-3 without zero3_save_16bit_model) stops the run.
+    trainer.accelerator = Engine(dict(list(whole.items())[:2]))
+    with pytest.raises(RunError, match=rf"gave back 2 of the adapter's {len(whole)} weights"):
+        adapter_weights(trainer)
+
+
+@pytest.mark.parametrize("env, shards", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, True),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, False),
+    ({"ACCELERATE_USE_FSDP": "true"}, True),
+    ({}, False),
+])
+def test_sharded_weights_take_the_models_own_logits(monkeypatch, env, shards):
+    import torch
+    from conftest import tiny_model
+
+    from selfie_lite.loss import LastHidden, last_hidden, plain_output_layer, sequence_logps
+
+    for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(k, raising=False)
+    model = tiny_model().eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
+    attn, mask = torch.ones_like(ids), torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]]).bool()
+    with torch.no_grad():
+        lean = sequence_logps(last_hidden(model, ids, attn), ids[:, 1:], mask)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    # Under ZeRO-3 / FSDP the output layer's weight is whole only inside its forward: never read it directly.
+    assert (plain_output_layer(model) is None) == shards
+    with torch.no_grad():
+        source = last_hidden(model, ids, attn)
+        assert isinstance(source, LastHidden) != shards
+        assert torch.allclose(sequence_logps(source, ids[:, 1:], mask), lean, atol=1e-5)

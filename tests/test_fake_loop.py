@@ -125,9 +125,9 @@ class FailingOnce(FakeBackend):
         self._maybe_fail("sequence_logps", model_tag(model))
         return super().sequence_logps(model, *a, **kw)
 
-    def save_adapter(self, model, out_dir):
+    def save_adapter(self, model, out_dir, weights=None):
         self._maybe_fail("save_adapter", Path(out_dir).parent.name)
-        return super().save_adapter(model, out_dir)
+        return super().save_adapter(model, out_dir, weights)
 
     def merge(self, base_dir, adapter_dir, out_dir):
         self._maybe_fail("merge", Path(out_dir).parent.name)

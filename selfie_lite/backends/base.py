@@ -37,7 +37,7 @@ class Backend(Protocol):
                        on_batch=None) -> list[float]:
         """Sum of log p(response token | prefix) for each (prompt_ids, response_ids)."""
 
-    def save_adapter(self, model, out_dir: Path) -> None: ...
+    def save_adapter(self, model, out_dir: Path, weights: dict | None = None) -> None: ...
 
     def merge(self, base_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
         """Adapter merged into full-precision weights, saved as a standard HF folder (safetensors)."""

@@ -199,8 +199,10 @@ class HFBackend:
 
     # -- saving and merging ---------------------------------------------------------------------
 
-    def save_adapter(self, model, out_dir):
-        model.save_pretrained(str(out_dir), safe_serialization=True)
+    def save_adapter(self, model, out_dir, weights: dict | None = None):
+        """The adapter's files; `weights` (name -> tensor, train.adapter_weights) in place of the model's own
+        parameters, which under a sharding engine are the main process's shard only."""
+        model.save_pretrained(str(out_dir), safe_serialization=True, **({"state_dict": weights} if weights else {}))
 
     def merge(self, base_dir, adapter_dir, out_dir):
         """Never merge into 4-bit weights (lossy re-quantization): load the base in 16/32-bit, merge, save."""
