@@ -31,6 +31,8 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
+LAYOUTS = ((1, 1), (1, 2), (2, 1))  # (processes, torch threads each)
+STAGES = ("sample", "judge", "reference", "train", "merge")
 LABELS = ["judged.jsonl", "reference_logps.json", "train_reference_logps.json"]
 SMOL = ["--preset", "smol", "--seed", "3.3pct", "--rounds", "1", "--set", "data.pool_sizes=[24]",
         "--set", "train.seed_epochs=1", "--set", "sample.chunk_size=6", "--random-seed", "0"]
@@ -97,7 +99,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--toy", action="store_true", help="the tests' toy model instead of the smol preset")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-processes")
+    ap.add_argument("--table", action="store_true", help="only the table, from the run folders under --out")
     a = ap.parse_args()
+    if a.table:
+        return print_table(a.out, a.toy, json.loads((a.out / "walls.json").read_text()))
     shutil.rmtree(a.out, ignore_errors=True)
     a.out.mkdir(parents=True)
     if a.toy:
@@ -114,27 +119,31 @@ def main() -> None:
     ref = a.out / "reference"
     Console(stderr=True).print(f"reference: one process, one thread -> {ref}")
     launch(1, 1, [*args, "--out", str(ref)])
-    rows = []
-    for processes, threads in ((1, 1), (1, 2), (2, 1)):
+    walls = {}
+    for processes, threads in LAYOUTS:
         run = a.out / f"p{processes}-t{threads}"
         shutil.copytree(ref, run, ignore=shutil.ignore_patterns("round-1", "summary.json"))
         Console(stderr=True).print(f"round 1: {processes} process(es), {threads} thread(s) each -> {run}")
-        wall = launch(processes, threads, ["--resume", str(run), "--force"])
-        done = {s: json.loads((run / "round-1" / "done" / f"{s}.json").read_text())
-                for s in ("sample", "judge", "reference", "train", "merge")}
-        rows.append((f"{processes} x {threads} thread{'s' if threads > 1 else ''}", f"{wall:.1f}",
-                     *(f"{done[s].get('seconds', 0):.1f}" for s in ("sample", "judge", "train")),
-                     same_labels(ref / "round-1", run / "round-1"),
-                     f"{max_weight_diff(ref / 'round-1' / 'model', run / 'round-1' / 'model'):.1e}"))
-    t = Table(title=f"round 1 of the {'toy model' if a.toy else 'smol preset (SmolLM2-135M-Instruct)'}: one process "
+        walls[run.name] = launch(processes, threads, ["--resume", str(run), "--force"])
+        (a.out / "walls.json").write_text(json.dumps(walls))
+    print_table(a.out, a.toy, walls)
+
+
+def print_table(out: Path, toy: bool, walls: dict) -> None:
+    ref = out / "reference"
+    t = Table(title=f"round 1 of the {'toy model' if toy else 'smol preset (SmolLM2-135M-Instruct)'}: one process "
                     "against two (2 CPU cores)")
-    for col in ("processes x threads", "wall s", "sample s", "judge s", "train s", "pairs = reference (bytes)",
+    for col in ("processes x threads", "wall s", *(f"{s} s" for s in STAGES), "pairs = reference (bytes)",
                 "max |dw| vs reference"):
         t.add_column(col)
-    for row in rows:
-        t.add_row(*row)
-    Console(width=140).print(t)
-
+    for processes, threads in LAYOUTS:
+        run = out / f"p{processes}-t{threads}"
+        done = {s: json.loads((run / "round-1" / "done" / f"{s}.json").read_text()) for s in STAGES}
+        t.add_row(f"{processes} x {threads} thread{'s' if threads > 1 else ''}", f"{walls[run.name]:.1f}",
+                  *(f"{done[s].get('seconds', 0):.1f}" for s in STAGES),
+                  same_labels(ref / "round-1", run / "round-1"),
+                  f"{max_weight_diff(ref / 'round-1' / 'model', run / 'round-1' / 'model'):.1e}")
+    Console(width=160).print(t)
 
 if __name__ == "__main__":
     main()

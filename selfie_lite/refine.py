@@ -127,6 +127,9 @@ class LowConfidencePicker:
             raise ValueError(f"window must be >= 1, got {window}")
         self.frac = frac
         self.values: deque[float] = deque(maxlen=window)
+        # Several processes: True when each micro-step's batches, across the processes, are ONE process's micro-batch
+        # split (train.per_process_batch divided the batch), False when they are W consecutive micro-batches.
+        self.split_batches = False
 
     def pick(self, z_g: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         """Add this batch's z_g [B] to the window, then return a bool [B]: True where z_g <= the frac-quantile.
@@ -144,8 +147,15 @@ class LowConfidencePicker:
         # Several processes (distributed.py): the window is the run's, not the process's. Each micro-step the
         # processes hold consecutive batches of one process's order (accelerate deals batch j to process j % W), so
         # the batches are added in rank order and each process picks where its own batch comes: as one process would.
+        # Where the batches are the parts of one process's batch (split_batches), one process would have added the
+        # whole of it before picking: so does every process here.
+        gathered = distributed.gather([(distributed.rank(), mine)])
+        if self.split_batches:
+            for _, values in gathered:
+                self.values.extend(values)
+            return self._add_and_pick([], z_g, keep)
         picked = None
-        for rank, values in distributed.gather([(distributed.rank(), mine)]):
+        for rank, values in gathered:
             if rank == distributed.rank():
                 picked = self._add_and_pick(values, z_g, keep)
             else:

@@ -123,19 +123,15 @@ def train_dpo(
         epoch_steps = math.ceil(math.ceil(len(pairs) / train.batch_size) / train.grad_accum)
         max_steps = max_steps if max_steps < epoch_steps * epochs else -1
     cuda = torch.cuda.is_available()
-    # Several processes (distributed.py; TRL's Trainer runs on the launcher's accelerate state): each takes
-    # batch_size pairs per micro-step, so with grad_accum divisible by the process count the accumulation is
-    # divided by it, keeping the optimizer's batch (and, with accelerate's sharding of the same shuffled batches,
-    # the very pairs of every step) what one process would use. Otherwise the optimizer's batch grows with it.
     processes = distributed.world_size()
-    grad_accum = train.grad_accum // processes if train.grad_accum % processes == 0 else train.grad_accum
+    batch_size, grad_accum = per_process_batch(train.batch_size, train.grad_accum, processes)
     args = DPOConfig(
         output_dir=str(out_dir),
         # Optimisation
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_ratio,  # transformers 5: a float in [0, 1) is a share of the steps
-        per_device_train_batch_size=train.batch_size,
+        per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum,
         num_train_epochs=epochs,
         max_steps=max_steps,  # robust.max_steps (robust.round_max_steps); -1: the epochs decide
@@ -184,6 +180,8 @@ def train_dpo(
 
     start = time.perf_counter()
     smoother = trainer.smoother
+    if batch_size != train.batch_size and hasattr(smoother, "picker"):
+        smoother.picker.split_batches = True  # the paper's picker sees each process's part of one process's batch
     detect = smoother.lam > 0  # noise detection feeds the low-confidence pick only
     reference_seconds = None
     if ref_logps is None and not detect and precompute_reference:
@@ -235,10 +233,23 @@ def train_dpo(
         # Several processes: how many, the accumulation each did, and the engine accelerate trained with (DDP is
         # "MULTI_GPU" or "MULTI_CPU"; an accelerate config asking for FSDP or DeepSpeed on a machine without GPUs
         # gets MULTI_CPU: accelerate runs those engines on GPUs only).
-        **({"processes": processes, "grad_accum_per_process": grad_accum,
+        **({"processes": processes, "batch_size_per_process": batch_size, "grad_accum_per_process": grad_accum,
             "engine": str(trainer.accelerator.distributed_type.value)} if processes > 1 else {}),
     }
     return TrainResult(metrics=metrics, pair_stats=dict(stats), adapter=adapter)
+
+
+def per_process_batch(batch_size: int, grad_accum: int, processes: int) -> tuple[int, int]:
+    """(pairs per micro-step, micro-steps per optimizer step) for each of `processes` processes (TRL's Trainer on the
+    launcher's accelerate state), so that every optimizer step sees what one process's would: the accumulation
+    divided by the process count where it divides, else the micro-batch. accelerate deals the same shuffled
+    micro-batches out, batch j to process j % W, so the W processes' micro-batches of a step are, together, one
+    process's (docs/scaling.md). Where neither divides, each process keeps both: the optimizer's batch grows W-fold."""
+    if grad_accum % processes == 0:
+        return batch_size, grad_accum // processes
+    if batch_size % processes == 0:
+        return batch_size // processes, grad_accum
+    return batch_size, grad_accum
 
 
 # Module-name parts that FSDP and activation checkpointing put into parameter names; a full state dict has none.

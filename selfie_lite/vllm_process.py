@@ -112,6 +112,7 @@ class EngineProcess:
         with _env(CUDA_VISIBLE_DEVICES=devices):
             self.proc.start()
         child_conn.close()
+        self.busy = False  # a request sent and not answered yet: the engine cannot read a "stop" until it is done
         _LIVE.add(self)
         where = f" on GPU {devices}" if devices else ""
         self._reply(f"vLLM could not start in its sampling process{where}", start_timeout_s)
@@ -126,7 +127,10 @@ class EngineProcess:
             self.conn.send(("generate", prompt_ids, params))
         except (BrokenPipeError, OSError):
             self._died()
-        return self._reply("vLLM failed in its sampling process")
+        self.busy = True
+        result = self._reply("vLLM failed in its sampling process")
+        self.busy = False
+        return result
 
     def _reply(self, failed: str, timeout_s: float | None = None):
         start = time.monotonic()
@@ -156,8 +160,10 @@ class EngineProcess:
                        hint="the system may have run out of memory (see dmesg); resume the run: finished chunks are kept")
 
     def close(self, timeout_s: float = 60.0) -> None:
-        """Stop the engine and wait for its process to exit (its GPU memory is then free); kill it if it hangs."""
-        if self.proc.is_alive():
+        """Stop the engine and wait for its process to exit (its GPU memory is then free); kill it if it hangs. An
+        engine in the middle of a request (the run was interrupted: Ctrl-C, an error elsewhere) is terminated at
+        once: its answer would be thrown away."""
+        if self.proc.is_alive() and not self.busy:
             try:
                 self.conn.send(("stop",))
             except (BrokenPipeError, OSError):

@@ -112,6 +112,33 @@ def test_two_processes_label_the_same_pairs_as_one_and_train_the_same_model(setu
     assert r.stdout.count("final model") <= 1 and r.stderr.count("final model") <= 1  # one process speaks
 
 
+def test_a_micro_batch_split_across_processes_trains_the_same_model(setup):
+    root, args, one = setup
+    # grad_accum 1 does not divide by 2 processes, batch_size 4 does: each process takes 2 pairs per step (the
+    # smol preset's case: batch 8, accumulation 1), and the step's pairs are one process's 4.
+    batch = ["--set", "train.batch_size=4", "--set", "train.grad_accum=1", "--force"]
+    runs = {}
+    for n in (1, 2):
+        runs[n] = _round_0_of(one, root / f"batch{n}")
+        r = launch(n, ["--resume", str(runs[n]), *batch])
+        assert r.returncode == 0, r.stderr[-3000:]
+    done = {n: json.loads((runs[n] / "round-1" / "done" / "train.json").read_text()) for n in runs}
+    assert (done[2]["batch_size_per_process"], done[2]["grad_accum_per_process"]) == (2, 1)
+    assert done[2]["steps"] == done[1]["steps"] and done[2]["frac_smoothed"] == done[1]["frac_smoothed"] > 0
+    a, b = _weights(runs[1] / "round-1" / "model"), _weights(runs[2] / "round-1" / "model")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_per_process_batches():
+    from selfie_lite.train import per_process_batch
+
+    assert per_process_batch(2, 16, 4) == (2, 4)  # the accumulation divides: divided
+    assert per_process_batch(8, 1, 2) == (4, 1)  # else the micro-batch
+    assert per_process_batch(8, 2, 4) == (2, 2)
+    assert per_process_batch(3, 1, 2) == (3, 1)  # neither: each keeps both, the optimizer's batch doubles
+    assert per_process_batch(8, 4, 1) == (8, 4)
+
+
 def test_a_fresh_two_process_run_matches_one_to_rounding(setup):
     root, args, one = setup
     r = launch(2, [*args, "--out", str(root / "fresh2")])

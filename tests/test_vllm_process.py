@@ -169,6 +169,18 @@ def test_an_engine_killed_mid_request_is_one_error(fake_vllm, toy, monkeypatch):
     assert not _alive(engine.pid) and engine.conn.closed
 
 
+def test_an_interrupted_request_does_not_wait_for_the_engine(fake_vllm, toy, monkeypatch):
+    from selfie_lite.vllm_process import EngineProcess
+
+    monkeypatch.setenv("FAKE_VLLM_FAIL", "hang")  # a request that would take ten minutes
+    engine = EngineProcess({"model": str(toy[0])})
+    engine.conn.send(("generate", [[1, 2]], [{"n": 2, "max_tokens": 4, "seed": 0}]))
+    engine.busy = True  # where generate() stands when Ctrl-C reaches the run
+    start = time.monotonic()
+    engine.close()  # what the sample stage's clean-up does on the way out
+    assert time.monotonic() - start < 10 and not _alive(engine.pid)
+
+
 def test_an_engine_does_not_outlive_a_killed_run(tmp_path, fake_vllm, toy):
     script = (
         "import os, signal, sys\n"

@@ -2,13 +2,15 @@
 uses (LLM(...), SamplingParams, LLM.generate over token-id prompts) and nothing more. Each prompt's samples come
 from its own seed alone, as vLLM's per-request seeds do, so a chunk's samples do not depend on the engine or process
 that drew them. Every engine logs where it ran (process, GPUs, tensor-parallel size) to $FAKE_VLLM_LOG, and
-$FAKE_VLLM_FAIL makes it fail: "load" (an out-of-memory error at start), "die" (killed by the kernel mid-request).
+$FAKE_VLLM_FAIL makes it fail: "load" (an out-of-memory error at start), "die" (killed by the kernel mid-request),
+"hang" (a request that takes ten minutes).
 Put tests/fake_vllm on PYTHONPATH (or sys.path) to use it."""
 
 import json
 import os
 import random
 import signal
+import time
 
 
 class SamplingParams:
@@ -50,6 +52,8 @@ class LLM:
     def generate(self, prompts, params, use_tqdm=True):
         if os.environ.get("FAKE_VLLM_FAIL") == "die":
             os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get("FAKE_VLLM_FAIL") == "hang":
+            time.sleep(600)
         outputs = []
         for prompt, p in zip(prompts, params, strict=True):
             assert isinstance(prompt["prompt_token_ids"], list)
