@@ -257,7 +257,7 @@ def test_the_adapter_is_saved_from_the_engines_gathered_weights(tmp_path, monkey
     model = tiny_model()
     whole = {n: torch.full_like(p, 0.25) for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():  # what this process holds under ZeRO-3: a shard (here: zeros), not the trained weights
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.zero_()
 

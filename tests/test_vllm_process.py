@@ -107,6 +107,7 @@ def _env(log: Path, **extra) -> dict:
     return {"PYTHONPATH": f"{REPO}{os.pathsep}{FAKE}", "FAKE_VLLM_LOG": str(log), **extra}
 
 
+@pytest.mark.cpu_agnostic  # the samples come from the fake engine's seeded draws: no float decides
 def test_a_run_samples_with_vllm_in_a_child_process(run_one):
     root, _ = run_one
     loads = [e for e in _log(root / "one.log") if e["event"] == "load"]
@@ -146,6 +147,7 @@ def test_the_engine_is_gone_before_the_stage_returns_and_redraws_the_same(tmp_pa
     assert len([e for e in _log(fake_vllm) if e["event"] == "generate"]) == 3  # 2 chunks, then the missing one
 
 
+@pytest.mark.cpu_agnostic  # the samples come from the fake engine's seeded draws: no float decides
 def test_an_engine_that_cannot_start_stops_the_run_with_one_line(run_one):
     root, _ = run_one
     run = _round_0_of(root / "one", root / "fail")
@@ -199,6 +201,7 @@ def test_an_engine_does_not_outlive_a_killed_run(tmp_path, fake_vllm, toy):
     assert not _alive(child)  # its watchdog saw the parent go and stopped the engine
 
 
+@pytest.mark.cpu_agnostic  # the samples come from the fake engine's seeded draws: no float decides
 def test_two_processes_run_an_engine_each_and_sample_the_same(run_one):
     root, _ = run_one
     run = _round_0_of(root / "one", root / "two")
@@ -213,6 +216,7 @@ def test_two_processes_run_an_engine_each_and_sample_the_same(run_one):
         assert (run / "round-1" / f).read_bytes() == (root / "one" / "round-1" / f).read_bytes(), f
 
 
+@pytest.mark.cpu_agnostic  # the samples come from the fake engine's seeded draws: no float decides
 def test_tensor_parallel_engines_span_the_gpus_of_their_processes(run_one):
     root, _ = run_one
     run = _round_0_of(root / "one", root / "tp2")
