@@ -36,31 +36,6 @@ STAGES = ("sample", "judge", "reference", "train", "merge")
 LABELS = ["judged.jsonl", "reference_logps.json", "train_reference_logps.json"]
 SMOL = ["--preset", "smol", "--seed", "3.3pct", "--rounds", "1", "--set", "data.pool_sizes=[24]",
         "--set", "train.seed_epochs=1", "--set", "sample.chunk_size=6", "--random-seed", "0"]
-TOY_CONFIG = """\
-rounds = 1
-[data]
-labelled_share = "24"
-pool_sizes = [16]
-test_size = 20
-[sample]
-max_new_tokens = 8
-chunk_size = 4
-batch_size = 4
-[judge]
-batch_size = 4
-[train]
-batch_size = 2
-grad_accum = 2
-max_length = 64
-max_prompt_length = 32
-gradient_checkpointing = false
-learning_rate = 1e-3
-[lora]
-r = 4
-alpha = 8
-"""
-
-
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,13 +82,9 @@ def main() -> None:
     a.out.mkdir(parents=True)
     if a.toy:
         sys.path.insert(0, str(ROOT))
-        from selfie_lite.testing import build_toy_model, toy_preferences
+        from selfie_lite.testing import build_toy_run
 
-        build_toy_model(a.out / "sft")
-        toy_preferences(a.out / "prefs.jsonl", n=200)
-        (a.out / "toy.toml").write_text(TOY_CONFIG)
-        args = ["--model", str(a.out / "sft"), "--data", str(a.out / "prefs.jsonl"), "--config", str(a.out / "toy.toml"),
-                "--random-seed", "1"]
+        args = build_toy_run(a.out)
     else:
         args = SMOL
     ref = a.out / "reference"

@@ -84,6 +84,47 @@ def toy_preferences(path: Path, n: int = 200, seed: int = 0) -> Path:
     return path
 
 
+def toy_run_config(sampler: str = "generate") -> str:
+    """The settings (a --config TOML file's text) of a one-round run on the toy model and toy_preferences: 16 prompts
+    in 4 chunks, batches of 2 pairs with an accumulation of 2, so that 2 processes have chunks, batches and micro-steps
+    to share (tests/test_distributed.py, tests/test_vllm_process.py, benchmarks/processes.py)."""
+    return f"""\
+rounds = 1
+[data]
+labelled_share = "24"
+pool_sizes = [16]
+test_size = 20
+[sample]
+max_new_tokens = 8
+chunk_size = 4
+batch_size = 4
+sampler = "{sampler}"
+[judge]
+batch_size = 4
+[train]
+batch_size = 2
+grad_accum = 2
+max_length = 64
+max_prompt_length = 32
+gradient_checkpointing = false
+learning_rate = 1e-3
+[lora]
+r = 4
+alpha = 8
+"""
+
+
+def build_toy_run(folder: Path, sampler: str = "generate") -> list[str]:
+    """The toy model (folder/sft), its preference data (folder/prefs.jsonl) and toy_run_config (folder/toy.toml);
+    returns the `selfie-lite run` arguments that use them."""
+    folder = Path(folder)
+    build_toy_model(folder / "sft")
+    toy_preferences(folder / "prefs.jsonl", n=200)
+    (folder / "toy.toml").write_text(toy_run_config(sampler))
+    return ["--model", str(folder / "sft"), "--data", str(folder / "prefs.jsonl"), "--config", str(folder / "toy.toml"),
+            "--random-seed", "1"]
+
+
 def model_tag(model) -> str:
     """Which model this is, from the folder it was loaded from: "round-<i>" for a run's round model, else "init"."""
     path = Path(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", ""))

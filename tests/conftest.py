@@ -435,3 +435,32 @@ def launch(processes: int, args: list[str], env_extra: dict | None = None, timeo
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), "-m", "selfie_lite", "run", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def toy_run_once(tmp_path_factory, name: str, sampler: str = "generate", env=None) -> tuple[Path, list[str]]:
+    """selfie_lite.testing.build_toy_run under <the session's temp>/<name>, and a one-process run of it in .../one
+    (its stderr in one.stderr): the reference a module's tests compare with, made once per session (the pytest-xdist
+    workers share it through a lock). env(root) -> the run's extra environment. Returns (root, the run's arguments)."""
+    from filelock import FileLock
+
+    from selfie_lite.testing import build_toy_run
+
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+    root = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (root / "one" / "summary.json").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            args = build_toy_run(root, sampler)
+            r = launch(1, [*args, "--out", str(root / "one")], env(root) if env else None)
+            assert r.returncode == 0, r.stderr[-3000:]
+            (root / "one.stderr").write_text(r.stderr)
+        args = ["--model", str(root / "sft"), "--data", str(root / "prefs.jsonl"), "--config", str(root / "toy.toml"),
+                "--random-seed", "1"]
+    return root, args
+
+
+def round_0_of(one: Path, to: Path) -> Path:
+    """A copy of a one-round run as it stood after round 0: round 1 is then made by whoever resumes it."""
+    shutil.copytree(one, to, ignore=shutil.ignore_patterns("round-1", "summary.json"))
+    return to

@@ -9,36 +9,11 @@ them over gloo). About a minute on 2 cores.
 
 import json
 import os
-import shutil
 import socket
 from pathlib import Path
 
 import pytest
-from conftest import launch
-
-CONFIG = """\
-rounds = 1
-[data]
-labelled_share = "24"
-pool_sizes = [16]
-test_size = 20
-[sample]
-max_new_tokens = 8
-chunk_size = 4
-batch_size = 4
-[judge]
-batch_size = 4
-[train]
-batch_size = 2
-grad_accum = 2
-max_length = 64
-max_prompt_length = 32
-gradient_checkpointing = false
-learning_rate = 1e-3
-[lora]
-r = 4
-alpha = 8
-"""
+from conftest import launch, round_0_of, toy_run_once
 
 # What sampling and judging make in round 1: byte for byte the same whatever the process count.
 LABELS = ["samples/chunk-00000.jsonl", "samples/chunk-00001.jsonl", "samples/chunk-00002.jsonl",
@@ -47,33 +22,9 @@ LABELS = ["samples/chunk-00000.jsonl", "samples/chunk-00001.jsonl", "samples/chu
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """The toy model, its data and the settings, and the one-process run of them (the reference every test compares
-    with), made once per session: the test workers (pytest-xdist) share them through a lock."""
-    from filelock import FileLock
-
-    from selfie_lite.testing import build_toy_model, toy_preferences
-
-    shared = tmp_path_factory.getbasetemp()
-    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
-    root = shared / "distributed"
-    args = ["--model", str(root / "sft"), "--data", str(root / "prefs.jsonl"), "--config", str(root / "toy.toml"),
-            "--random-seed", "1"]
-    with FileLock(str(shared / "distributed.lock")):
-        if not (root / "one" / "summary.json").is_file():
-            shutil.rmtree(root, ignore_errors=True)
-            build_toy_model(root / "sft")
-            toy_preferences(root / "prefs.jsonl", n=200)
-            (root / "toy.toml").write_text(CONFIG)
-            r = launch(1, [*args, "--out", str(root / "one")])
-            assert r.returncode == 0, r.stderr[-3000:]
-    work = tmp_path_factory.mktemp("dist")
-    return work, args, root / "one"
-
-
-def _round_0_of(one: Path, to: Path) -> Path:
-    """A copy of the one-process run as it stood after round 0: round 1 is then made by whoever resumes it."""
-    shutil.copytree(one, to, ignore=shutil.ignore_patterns("round-1", "summary.json"))
-    return to
+    """The toy run's one-process reference (conftest.toy_run_once) and a folder of this worker's own."""
+    root, args = toy_run_once(tmp_path_factory, "distributed")
+    return tmp_path_factory.mktemp("dist"), args, root / "one"
 
 
 def _weights(model_dir: Path) -> dict:
@@ -84,7 +35,7 @@ def _weights(model_dir: Path) -> dict:
 
 def test_two_processes_label_the_same_pairs_as_one_and_train_the_same_model(setup):
     root, args, one = setup
-    two = _round_0_of(one, root / "two")
+    two = round_0_of(one, root / "two")
     r = launch(2, ["--resume", str(two)])
     assert r.returncode == 0, r.stderr[-3000:]
     for f in LABELS:
@@ -119,7 +70,7 @@ def test_a_micro_batch_split_across_processes_trains_the_same_model(setup):
     batch = ["--set", "train.batch_size=4", "--set", "train.grad_accum=1", "--force"]
     runs = {}
     for n in (1, 2):
-        runs[n] = _round_0_of(one, root / f"batch{n}")
+        runs[n] = round_0_of(one, root / f"batch{n}")
         r = launch(n, ["--resume", str(runs[n]), *batch])
         assert r.returncode == 0, r.stderr[-3000:]
     done = {n: json.loads((runs[n] / "round-1" / "done" / "train.json").read_text()) for n in runs}
@@ -153,7 +104,7 @@ def test_a_fresh_two_process_run_matches_one_to_rounding(setup):
 
 def test_a_killed_process_stops_the_run_and_one_process_resumes_it(setup):
     root, args, one = setup
-    run = _round_0_of(one, root / "killed")
+    run = round_0_of(one, root / "killed")
     # Process 1 dies (SIGKILL) after the first turn of sampling (chunks 0 and 1 are on disk): the launcher stops
     # process 0 too, and says which process failed.
     r = launch(2, ["--resume", str(run)], {"SELFIE_LITE_KILL_AT": "sample:2@1"})
@@ -176,7 +127,7 @@ def test_a_killed_process_stops_the_run_and_one_process_resumes_it(setup):
 
 def test_a_refusal_on_the_main_process_stops_every_process_with_one_line(setup):
     root, args, one = setup
-    run = _round_0_of(one, root / "locked")
+    run = round_0_of(one, root / "locked")
     boot = Path("/proc/sys/kernel/random/boot_id")
     (run / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": 0,
                                            "boot_id": boot.read_text().strip() if boot.exists() else None}))

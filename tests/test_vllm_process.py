@@ -17,34 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, launch
+from conftest import REPO, launch, round_0_of, toy_run_once
 
 FAKE = REPO / "tests" / "fake_vllm"
 SAMPLES = ["samples/chunk-00000.jsonl", "samples/chunk-00001.jsonl", "samples/chunk-00002.jsonl",
            "samples/chunk-00003.jsonl"]
-
-CONFIG = """\
-rounds = 1
-[data]
-labelled_share = "24"
-pool_sizes = [16]
-test_size = 20
-[sample]
-max_new_tokens = 8
-chunk_size = 4
-sampler = "vllm"
-[train]
-batch_size = 2
-grad_accum = 2
-max_length = 64
-max_prompt_length = 32
-gradient_checkpointing = false
-learning_rate = 1e-3
-[lora]
-r = 4
-alpha = 8
-"""
-
 
 def _alive(pid: int) -> bool:
     try:
@@ -73,34 +50,12 @@ def fake_vllm(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def run_one(tmp_path_factory):
     """A one-process, 1-round run with --sampler vllm on the toy model (the reference the launcher tests compare
-    with), made once per session: the test workers (pytest-xdist) share it through a lock."""
-    from filelock import FileLock
-
-    from selfie_lite.testing import build_toy_model, toy_preferences
-
-    shared = tmp_path_factory.getbasetemp()
-    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
-    root = shared / "vllm"
-    args = ["--model", str(root / "sft"), "--data", str(root / "prefs.jsonl"), "--config", str(root / "toy.toml"),
-            "--random-seed", "1"]
-    with FileLock(str(shared / "vllm.lock")):
-        if not (root / "one" / "summary.json").is_file():
-            shutil.rmtree(root, ignore_errors=True)
-            build_toy_model(root / "sft")
-            toy_preferences(root / "prefs.jsonl", n=200)
-            (root / "toy.toml").write_text(CONFIG)
-            r = launch(1, [*args, "--out", str(root / "one")], _env(root / "one.log"))
-            assert r.returncode == 0, r.stderr[-3000:]
-            (root / "one.stderr").write_text(r.stderr)
+    with; conftest.toy_run_once), linked into a folder of this worker's own."""
+    root, args = toy_run_once(tmp_path_factory, "vllm", "vllm", env=lambda root: _env(root / "one.log"))
     work = tmp_path_factory.mktemp("vllm")
     for name in ("one", "sft", "one.log", "one.stderr"):
         (work / name).symlink_to(root / name)
     return work, args
-
-
-def _round_0_of(one: Path, to: Path) -> Path:
-    shutil.copytree(one, to, ignore=shutil.ignore_patterns("round-1", "summary.json"))
-    return to
 
 
 def _env(log: Path, **extra) -> dict:
@@ -150,7 +105,7 @@ def test_the_engine_is_gone_before_the_stage_returns_and_redraws_the_same(tmp_pa
 @pytest.mark.cpu_agnostic  # the samples come from the fake engine's seeded draws: no float decides
 def test_an_engine_that_cannot_start_stops_the_run_with_one_line(run_one):
     root, _ = run_one
-    run = _round_0_of(root / "one", root / "fail")
+    run = round_0_of(root / "one", root / "fail")
     r = launch(1, ["--resume", str(run)], _env(root / "fail.log", FAKE_VLLM_FAIL="load"))
     assert r.returncode == 1
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
@@ -204,7 +159,7 @@ def test_an_engine_does_not_outlive_a_killed_run(tmp_path, fake_vllm, toy):
 @pytest.mark.cpu_agnostic  # the samples come from the fake engine's seeded draws: no float decides
 def test_two_processes_run_an_engine_each_and_sample_the_same(run_one):
     root, _ = run_one
-    run = _round_0_of(root / "one", root / "two")
+    run = round_0_of(root / "one", root / "two")
     r = launch(2, ["--resume", str(run)], _env(root / "two.log"))
     assert r.returncode == 0, r.stderr[-3000:]
     loads = [e for e in _log(root / "two.log") if e["event"] == "load"]
@@ -219,7 +174,7 @@ def test_two_processes_run_an_engine_each_and_sample_the_same(run_one):
 @pytest.mark.cpu_agnostic  # the samples come from the fake engine's seeded draws: no float decides
 def test_tensor_parallel_engines_span_the_gpus_of_their_processes(run_one):
     root, _ = run_one
-    run = _round_0_of(root / "one", root / "tp2")
+    run = round_0_of(root / "one", root / "tp2")
     r = launch(2, ["--resume", str(run), "--set", "sample.tensor_parallel_size=2", "--force"], _env(root / "tp2.log"))
     assert r.returncode == 0, r.stderr[-3000:]
     loads = [e for e in _log(root / "tp2.log") if e["event"] == "load"]
