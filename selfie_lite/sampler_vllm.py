@@ -152,6 +152,22 @@ def device_bytes() -> int:
         return 0
 
 
+def release_cached_gpu_memory() -> None:
+    """Give the blocks torch's caching allocator keeps in this process (the previous stage's model, freed) back to the
+    driver, so that the engine's process finds them free: vLLM refuses to start, or starts with a smaller KV cache,
+    when another process holds memory it counted on."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
 class VLLMSampler:
     """load / generate / free with Backend's signatures, for sample.py; everything else stays with the backend.
     load starts the engine in its child process, free stops it (and the process exits, returning its memory)."""
@@ -187,6 +203,7 @@ class VLLMSampler:
         )
         if self.cfg.load_in_4bit:
             kwargs["quantization"] = "bitsandbytes"
+        release_cached_gpu_memory()  # vLLM sizes its KV cache from the memory free when it starts
         engine = EngineProcess(kwargs, devices=engine_devices(self.cfg.sample.tensor_parallel_size))
         engine.eos_ids = model_eos_ids(model_dir, tok)  # the generate path cuts at the model's eos ids too
         return engine, tok

@@ -49,6 +49,7 @@ def serve(conn, llm_kwargs: dict, parent_pid: int) -> None:
         except (EOFError, OSError):
             return  # the parent closed its end
         if message[0] == "stop":
+            del llm  # vLLM's own shutdown (its engine-core and worker processes) before the interpreter exits
             return
         _, prompt_ids, params = message
         try:
