@@ -57,14 +57,23 @@ def _state():
 
 
 def shards_weights() -> bool:
-    """True when the launcher's accelerate config shards the weights themselves across the processes (DeepSpeed
-    ZeRO-3, FSDP; accelerate launch exports its choice): a weight is then whole only inside its own module's
-    forward, so code that reads one directly (loss.plain_output_layer) must not."""
+    """True when the training engine shards the weights themselves across the processes (DeepSpeed ZeRO-3, FSDP): a
+    weight is then whole only inside its own module's forward, so code that reads one directly
+    (loss.plain_output_layer) must not. Asked of accelerate's state once the Trainer has set it up (a DeepSpeed
+    config file's ZeRO stage is known only there), else of what `accelerate launch` exported."""
     env = os.environ
     if env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         return True
-    return env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and \
-        env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("1", "true"):
+        return False
+    if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3":
+        return True
+    from accelerate.state import AcceleratorState
+
+    if not AcceleratorState._shared_state:  # not set up yet: nothing is sharded before training starts
+        return False
+    plugin = getattr(AcceleratorState(), "deepspeed_plugin", None)
+    return getattr(plugin, "zero_stage", None) == 3
 
 
 def rank() -> int:

@@ -202,7 +202,14 @@ def plain_output_layer(model) -> torch.nn.Linear | None:
         return None
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     decoder = getattr(lm, getattr(lm, "base_model_prefix", ""), None)
-    return head if type(head) is torch.nn.Linear and decoder is not None and decoder is not lm else None
+    if type(head) is not torch.nn.Linear or decoder is None or decoder is lm or _partitioned(head.weight):
+        return None
+    return head
+
+
+def _partitioned(weight: torch.Tensor) -> bool:
+    """A weight that a sharding engine holds in pieces (ZeRO-3's placeholder, FSDP2's DTensor, an empty flat view)."""
+    return hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor" or weight.numel() == 0
 
 
 def last_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Logits:

@@ -47,6 +47,9 @@ def sample_round(cfg: RunConfig, round_dir: Path, backend, model_dir: Path, prom
         # a process, or the first of every k processes when a vLLM engine spans their k GPUs.
         group = getattr(sampler, "processes_per_engine", 1)
         me = distributed.worker_index(group)
+        if hasattr(sampler, "release_memory"):  # vLLM: every GPU the engines take is emptied first
+            sampler.release_memory()
+            distributed.barrier()
         model, tok = sampler.load(model_dir) if me is not None else (None, None)
         try:
             for turn in distributed.in_rounds(todo, group):

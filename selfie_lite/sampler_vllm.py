@@ -74,9 +74,15 @@ def engine_devices(tensor_parallel_size: int) -> str | None:
     if not distributed.active():
         return None
     local = int(os.environ.get("LOCAL_RANK", distributed.rank()))
-    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    ids = [visible[i] if i < len(visible) else str(i) for i in range(local, local + tensor_parallel_size)]
-    return ",".join(ids)
+    wanted = range(local, local + tensor_parallel_size)
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not visible:  # the launcher left every GPU visible: process i's is GPU i
+        return ",".join(str(i) for i in wanted)
+    if wanted[-1] >= len(visible):
+        raise UserError(f"= {tensor_parallel_size} needs GPUs {local}..{wanted[-1]} of CUDA_VISIBLE_DEVICES="
+                        f"{','.join(visible)}, which has {len(visible)}", key="sample.tensor_parallel_size",
+                        hint="make CUDA_VISIBLE_DEVICES list one GPU per process")
+    return ",".join(visible[i] for i in wanted)
 
 
 def per_prompt_seeds(seed: int, n: int) -> list[int]:
@@ -174,6 +180,11 @@ class VLLMSampler:
 
     name = "vllm"
 
+    def release_memory(self) -> None:
+        """Called on every process before the engines load (the processes that lend their GPU to another's engine
+        too): vLLM sizes its KV cache from the memory free when it starts."""
+        release_cached_gpu_memory()
+
     def __init__(self, cfg, memory_budget_gb: float = 20.0):
         self.cfg = cfg
         self.memory_budget_gb = memory_budget_gb
@@ -203,7 +214,6 @@ class VLLMSampler:
         )
         if self.cfg.load_in_4bit:
             kwargs["quantization"] = "bitsandbytes"
-        release_cached_gpu_memory()  # vLLM sizes its KV cache from the memory free when it starts
         engine = EngineProcess(kwargs, devices=engine_devices(self.cfg.sample.tensor_parallel_size))
         engine.eos_ids = model_eos_ids(model_dir, tok)  # the generate path cuts at the model's eos ids too
         return engine, tok

@@ -257,20 +257,34 @@ _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig
 
 
 def adapter_weights(trainer) -> dict:
-    """The trained adapter (the trainable parameters: LoRA's), whole. accelerate's get_state_dict gathers the weights
-    onto the main process where the engine shards them (DeepSpeed ZeRO-3, FSDP: the main process's own copy is then
-    a shard, and saving it would save a fragment) and returns the model's own otherwise (DDP, one process). Under a
-    sharding engine it is a collective: every process calls it, the main process gets the weights."""
+    """The trained adapter (the trainable parameters: LoRA's), whole, on the main process (empty or partial on the
+    others, which save nothing). Where the engine shards the weights (DeepSpeed ZeRO-3, FSDP) the main process's own
+    copy is a shard, and saving it would save a fragment: the engine gathers them (gathered_state), a collective that
+    every process calls. With DDP or one process it is the model's own weights."""
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     for part in _WRAPPER_PARTS:
         names = [n.replace(part, "") for n in names]
-    full = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    full = gathered_state(trainer)
     weights = {n: full[n] for n in names if n in full}
     if distributed.is_main() and len(weights) != len(names):  # never save a partial adapter as if it were whole
-        raise RunError(f"the training engine gave back {len(weights)} of the adapter's {len(names)} weights",
-                       hint="with DeepSpeed ZeRO-3, set zero3_save_16bit_model: true in the accelerate config")
+        raise RunError(f"the training engine gave back {len(weights)} of the adapter's {len(names)} weights")
     return weights
+
+
+def gathered_state(trainer) -> dict:
+    """The model's state dict with every weight whole, on the main process ({} where an engine gives the others
+    none). accelerate's get_state_dict does the gathering, except under ZeRO-3, where it would gather the frozen base
+    model too (a 16-bit copy of all of it in the main process's memory, every round) and refuses unless the config
+    asks for 16-bit saving: there DeepSpeed's own consolidation (the call accelerate makes) is asked for the
+    trainable weights alone."""
+    from accelerate.utils import DistributedType
+
+    acc, engine = trainer.accelerator, trainer.model_wrapped
+    if acc.distributed_type == DistributedType.DEEPSPEED and \
+            acc.deepspeed_config.get("zero_optimization", {}).get("stage") == 3:
+        return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True) or {}
+    return acc.get_state_dict(engine) or {}
 
 
 # ---------------------------------------------------------------------------------------------

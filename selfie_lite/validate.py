@@ -260,7 +260,7 @@ def check_ignored(cfg, given: dict) -> None:
         refuse("guard.probe_prompts", f"{why} answers no probe prompts (only a scorer selection does: "
                "guard.select = oracle, python:MODULE:FUNCTION or reward-model:PATH)",
                "drop guard.probe_prompts, or pick the round with a scorer (--select-by ...)")
-    if set_("sample.tensor_parallel_size") and cfg.sample.sampler != "vllm":
+    if set_("sample.tensor_parallel_size") and cfg.sample.sampler == "generate":
         refuse("sample.tensor_parallel_size", f"sample.sampler = {cfg.sample.sampler} does not sample with vLLM "
                "(only vLLM's engine is split over GPUs)", "add --sampler vllm, or drop sample.tensor_parallel_size")
     if set_("data.split"):

@@ -18,16 +18,21 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import multiprocessing.util  # noqa: F401  its exit hook registered before ours, so ours (below) runs first
 import os
 import signal
 import threading
 import time
-import weakref
 from contextlib import contextmanager
 
 from selfie_lite.errors import RunError
 
-_LIVE: weakref.WeakSet = weakref.WeakSet()  # engines to stop if the run exits without freeing them
+_LIVE: set = set()  # engines to stop if the run exits without freeing them
+
+# torchrun's and accelerate launch's per-process variables: the engine is not a process of the run's process group,
+# and vLLM's workers, seeing them, would join a rendezvous nobody serves (and wait there until it times out).
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def serve(conn, llm_kwargs: dict, parent_pid: int) -> None:
@@ -40,33 +45,84 @@ def serve(conn, llm_kwargs: dict, parent_pid: int) -> None:
 
         llm = LLM(**llm_kwargs)
     except BaseException as e:  # noqa: BLE001  told to the parent, which prints it as one line
+        kill_descendants(os.getpid())  # whatever vLLM started before it failed
         _send(conn, ("error", _describe(e)))
         return
-    _send(conn, ("ready", None))
-    while True:
+    try:
+        _send(conn, ("ready", None))
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return  # the parent closed its end (or is gone)
+            if message[0] == "stop":
+                return
+            _, prompt_ids, params = message
+            try:
+                outputs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids],
+                                       [SamplingParams(**p) for p in params], use_tqdm=False)
+                completions = [[(list(c.token_ids), getattr(c, "finish_reason", None)) for c in out.outputs]
+                               for out in outputs]
+            except BaseException as e:  # noqa: BLE001
+                _send(conn, ("error", _describe(e)))
+                continue
+            _send(conn, ("ok", completions))
+    finally:
+        _shutdown(llm)
+
+
+def _shutdown(llm) -> None:
+    """vLLM's own shutdown: its engine-core and worker processes (where the weights and the KV cache live) stop now,
+    not whenever the interpreter's exit gets to them; whatever is left is killed."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001  a vLLM without that layout: its processes are killed below
+        pass
+    del llm
+    kill_descendants(os.getpid())
+
+
+def _descendants(pid: int) -> list:
+    import psutil  # accelerate's dependency
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def kill_descendants(pid: int, known: list = ()) -> None:
+    """SIGKILL every process below pid, and the `known` ones (psutil.Process objects: a pid reused since is left
+    alone), vLLM's engine-core and worker processes: an engine that is stopped the hard way (terminated
+    mid-request, killed by the system, its run killed) must not leave them holding the GPU."""
+    import psutil
+
+    procs = list({p.pid: p for p in (*known, *_descendants(pid))}.values())
+    for proc in procs:
         try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return  # the parent closed its end
-        if message[0] == "stop":
-            del llm  # vLLM's own shutdown (its engine-core and worker processes) before the interpreter exits
-            return
-        _, prompt_ids, params = message
-        try:
-            outputs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids],
-                                   [SamplingParams(**p) for p in params], use_tqdm=False)
-            completions = [[(list(c.token_ids), getattr(c, "finish_reason", None)) for c in out.outputs]
-                           for out in outputs]
-        except BaseException as e:  # noqa: BLE001
-            _send(conn, ("error", _describe(e)))
-            continue
-        _send(conn, ("ok", completions))
+            proc.kill()
+        except psutil.Error:
+            pass
+    # Until each is gone or a zombie (its memory is freed then; only its parent can reap it, which may be busy).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_running(p) for p in procs):
+        time.sleep(0.05)
+
+
+def _running(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _send(conn, message) -> None:
     try:
         conn.send(message)
     except (BrokenPipeError, OSError):
+        kill_descendants(os.getpid())
         os._exit(0)  # the parent is gone: nobody to answer
 
 
@@ -75,6 +131,7 @@ def _exit_with_parent(parent_pid: int) -> None:
     while True:
         time.sleep(1.0)
         if os.getppid() != parent_pid:
+            kill_descendants(os.getpid())
             os._exit(1)
 
 
@@ -85,13 +142,16 @@ def _describe(e: BaseException) -> str:
 
 
 @contextmanager
-def _env(**values: str | None):
-    """os.environ with `values` set while a child starts (a spawned child copies the environment at start)."""
-    old = {k: os.environ.get(k) for k in values}
+def _env(values: dict[str, str | None], unset: tuple[str, ...] = ()):
+    """os.environ with `values` set (None: left as it is) and `unset` removed while a child starts (a spawned child
+    copies the environment at start)."""
+    old = {k: os.environ.get(k) for k in (*values, *unset)}
     try:
         for k, v in values.items():
             if v is not None:
                 os.environ[k] = v
+        for k in unset:
+            os.environ.pop(k, None)
         yield
     finally:
         for k, v in old.items():
@@ -110,13 +170,21 @@ class EngineProcess:
         self.conn, child_conn = ctx.Pipe()
         self.proc = ctx.Process(target=serve, name="selfie-lite-vllm", daemon=False,  # vLLM starts workers: not a daemon
                                 args=(child_conn, llm_kwargs, os.getpid()))
-        with _env(CUDA_VISIBLE_DEVICES=devices):
+        unset = LAUNCHER_VARIABLES + tuple(k for k in os.environ if k.startswith("TORCHELASTIC_"))
+        with _env({"CUDA_VISIBLE_DEVICES": devices}, unset):
             self.proc.start()
         child_conn.close()
-        self.busy = False  # a request sent and not answered yet: the engine cannot read a "stop" until it is done
+        self.busy = True  # starting, or a request sent and not answered yet: it cannot read a "stop" until it is done
         _LIVE.add(self)
+        self.family: list = []  # the engine's own processes, as they stood once it was up
         where = f" on GPU {devices}" if devices else ""
-        self._reply(f"vLLM could not start in its sampling process{where}", start_timeout_s)
+        try:
+            self._reply(f"vLLM could not start in its sampling process{where}", start_timeout_s)
+        except BaseException:  # Ctrl-C while the engine loads, too: never leave it running
+            self.close()
+            raise
+        # Remembered so that they can be stopped even if the engine's process dies first (they are then orphans).
+        self.family = _descendants(self.proc.pid)
 
     @property
     def pid(self) -> int | None:
@@ -129,9 +197,7 @@ class EngineProcess:
         except (BrokenPipeError, OSError):
             self._died()
         self.busy = True
-        result = self._reply("vLLM failed in its sampling process")
-        self.busy = False
-        return result
+        return self._reply("vLLM failed in its sampling process")
 
     def _reply(self, failed: str, timeout_s: float | None = None):
         start = time.monotonic()
@@ -145,6 +211,7 @@ class EngineProcess:
             kind, payload = self.conn.recv()
         except (EOFError, OSError):
             self._died()
+        self.busy = False  # answered: the engine reads the next message, a "stop" included
         if kind == "error":
             self.close()
             raise RunError(f"{failed}: {payload}",
@@ -170,6 +237,8 @@ class EngineProcess:
             except (BrokenPipeError, OSError):
                 pass
             self.proc.join(timeout_s)
+        # vLLM's own processes: left behind by an engine that is terminated, killed or dead, and stopped with it.
+        kill_descendants(self.proc.pid, self.family)
         if self.proc.is_alive():
             self.proc.terminate()
             self.proc.join(10)

@@ -212,7 +212,11 @@ def test_the_adapter_is_saved_from_the_engines_gathered_weights(tmp_path, monkey
             if p.requires_grad:
                 p.zero_()
 
-    class Engine:  # accelerate's answers under a sharding engine: the model unwrapped, the weights gathered
+    from accelerate.utils import DistributedType
+
+    class Engine:  # accelerate's answers under FSDP: the model unwrapped, the weights gathered (none on the others)
+        distributed_type = DistributedType.FSDP
+
         def __init__(self, gathered):
             self.gathered = gathered
 
@@ -228,10 +232,35 @@ def test_the_adapter_is_saved_from_the_engines_gathered_weights(tmp_path, monkey
     HFBackend(RunConfig()).save_adapter(model, tmp_path / "adapter", weights=weights)
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert len(saved) == len(whole) and all(float(t.min()) == float(t.max()) == 0.25 for t in saved.values())
-    # An engine that gives back only part of the adapter (ZeRO-3 without zero3_save_16bit_model) stops the run.
+    # An engine that gives back only part of the adapter stops the run rather than save a fragment as a whole.
     trainer.accelerator = Engine(dict(list(whole.items())[:2]))
     with pytest.raises(RunError, match=rf"gave back 2 of the adapter's {len(whole)} weights"):
         adapter_weights(trainer)
+    # The other processes get nothing (None under ZeRO-3, {} under FSDP) and save nothing: no error there.
+    from selfie_lite import distributed
+
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    trainer.accelerator = Engine(None)
+    assert adapter_weights(trainer) == {}
+    monkeypatch.undo()
+
+    # ZeRO-3: DeepSpeed's own consolidation, asked for the trainable weights alone (not the frozen base model).
+    class ZeRO3(Engine):
+        distributed_type = DistributedType.DEEPSPEED
+        deepspeed_config = {"zero_optimization": {"stage": 3}}
+
+        def get_state_dict(self, m):
+            raise AssertionError("accelerate's get_state_dict gathers the frozen weights too")
+
+    asked = []
+
+    class DeepSpeedEngine:
+        def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters=False):
+            asked.append(exclude_frozen_parameters)
+            return dict(whole)
+
+    trainer = types.SimpleNamespace(model=model, model_wrapped=DeepSpeedEngine(), accelerator=ZeRO3(None))
+    assert set(adapter_weights(trainer)) == set(whole) and asked == [True]
 
 
 @pytest.mark.parametrize("env, shards", [

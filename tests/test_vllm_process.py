@@ -67,12 +67,12 @@ def test_a_run_samples_with_vllm_in_a_child_process(run_one):
     root, _ = run_one
     loads = [e for e in _log(root / "one.log") if e["event"] == "load"]
     gens = [e for e in _log(root / "one.log") if e["event"] == "generate"]
-    # One engine, in a child of the run (not the run itself), one request per chunk of 4 prompts, and gone at the end.
-    assert len(loads) == 1 and loads[0]["ppid"] != loads[0]["pid"]
+    # One engine, in a child of the run, one request per chunk of 4 prompts, and gone at the end with its own process.
+    assert len(loads) == 1 and " -m selfie_lite run --model " in loads[0]["parent_cmdline"]
     assert [g["prompts"] for g in gens] == [4, 4, 4, 4] and {g["pid"] for g in gens} == {loads[0]["pid"]}
     assert loads[0]["tensor_parallel_size"] == 1 and loads[0]["cuda_visible_devices"] is None  # one process: vLLM picks
     assert loads[0]["max_model_len"] == 32 + 8
-    assert not _alive(loads[0]["pid"])
+    assert not _alive(loads[0]["pid"]) and not _alive(loads[0]["core_pid"])
     assert "sampler: vllm (asked for, on cpu)" in (root / "one.stderr").read_text()
     rows = [json.loads(x) for x in (root / "one" / "round-1" / "samples" / "chunk-00000.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(len(row["response_ids"]) == 2 for row in rows)
@@ -124,6 +124,7 @@ def test_an_engine_killed_mid_request_is_one_error(fake_vllm, toy, monkeypatch):
     with pytest.raises(RunError, match=r"^the vLLM sampling process died \(killed by signal 9\) before it answered$"):
         engine.generate([[1, 2]], [{"n": 2, "max_tokens": 4, "seed": 0}])
     assert not _alive(engine.pid) and engine.conn.closed
+    assert not _alive(_log(fake_vllm)[0]["core_pid"])  # the dead engine's own process, an orphan, stopped too
 
 
 def test_an_interrupted_request_does_not_wait_for_the_engine(fake_vllm, toy, monkeypatch):
@@ -136,6 +137,7 @@ def test_an_interrupted_request_does_not_wait_for_the_engine(fake_vllm, toy, mon
     start = time.monotonic()
     engine.close()  # what the sample stage's clean-up does on the way out
     assert time.monotonic() - start < 10 and not _alive(engine.pid)
+    assert not _alive(_log(fake_vllm)[0]["core_pid"])  # vLLM's own process too
 
 
 def test_an_engine_does_not_outlive_a_killed_run(tmp_path, fake_vllm, toy):
@@ -150,10 +152,11 @@ def test_an_engine_does_not_outlive_a_killed_run(tmp_path, fake_vllm, toy):
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     child = int(r.stdout.split()[0])
+    core = _log(fake_vllm)[0]["core_pid"]
     deadline = time.monotonic() + 15
-    while _alive(child) and time.monotonic() < deadline:
+    while (_alive(child) or _alive(core)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _alive(child)  # its watchdog saw the parent go and stopped the engine
+    assert not _alive(child) and not _alive(core)  # its watchdog saw the parent go and stopped the engine, whole
 
 
 @pytest.mark.cpu_agnostic  # the samples come from the fake engine's seeded draws: no float decides
@@ -166,6 +169,7 @@ def test_two_processes_run_an_engine_each_and_sample_the_same(run_one):
     # One engine per process, each on its own process's GPU, each a child of its own process.
     assert sorted(e["cuda_visible_devices"] for e in loads) == ["0", "1"]
     assert len({e["ppid"] for e in loads}) == 2 and all(e["tensor_parallel_size"] == 1 for e in loads)
+    assert all(e["launcher"] == {} for e in loads)  # not a member of the run's process group: no RANK, MASTER_PORT, ...
     assert sorted(e["prompts"] for e in _log(root / "two.log") if e["event"] == "generate") == [4, 4, 4, 4]
     for f in SAMPLES:
         assert (run / "round-1" / f).read_bytes() == (root / "one" / "round-1" / f).read_bytes(), f

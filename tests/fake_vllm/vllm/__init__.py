@@ -4,12 +4,15 @@ from its own seed alone, as vLLM's per-request seeds do, so a chunk's samples do
 that drew them. Every engine logs where it ran (process, GPUs, tensor-parallel size) to $FAKE_VLLM_LOG, and
 $FAKE_VLLM_FAIL makes it fail: "load" (an out-of-memory error at start), "die" (killed by the kernel mid-request),
 "hang" (a request that takes ten minutes).
-Put tests/fake_vllm on PYTHONPATH (or sys.path) to use it."""
+Like vLLM's, the engine's work happens in a process of its own (here a stand-in that only waits), stopped by
+llm.llm_engine.engine_core.shutdown(); the log gives its pid ("core_pid") and the launcher variables the engine saw. Put tests/fake_vllm on PYTHONPATH (or sys.path) to use it."""
 
 import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 
@@ -26,6 +29,33 @@ class _Completion:
 class _RequestOutput:
     def __init__(self, outputs):
         self.outputs = outputs
+
+
+# The engine core's stand-in: waits until it is stopped (it gives up by itself after 5 minutes, so that a test that
+# fails leaves nothing running for long). It does not watch its parent: the tests check that selfie-lite stops it.
+CORE = "import time\ntime.sleep(300)\n"
+
+
+class _EngineCore:
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", CORE])
+
+    def shutdown(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class _LLMEngine:
+    def __init__(self):
+        self.engine_core = _EngineCore()
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read().replace("\0", " ").strip()
+    except OSError:
+        return None
 
 
 def _log(event, **fields):
@@ -45,9 +75,12 @@ class LLM:
         self.vocab_size = config["vocab_size"]
         eos = config.get("eos_token_id")
         self.eos = eos[0] if isinstance(eos, list) else eos
+        self.llm_engine = _LLMEngine()
         _log("load", model=model, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-             gpu_memory_utilization=gpu_memory_utilization,
-             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+             gpu_memory_utilization=gpu_memory_utilization, core_pid=self.llm_engine.engine_core.proc.pid,
+             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), parent_cmdline=_cmdline(os.getppid()),
+             launcher={k: v for k, v in os.environ.items()
+                       if k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT") or k.startswith("TORCHELASTIC_")})
 
     def generate(self, prompts, params, use_tqdm=True):
         if os.environ.get("FAKE_VLLM_FAIL") == "die":
