@@ -290,3 +290,17 @@ def test_sharded_weights_take_the_models_own_logits(monkeypatch, env, shards):
         source = last_hidden(model, ids, attn)
         assert isinstance(source, LastHidden) != shards
         assert torch.allclose(sequence_logps(source, ids[:, 1:], mask), lean, atol=1e-5)
+
+
+def test_a_partitioned_output_weight_is_never_read_directly(monkeypatch):
+    from conftest import tiny_model
+
+    from selfie_lite.loss import plain_output_layer
+
+    for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(k, raising=False)
+    model = tiny_model()
+    assert plain_output_layer(model) is not None
+    # ZeRO-3 marks every parameter it partitions (a DeepSpeed config file's stage is not in the launcher's variables)
+    model.get_base_model().lm_head.weight.ds_id = 7
+    assert plain_output_layer(model) is None
