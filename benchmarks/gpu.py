@@ -3,6 +3,7 @@
     python benchmarks/gpu.py --model-shape mistral-7b --backends hf,unsloth --out results.json   # one GPU, ~6 min
     python benchmarks/gpu.py --model-shape qwen-1.5b --backends hf,unsloth                         # the Colab shape
     python benchmarks/gpu.py --model-shape tiny                                                    # CPU dry run, seconds
+    python benchmarks/gpu.py --model-shape mistral-7b --backends hf --vllm                         # + vLLM in its process
 
 No download: the model is built from its config (Mistral-7B, Qwen2.5-1.5B or a tiny Llama) with random weights and
 saved as a model folder with a generated tokenizer (one word = one token, vocabulary padded to the real size, a chat
@@ -15,6 +16,8 @@ measures our pipeline, not bare transformers calls:
     train     backend.load(trainable=True)+add_lora, then train.train_dpo (SPA loss with the extrapolated margin,
               round-1 settings) for a few optimizer steps   pairs/s after the first step
     merge     backend.save_adapter + backend.merge    seconds (16-bit path)
+    sample_vllm  (--vllm) sampler_vllm.VLLMSampler on the sample stage's prompts, its engine in a child process:
+              start-up seconds, new tokens/s, the GPU memory the engine held and what was left taken after it stopped
 
 Batch sizes are the preset's (mistral-7b: zephyr-7b, qwen-1.5b: qwen-colab, tiny: tiny). Peak memory is
 torch.cuda.max_memory_allocated / max_memory_reserved, reset before each stage; a stage's peak includes the weights
@@ -39,6 +42,7 @@ folder comes from selfie_lite.testing.build_shaped_model, which the backend test
 from __future__ import annotations
 
 import argparse
+import importlib.util as importlib_util
 import json
 import os
 import shutil
@@ -162,7 +166,7 @@ def print_report(report: dict, console) -> None:
         if "skipped" in res:
             t.add_row(name, "-", res["skipped"], *["-"] * 7)
             continue
-        for stage in ("load", "sample", "judge", "train_load", "train", "merge"):
+        for stage in ("load", "sample", "judge", "train_load", "train", "merge", "sample_vllm"):
             if stage not in res.get("stages", {}):
                 continue
             r = res["stages"][stage]
@@ -170,8 +174,12 @@ def print_report(report: dict, console) -> None:
                 t.add_row(name, stage, r["skipped"], *["-"] * 7)
                 continue
             work = f"{r.get('items', '-')} {r.get('unit', '')}".strip()
-            if stage == "sample":
+            if stage in ("sample", "sample_vllm"):
                 work += f", {r['new_tokens']} new tok"
+            if stage == "sample_vllm":
+                work += f", start {r['start_s']:.1f} s"
+                if r.get("engine_gb") is not None:
+                    work += f", engine held {r['engine_gb']:.2f} GB, {r['left_after_stop_gb']:.2f} GB left after stop"
             if stage == "merge" and r.get("path"):
                 work += f" ({r['path']})"
             thr = f"{r['rate']:.1f} {r['rate_unit']}" if r.get("rate") else "-"
@@ -220,6 +228,8 @@ def parse_args(argv=None):
     ap.add_argument("--dpo-steps", type=int, default=None, help="DPO optimizer steps; the first is not timed "
                     "(default 4; tiny: 3)")
     ap.add_argument("--skip-merge", action="store_true", help="leave the merge out (it writes a 16-bit model)")
+    ap.add_argument("--vllm", action="store_true", help="also time --sampler vllm (its engine in a child process) on "
+                    "the sample stage's prompts, and the GPU memory it holds and gives back")
     ap.add_argument("--budget-gb", type=float, default=20.0, help="peak memory target per stage (default 20 GB)")
     ap.add_argument("--bandwidth-gbs", type=float, default=None, help="card memory bandwidth, GB/s (default: CARDS)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="card dense bf16 matrix rate, TFLOP/s")
@@ -247,6 +257,9 @@ def main(argv=None) -> int:
         console.print(f"[red]--new-tokens {new_tokens} leaves no room for a prompt in --seq-len {seq_len}[/red]")
         return 2
     preset = args.preset or shape["preset"]
+    if args.vllm and importlib_util.find_spec("vllm") is None:
+        console.print("[red]--vllm: vLLM is not installed (pip install vllm)[/red]")
+        return 2
     device, device_name = detect_device()
     if device == "cpu" and args.model_shape != "tiny":
         console.print(f"[yellow]no CUDA GPU: {args.model_shape} on the CPU will be very slow[/yellow]")
@@ -296,7 +309,7 @@ def main(argv=None) -> int:
             spec = {"backend": name, "shape": shape, "preset": preset, "overrides": over,
                     "model_dir": str(model_dir), "work_dir": str(work), "seq_len": seq_len, "new_tokens": new_tokens,
                     "sample_prompts": sample_prompts, "judge_seqs": judge_seqs, "dpo_steps": dpo_steps,
-                    "skip_merge": args.skip_merge, "card": card}
+                    "skip_merge": args.skip_merge, "card": card, "vllm": args.vllm}
             timeout = args.worker_timeout
             if args.max_minutes:
                 timeout = min(timeout, args.max_minutes * 60 - (time.perf_counter() - t0))

@@ -187,7 +187,44 @@ def run_worker(spec: dict) -> dict:
                            "path": getattr(backend, "last_merge", {}).get("path", "peft 16-bit (hf backend)")}
         shutil.rmtree(merged, ignore_errors=True)
     shutil.rmtree(adapter, ignore_errors=True)
+
+    if spec.get("vllm"):  # last, so that nothing else of this process holds the GPU
+        stages["sample_vllm"] = vllm_stage(cfg, backend, model_dir, prompts, new_tokens, torch)
     return out
+
+
+def vllm_stage(cfg, backend, model_dir: Path, prompts: list[str], new_tokens: int, torch) -> dict:
+    """--vllm: the sample stage's vLLM path as a run takes it (sampler_vllm.VLLMSampler: the engine in a child process
+    of its own, stopped when sampling ends), on the same prompts as the sample stage: the engine's start-up, its
+    tokens/s, the GPU memory it held (the device's free memory before it started minus while it ran: every
+    process counts) and what was still taken once it stopped (what it failed to give back; the design says 0)."""
+    from selfie_lite.sampler_vllm import get_sampler
+
+    def free_gb():
+        return torch.cuda.mem_get_info()[0] / 1e9 if torch.cuda.is_available() else None
+
+    sampler, why = get_sampler("vllm", backend, cfg)
+    sampler.release_memory()
+    before = free_gb()
+    t0 = time.perf_counter()
+    engine, tok = sampler.load(model_dir)
+    start_s = time.perf_counter() - t0
+    during = free_gb()
+    try:
+        t0 = time.perf_counter()
+        rows = sampler.generate(engine, tok, prompts, num_samples=cfg.sample.num_samples,
+                                temperature=cfg.sample.temperature, top_p=cfg.sample.top_p, max_new_tokens=new_tokens,
+                                batch_size=cfg.sample.batch_size, seed=2)
+        seconds = time.perf_counter() - t0
+    finally:
+        sampler.free(engine)
+    after = free_gb()
+    new = sum(len(ids) for r in rows for ids in r["response_ids"])
+    return {"seconds": seconds, "start_s": start_s, "items": len(prompts), "unit": "prompts", "new_tokens": new,
+            "rate": new / seconds, "rate_unit": "tok/s", "why": why, "engine_pid": engine.pid,
+            "engine_gb": None if before is None else before - during,
+            "left_after_stop_gb": None if before is None else before - after,
+            "peak_alloc_gb": None, "peak_reserved_gb": None}
 
 
 def _versions() -> dict:

@@ -128,11 +128,13 @@ def dry_run(tmp_path_factory):
     checkout on the worker's path), both backends (unsloth is skipped where it is not installed), the card figures
     given. Returns (stdout, the --out report, the --work-dir); the tests below share it."""
     tmp = tmp_path_factory.mktemp("dry-run")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"COLUMNS": "220", "NO_COLOR": "1"}
+    # PYTHONPATH holds only the stand-in vLLM (tests/fake_vllm) for --vllm: selfie-lite comes from the driver.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"COLUMNS": "220", "NO_COLOR": "1",
+                                                                         "PYTHONPATH": str(REPO / "tests" / "fake_vllm")}
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--model-shape", "tiny", "--backends", "hf,unsloth",
          "--out", str(tmp / "results.json"), "--bandwidth-gbs", "20", "--peak-tflops", "0.5",
-         "--work-dir", str(tmp / "work")],
+         "--work-dir", str(tmp / "work"), "--vllm"],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -146,7 +148,7 @@ def test_tiny_dry_run_prints_every_column(dry_run):
     for col in ("backend", "stage", "work", "seconds", "throughput", "peak alloc GB", "peak reserved GB",
                 "<= 20 GB", "weights BW", "bf16 FLOPs"):
         assert col in text, col
-    for stage in ("load", "sample", "judge", "train_load", "train", "merge"):
+    for stage in ("load", "sample", "judge", "train_load", "train", "merge", "sample_vllm"):
         assert f"│ hf      │ {stage}" in text, stage
     assert "tok/s" in text and "seq/s" in text and "pairs/s" in text
     assert "estimated wall time of the paper's schedule" in text and "not a measured run" in text
@@ -164,6 +166,12 @@ def test_tiny_dry_run_reports_every_stage(dry_run):
     assert stages["judge"]["items"] == 64 and stages["judge"]["rate"] > 0  # one judge batch of the tiny preset
     assert stages["train"]["steps"] == 3 and stages["train"]["rate"] > 0
     assert stages["merge"]["merged_gb"] > 0
+    # --vllm: the same prompts through the vLLM sampler, its engine a child process gone by the end (no GPU here:
+    # no memory figures)
+    v = stages["sample_vllm"]
+    assert v["items"] == stages["sample"]["items"] and v["new_tokens"] > 0 and v["rate"] > 0
+    assert v["why"] == "asked for, on cpu" and v["engine_gb"] is None
+    assert not Path(f"/proc/{v['engine_pid']}").exists()
     for name in ("sample", "judge"):  # the card figures were given, so both ratios are numbers
         assert 0 < stages[name]["bandwidth_frac"] and 0 < stages[name]["flops_frac"]
     assert hf["estimate"]["total_s"] > 0 and len(hf["estimate"]["rounds"]) == 4
@@ -215,3 +223,10 @@ def test_real_shapes_build_to_the_counted_size(shape):
     assert sum(p.numel() for p in model.parameters()) == gpu_roofline.param_counts(s)["total"]
     assert model.config.model_type == {"mistral-7b": "mistral", "qwen-1.5b": "qwen2"}[shape]
     assert model.config.rope_parameters["rope_theta"] == s["rope_theta"]
+
+
+def test_vllm_row_needs_vllm(capsys):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    assert gpu.main(["--model-shape", "tiny", "--vllm"]) == 2
+    assert "--vllm: vLLM is not installed" in capsys.readouterr().out
