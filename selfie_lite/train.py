@@ -44,8 +44,8 @@ class TrainResult:
     # pair_id -> {"margin", "extrapolated_margin", "low_confidence", "smoothed", "smoothing",
     #             "chosen_reward", "rejected_reward", "loss", "step"}: the last time the pair was seen
     pair_stats: dict[int, dict] = field(default_factory=dict)
-    # The trained adapter's weights (name -> tensor) as the training engine holds them, whole (adapter_weights):
-    # what the main process saves. Empty on the other processes of an engine that gathers to the main one.
+    # The trained adapter's weights (name -> tensor) gathered by an engine that shards them (adapter_weights): what
+    # the main process saves. Empty where the model's own weights are whole, and on the other processes.
     adapter: dict = field(default_factory=dict)
 
 
@@ -257,26 +257,29 @@ _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig
 
 
 def adapter_weights(trainer) -> dict:
-    """The trained adapter (the trainable parameters: LoRA's), whole, on the main process (empty or partial on the
-    others, which save nothing). Where the engine shards the weights (DeepSpeed ZeRO-3, FSDP) the main process's own
-    copy is a shard, and saving it would save a fragment: the engine gathers them (gathered_state), a collective that
-    every process calls. With DDP or one process it is the model's own weights."""
+    """The trained adapter (the trainable parameters: LoRA's), whole, on the main process, where the engine shards the
+    weights (DeepSpeed ZeRO-3, FSDP): the main process's own copy is then a shard, and saving it would save a
+    fragment. {} where the model's own weights are whole (one process, DDP, ZeRO-1/2: save_adapter saves them) and
+    on the processes other than the main one."""
+    full = gathered_state(trainer)
+    if full is None:
+        return {}
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     for part in _WRAPPER_PARTS:
         names = [n.replace(part, "") for n in names]
-    full = gathered_state(trainer)
     weights = {n: full[n] for n in names if n in full}
     if distributed.is_main() and len(weights) != len(names):  # never save a partial adapter as if it were whole
         raise RunError(f"the training engine gave back {len(weights)} of the adapter's {len(names)} weights")
     return weights
 
 
-def gathered_state(trainer) -> dict:
-    """The model's state dict with every weight whole, on the main process ({} where an engine gives the others
-    none). accelerate's get_state_dict does the gathering, except under ZeRO-3, where it would gather the frozen base
-    model too (a 16-bit copy of all of it in the main process's memory, every round) and refuses unless the config
-    asks for 16-bit saving: there DeepSpeed's own consolidation (the call accelerate makes) is asked for the
+def gathered_state(trainer) -> dict | None:
+    """The model's state dict with every weight whole, gathered on the main process by the engine that shards them
+    ({} on the others where the engine gives them none), a collective every process calls; None where the engine
+    does not shard the weights. Under FSDP accelerate's get_state_dict gathers; under ZeRO-3 it would gather the
+    frozen base model too (a 16-bit copy of all of it in the main process's memory, every round) and refuses unless
+    the config asks for 16-bit saving, so DeepSpeed's own consolidation (the call accelerate makes) is asked for the
     trainable weights alone."""
     from accelerate.utils import DistributedType
 
@@ -284,7 +287,9 @@ def gathered_state(trainer) -> dict:
     if acc.distributed_type == DistributedType.DEEPSPEED and \
             acc.deepspeed_config.get("zero_optimization", {}).get("stage") == 3:
         return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True) or {}
-    return acc.get_state_dict(engine) or {}
+    if acc.distributed_type == DistributedType.FSDP:
+        return acc.get_state_dict(engine) or {}
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +344,7 @@ def train_stage(r: Round) -> dict:
         replace_dir(tmp, r.dir / "adapter")
     progress.finish(task)
     with contextlib.suppress(OSError):
-        (out_dir).rmdir()  # the Trainer's output_dir: empty, since nothing is saved through it
+        out_dir.rmdir()  # the Trainer's output_dir: empty, since nothing is saved through it
     backend.free(model)
     rows = [dict(p, **result.pair_stats.get(p["pair_id"], {})) for p in pairs]
     if distributed.is_main():

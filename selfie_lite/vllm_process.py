@@ -25,7 +25,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from selfie_lite.errors import RunError
+from selfie_lite.errors import RunError, describe
 
 _LIVE: set = set()  # engines to stop if the run exits without freeing them
 
@@ -46,7 +46,7 @@ def serve(conn, llm_kwargs: dict, parent_pid: int) -> None:
         llm = LLM(**llm_kwargs)
     except BaseException as e:  # noqa: BLE001  told to the parent, which prints it as one line
         kill_descendants(os.getpid())  # whatever vLLM started before it failed
-        _send(conn, ("error", _describe(e)))
+        _send(conn, ("error", describe(e)))
         return
     try:
         _send(conn, ("ready", None))
@@ -64,7 +64,7 @@ def serve(conn, llm_kwargs: dict, parent_pid: int) -> None:
                 completions = [[(list(c.token_ids), getattr(c, "finish_reason", None)) for c in out.outputs]
                                for out in outputs]
             except BaseException as e:  # noqa: BLE001
-                _send(conn, ("error", _describe(e)))
+                _send(conn, ("error", describe(e)))
                 continue
             _send(conn, ("ok", completions))
     finally:
@@ -133,12 +133,6 @@ def _exit_with_parent(parent_pid: int) -> None:
         if os.getppid() != parent_pid:
             kill_descendants(os.getpid())
             os._exit(1)
-
-
-def _describe(e: BaseException) -> str:
-    from selfie_lite.errors import describe
-
-    return describe(e)
 
 
 @contextmanager
